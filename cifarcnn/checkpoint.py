@@ -1,0 +1,70 @@
+"""Checkpoint files: written atomically, read with weights_only (a checkpoint cannot run code), checked on load."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import UsageError, UserError
+from .model import MODELS, build_model
+from .storage import atomic_write
+
+FORMAT = 1
+REQUIRED_KEYS = ("format", "model", "num_classes", "classes", "config", "model_state")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def resolve_checkpoint(target: str | Path) -> Path:
+    """A run folder means its best checkpoint; a file is taken as it is."""
+    target = Path(target)
+    if target.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (target / name).exists():
+                return target / name
+        raise UsageError(f"{target} holds no checkpoint (best.pt or last.pt); pass a run folder or a .pt file")
+    if not target.exists():
+        raise UsageError(f"{target}: no such run folder or checkpoint file")
+    return target
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a readable checkpoint (not a PyTorch checkpoint file, or truncated)")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+        raise UserError(f"{path}: refusing to load: it holds objects other than tensors and plain data, which "
+                        f"could run code when loaded (weights_only). {culprit}".strip()) from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path}: not a cifarcnn checkpoint (missing {', '.join(missing)})")
+    if checkpoint["format"] != FORMAT:
+        raise UserError(f"{path}: checkpoint format {checkpoint['format']} is not supported (expected {FORMAT})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the architecture a checkpoint names and load its weights; a mismatch is a clear error."""
+    name, num_classes = checkpoint["model"], checkpoint["num_classes"]
+    if name not in MODELS:
+        raise UserError(f"{path}: architecture {name!r} is not known here (known: {', '.join(sorted(MODELS))})")
+    model = build_model(name, num_classes)
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+    except RuntimeError as e:
+        detail = " ".join(str(e).split("\n", 1)[-1].split())[:300]
+        raise UserError(f"{path}: weights do not fit {name} with {num_classes} classes: {detail}") from None
+    return model

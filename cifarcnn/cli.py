@@ -1,0 +1,146 @@
+"""Command line: `cifarcnn train | evaluate | show-batch | check`, with config overrides as key=value."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import Config, UsageError, UserError, load_config
+
+DEFAULT_CONFIG = Path("config.yaml")
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    if path is not None and not Path(path).exists():
+        raise UsageError(f"--config {path}: file not found")
+    return load_config(path, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import default_run_dir, resume_config, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").exists():
+            raise UsageError(f"--resume {run_dir}: no last.pt there; pass the folder of an earlier run")
+        cfg = resume_config(run_dir, args.overrides)
+    else:
+        cfg = _config_from_args(args)
+        run_dir = default_run_dir(args.runs_dir, args.name)
+    train(cfg, run_dir, data_dir=args.data_dir, device=args.device, resume=bool(args.resume))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.target, data_dir=args.data_dir, device=args.device, out_dir=args.out,
+             batch_size=args.batch_size)
+    return 0
+
+
+def cmd_show_batch(args: argparse.Namespace) -> int:
+    from .data import Loader, denormalize, load_cifar10, split_train_val
+    from .device import select_device
+    from .plots import save_image_grid
+
+    cfg = _config_from_args(args)
+    data = load_cifar10(args.data_dir)
+    (train_x, train_y), _ = split_train_val(data.train_images, data.train_labels, cfg.data.val_size,
+                                            cfg.data.split_seed)
+    loader = Loader(train_x, train_y, args.count, device=select_device(args.device), augment=cfg.augment,
+                    shuffle=True, seed=cfg.seed)
+    x, y = next(loader.epoch(0))
+    save_image_grid(denormalize(x), [data.classes[i] for i in y.tolist()], args.out,
+                    title="augmented training batch (epoch 1)")
+    print(f"wrote {args.out} ({len(y)} augmented training images)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import build_model, count_parameters
+
+    cfg = _config_from_args(args)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    total, trainable = count_parameters(model)
+    print(f"model:      {cfg.model}")
+    print(f"input:      {tuple(x.shape)}")
+    print(f"output:     {tuple(out.shape)}")
+    print(f"parameters: {total:,} total, {trainable:,} trainable")
+    out.logsumexp(1).sum().backward()
+    no_grad = [name for name, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    if no_grad:
+        print(f"no gradient reached {len(no_grad)} parameter(s): {', '.join(no_grad)}")
+        return 1
+    print("backward:   every trainable parameter received a gradient")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and inspect CIFAR-10 CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. epochs=2 optimizer.lr=0.01")
+        p.add_argument("--config", type=Path, help="YAML config file (default: ./config.yaml if present)")
+
+    def with_data(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
+        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
+
+    p = sub.add_parser("train", help="train a model (the default recipe from config.yaml)")
+    with_config(p)
+    with_data(p)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    p.add_argument("--name", help="run folder name (default: the current date and time)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test accuracy, per-class table and plots for a trained model")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    with_data(p)
+    p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("show-batch", help="write a PNG grid of augmented training images")
+    with_config(p)
+    with_data(p)
+    p.add_argument("--out", type=Path, default=Path("batch.png"))
+    p.add_argument("--count", type=int, default=64, help="number of images (default: 64)")
+    p.set_defaults(func=cmd_show_batch)
+
+    p = sub.add_parser("check", help="shapes, parameter counts and gradient flow of the configured model")
+    with_config(p)
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1 or getattr(args, "count", 1) < 1:
+        print("error: --batch-size and --count must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

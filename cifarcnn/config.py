@@ -1,0 +1,210 @@
+"""Typed configuration: dataclasses, YAML files and `key=value` overrides, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CIFAR10_TRAIN_SIZE = 50_000
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code `exit_code`, never a traceback."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """A wrong command line, option or config value."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    pass
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           choices: tuple[str, ...] | None = None) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+
+
+def _field(default: Any, **limits: Any) -> Any:
+    return field(default=default, metadata=_range(**limits))
+
+
+@dataclass
+class DataConfig:
+    val_size: int = _field(5000, lo=1, hi=CIFAR10_TRAIN_SIZE, hi_open=True)
+    split_seed: int = _field(0, lo=0)
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = True
+    crop_padding: int = _field(4, lo=0, hi=16)
+    brightness: float = _field(0.2, lo=0, hi=1)
+    contrast: float = _field(0.2, lo=0, hi=1)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = _field("adam", choices=("adam", "adamw", "sgd"))
+    lr: float = _field(1e-3, lo=0, lo_open=True)
+    weight_decay: float = _field(0.0, lo=0)
+    momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd only
+    nesterov: bool = False  # sgd only
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = _field("cosine", choices=("cosine", "constant"))
+    epochs: int | None = _field(None, lo=1)  # cosine length in epochs; None: the training epochs
+    min_lr: float = _field(0.0, lo=0)
+
+
+@dataclass
+class Config:
+    model: str = "simple_cnn"
+    seed: int = _field(0, lo=0)
+    epochs: int = _field(50, lo=1)
+    batch_size: int = _field(128, lo=1)
+    eval_batch_size: int = _field(1000, lo=1)
+    patience: int = _field(10, lo=0)  # early stopping on validation accuracy; 0 switches it off
+    log_every: int = _field(10, lo=1)  # batches between progress-bar refreshes and per-step loss logs
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    name = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(base, str(base))
+    return name + (" or null" if type(None) in typing.get_args(tp) else "")
+
+
+def _coerce(key: str, value: Any, tp: Any, limits: dict) -> Any:
+    optional = isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)
+    base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
+    if value is None and optional:
+        return None
+    ok = False
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if limits.get("choices") and value not in limits["choices"]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(limits['choices'])}; got {value!r}")
+    lo, hi = limits.get("lo"), limits.get("hi")
+    too_low = lo is not None and (value <= lo if limits["lo_open"] else value < lo)
+    too_high = hi is not None and (value >= hi if limits["hi_open"] else value > hi)
+    if too_low or too_high:
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if limits['lo_open'] else '>='} {lo}")
+        if hi is not None:
+            parts.append(f"{'<' if limits['hi_open'] else '<='} {hi}")
+        raise ConfigError(f"config key '{key}' must be {' and '.join(parts)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        known = ", ".join(prefix + name for name in fields)
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {known})")
+    kwargs = {}
+    for name, value in values.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, tp, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings to a nested dict (values parsed as YAML scalars)."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. epochs=2 or optimizer.lr=0.01)")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = values
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parents[:i + 1])}' is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[leaf] = value
+    return values
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from a (possibly partial) nested dict plus overrides."""
+    from .model import MODELS  # the model registry decides which names are valid
+
+    cfg = _build(Config, apply_overrides(values or {}, list(overrides)))
+    if cfg.model not in MODELS:
+        raise ConfigError(f"config key 'model' must be one of {', '.join(sorted(MODELS))}; got {cfg.model!r}")
+    return cfg
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file (or the built-in defaults when `path` is None) and apply overrides."""
+    return make_config(read_yaml(path) if path is not None else {}, overrides)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from .storage import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

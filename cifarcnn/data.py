@@ -1,0 +1,334 @@
+"""CIFAR-10: find or download the official python-format files, read them safely, split, and serve batches.
+
+The whole dataset lives as one uint8 tensor on the training device. Batches are picked, augmented
+(flip, padded crop, brightness/contrast jitter, independent parameters per image) and normalised there
+with a few vectorised ops. Randomness is keyed by (seed, epoch, step), so any batch of any epoch can be
+reproduced without replaying the ones before it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import AugmentConfig, ConfigError, UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE = "cifar-10-python.tar.gz"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+IMAGE_SHAPE = (3, 32, 32)
+
+
+class DataError(UserError):
+    exit_code = 1
+
+
+# --------------------------------------------------------------------------- finding and fetching the files
+
+def resolve_data_root(data_dir: str | Path | None = None) -> Path:
+    """--data-dir, else $CIFAR10_DIR, else ./data."""
+    return Path(data_dir or os.environ.get("CIFAR10_DIR") or "data")
+
+
+def _how_to_point_at_a_copy(root: Path) -> str:
+    return (f"put the {FOLDER}/ folder or {ARCHIVE} in {root}, or point --data-dir or CIFAR10_DIR "
+            f"at the folder that holds them")
+
+
+def locate_cifar10(root: Path, *, download: bool = True, url: str = URL, md5: str = MD5) -> Path:
+    """Return the folder holding the batch files under `root`, extracting or downloading as needed."""
+    root = Path(root)
+    if (root / TRAIN_FILES[0]).exists() or (root / META_FILE).exists():
+        return root  # root is the batches folder itself
+    folder = root / FOLDER
+    if folder.is_dir():
+        return folder
+    archive = root / ARCHIVE
+    if not archive.exists():
+        if not download:
+            raise DataError(f"no CIFAR-10 copy in {root}: {_how_to_point_at_a_copy(root)}")
+        download_file(url, archive, md5)
+    elif file_md5(archive) != md5:
+        raise DataError(f"{archive}: MD5 does not match the official archive ({md5}); the file is "
+                        f"truncated or not CIFAR-10. Delete it to download it again, or "
+                        f"{_how_to_point_at_a_copy(root)}")
+    extract_archive(archive, root)
+    if not folder.is_dir():
+        raise DataError(f"{archive} does not contain a {FOLDER}/ folder")
+    return folder
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url: str, dest: Path, md5: str) -> None:
+    """Download `url` to `dest` with a progress bar, check its MD5, and only then move it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=30)
+            except (urllib.error.URLError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                raise DataError(f"could not download CIFAR-10 from {url} ({reason}). If this machine is "
+                                f"offline, {_how_to_point_at_a_copy(dest.parent)}") from None
+            with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
+                                unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        got = file_md5(Path(tmp))
+        if got != md5:
+            raise DataError(f"downloaded {url} but its MD5 is {got}, expected {md5}: the download was "
+                            f"corrupted or truncated; run the command again")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def extract_archive(archive: Path, root: Path) -> None:
+    """Extract into a temp folder beside the target, refusing members that would land outside it, then
+    rename into place, so an interrupted extraction never leaves a half-written dataset."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extracting-"))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except tarfile.FilterError as e:
+            raise DataError(f"{archive}: refusing to extract an unsafe member ({e})") from None
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise DataError(f"{archive}: cannot extract ({e}); delete it and try again") from None
+        for entry in tmp.iterdir():
+            target = root / entry.name
+            if not target.exists():
+                os.rename(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading the batch files
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2
+    from numpy.core.multiarray import _reconstruct
+
+
+class _ForbiddenObject(pickle.UnpicklingError):
+    pass
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """The batches are pickles; allow only what a numpy array needs, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
+            return getattr(np, name)
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _reconstruct
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 pickles bytes at protocol 2
+            return codecs.encode
+        raise _ForbiddenObject(f"{module}.{name}")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.exists():
+        raise DataError(f"{path}: file missing from the CIFAR-10 folder; delete the folder to fetch it again, "
+                        f"or {_how_to_point_at_a_copy(path.parent.parent)}")
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, encoding="latin1").load()
+    except _ForbiddenObject as e:
+        raise DataError(f"{path}: refusing to load {e}: a CIFAR-10 batch holds only arrays and lists, and "
+                        f"this file would run code; replace it with a copy from the official archive") from None
+    except Exception as e:  # truncation and corruption surface as many different exception types
+        raise DataError(f"{path}: not a readable CIFAR-10 batch file, it is truncated or corrupt "
+                        f"({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch file (holds a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one batch file, with every field checked."""
+    batch = _unpickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
+    if not isinstance(labels, list) or len(labels) != len(data):
+        count = len(labels) if isinstance(labels, list) else "no"
+        raise DataError(f"{path}: expected {len(data)} labels to match the images, found {count}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+        raise DataError(f"{path}: labels must be in 0..{len(CLASSES) - 1}, found {labels.min()}..{labels.max()}")
+    return data.reshape(-1, *IMAGE_SHAPE), labels
+
+
+@dataclass
+class CIFAR10:
+    train_images: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+
+
+def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -> CIFAR10:
+    folder = locate_cifar10(resolve_data_root(data_dir), download=download)
+    meta = _unpickle(folder / META_FILE)
+    classes = tuple(meta.get("label_names") or CLASSES)
+    if len(classes) != len(CLASSES):
+        raise DataError(f"{folder / META_FILE}: expected {len(CLASSES)} class names, found {len(classes)}")
+    train = [read_batch(folder / name) for name in TRAIN_FILES]
+    test_x, test_y = read_batch(folder / TEST_FILE)
+    return CIFAR10(
+        train_images=torch.from_numpy(np.concatenate([x for x, _ in train])),
+        train_labels=torch.from_numpy(np.concatenate([y for _, y in train])),
+        test_images=torch.from_numpy(test_x),
+        test_labels=torch.from_numpy(test_y),
+        classes=classes,
+    )
+
+
+def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A random (train, val) split of the training set, the same for the same seed."""
+    n = len(images)
+    if not 0 < val_size < n:
+        raise ConfigError(f"config key 'data.val_size' is {val_size}, but it must be between 1 and the "
+                        f"{n} training images minus one")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+# --------------------------------------------------------------------------- augmentation and batching
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image padded with zeros by `padding` and cropped back at its own random offset."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dev = images.device
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator)
+    rows = (dy + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=dev))[:, None, None, :]
+    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows, cols]
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(images), device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def _uniform_factors(n: int, spread: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, 1, 1, 1, device=device, generator=generator)
+    return 1 + spread * (2 * u - 1)
+
+
+def color_jitter(x: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
+    """Brightness then contrast, factors uniform in [1-s, 1+s] per image, on floats in [0, 1]."""
+    if brightness:
+        x = (x * _uniform_factors(len(x), brightness, x.device, generator)).clamp_(0, 1)
+    if contrast:
+        gray = (x * x.new_tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+        mean = gray.mean((2, 3), keepdim=True)
+        x = torch.lerp(mean, x, _uniform_factors(len(x), contrast, x.device, generator)).clamp_(0, 1)
+    return x
+
+
+def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """uint8 batch -> augmented float batch in [0, 1]; geometry on uint8 (cheaper), colour on floats."""
+    if cfg.crop_padding:
+        images = random_crop(images, cfg.crop_padding, generator)
+    if cfg.flip:
+        images = random_flip(images, generator)
+    return color_jitter(images.float().div_(255), cfg.brightness, cfg.contrast, generator)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    mean = x.new_tensor(MEAN)[None, :, None, None]
+    std = x.new_tensor(STD)[None, :, None, None]
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    mean = x.new_tensor(MEAN)[None, :, None, None]
+    std = x.new_tensor(STD)[None, :, None, None]
+    return (x * std + mean).clamp(0, 1)
+
+
+class Loader:
+    """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set.
+
+    `epoch(e, start_step)` is a pure function of (seed, e, step): the same batches, augmented the same way,
+    whether an epoch runs whole or resumes half way.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
+                 augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.augment = augment
+        self.shuffle = shuffle
+        self.seed = seed
+        self._generator = torch.Generator(device=self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def _keyed(self, *key: int) -> torch.Generator:
+        return self._generator.manual_seed(hash((self.seed, *key)) & (2**63 - 1))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        n = len(self.images)
+        if not self.shuffle:
+            return torch.arange(n, device=self.device)
+        return torch.randperm(n, device=self.device, generator=self._keyed(epoch, -1))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.order(epoch)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.images[idx]
+            if self.augment is not None:
+                x = augment(images, self.augment, self._keyed(epoch, step))
+            else:
+                x = images.float().div_(255)
+            yield normalize(x), self.labels[idx]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)

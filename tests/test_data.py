@@ -1,0 +1,298 @@
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifarcnn.config import AugmentConfig, ConfigError
+from cifarcnn.data import (
+    MEAN,
+    STD,
+    DataError,
+    Loader,
+    augment,
+    download_file,
+    load_cifar10,
+    locate_cifar10,
+    normalize,
+    read_batch,
+    resolve_data_root,
+    split_train_val,
+)
+
+from .conftest import NUM_TEST, PER_TRAIN_BATCH, write_cifar
+
+
+def make_archive(root: Path) -> tuple[Path, str]:
+    """A cifar-10-python.tar.gz of the synthetic data, and its MD5."""
+    src = root / "src"
+    write_cifar(src)
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    shutil.rmtree(src)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def test_reads_the_official_folder_layout(cifar_root):
+    data = load_cifar10(cifar_root)
+    assert data.train_images.shape == (5 * PER_TRAIN_BATCH, 3, 32, 32)
+    assert data.train_images.dtype == torch.uint8
+    assert data.train_labels.dtype == torch.int64 and len(data.train_labels) == 5 * PER_TRAIN_BATCH
+    assert data.test_images.shape == (NUM_TEST, 3, 32, 32)
+    assert data.classes[0] == "airplane" and len(data.classes) == 10
+    # the batches folder itself works as the data root too
+    assert torch.equal(load_cifar10(cifar_root / "cifar-10-batches-py").test_labels, data.test_labels)
+
+
+def test_data_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("CIFAR10_DIR", str(tmp_path / "env"))
+    assert resolve_data_root("given") == Path("given")
+    assert resolve_data_root(None) == tmp_path / "env"
+    monkeypatch.delenv("CIFAR10_DIR")
+    assert resolve_data_root(None) == Path("data")
+
+
+def test_archive_is_extracted_once_and_checked(tmp_path):
+    archive, md5 = make_archive(tmp_path)
+    folder = locate_cifar10(tmp_path, md5=md5, download=False)
+    assert folder == tmp_path / "cifar-10-batches-py" and (folder / "data_batch_5").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".extracting")]
+    (folder / "marker").touch()
+    assert locate_cifar10(tmp_path, md5=md5) == folder and (folder / "marker").exists()  # not re-extracted
+
+
+def test_archive_with_wrong_md5_is_refused(tmp_path):
+    make_archive(tmp_path)
+    with pytest.raises(DataError, match="MD5"):
+        locate_cifar10(tmp_path, md5="0" * 32)
+
+
+class _OneFileHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    archive, md5 = make_archive(tmp_path / "served")
+    _OneFileHandler.payload = archive.read_bytes()
+    server = http.server.HTTPServer(("127.0.0.1", 0), _OneFileHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz", md5
+    server.shutdown()
+
+
+def test_download_from_a_local_server_checks_md5_and_extracts(local_server, tmp_path):
+    url, md5 = local_server
+    root = tmp_path / "fresh"
+    folder = locate_cifar10(root, url=url, md5=md5)
+    assert (root / "cifar-10-python.tar.gz").exists()
+    assert read_batch(folder / "data_batch_1")[0].shape == (PER_TRAIN_BATCH, 3, 32, 32)
+
+
+def test_download_with_bad_md5_leaves_nothing(local_server, tmp_path):
+    url, _ = local_server
+    root = tmp_path / "fresh"
+    with pytest.raises(DataError, match="MD5"):
+        locate_cifar10(root, url=url, md5="0" * 32)
+    assert list(root.iterdir()) == []
+
+
+def test_offline_download_says_how_to_point_at_a_copy(tmp_path):
+    with pytest.raises(DataError) as e:
+        download_file("http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "x.tar.gz", "0" * 32)
+    assert "--data-dir" in str(e.value) and "CIFAR10_DIR" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_copy_and_no_download(tmp_path):
+    with pytest.raises(DataError, match="CIFAR10_DIR"):
+        locate_cifar10(tmp_path, download=False)
+
+
+def test_archive_members_outside_the_target_are_refused(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(DataError, match="unsafe"):
+        locate_cifar10(tmp_path, md5=md5)
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+@pytest.fixture
+def cifar_copy(cifar_root, tmp_path):
+    shutil.copytree(cifar_root, tmp_path / "copy")
+    return tmp_path / "copy" / "cifar-10-batches-py"
+
+
+def test_truncated_batch_names_the_file(cifar_copy):
+    path = cifar_copy / "data_batch_3"
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(DataError) as e:
+        load_cifar10(cifar_copy.parent)
+    assert "data_batch_3" in str(e.value) and "truncated" in str(e.value)
+
+
+def test_missing_batch_names_the_file(cifar_copy):
+    (cifar_copy / "test_batch").unlink()
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar10(cifar_copy.parent)
+
+
+def test_malformed_batch_names_the_file_and_the_problem(cifar_copy):
+    with open(cifar_copy / "data_batch_2", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 100), np.uint8), "labels": [0, 1, 2, 3]}, f, protocol=2)
+    with pytest.raises(DataError, match=r"data_batch_2.*\(N, 3072\)"):
+        load_cifar10(cifar_copy.parent)
+    with open(cifar_copy / "data_batch_2", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 2]}, f, protocol=2)
+    with pytest.raises(DataError, match="data_batch_2.*labels"):
+        load_cifar10(cifar_copy.parent)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_a_batch_file_cannot_run_code(cifar_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(cifar_copy / "data_batch_1", "wb") as f:
+        pickle.dump({"data": _RunsCode()}, f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load posix.system|refusing to load os.system"):
+        load_cifar10(cifar_copy.parent)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_split_sizes_disjoint_and_reproducible(cifar_root):
+    data = load_cifar10(cifar_root)
+    ids = torch.arange(len(data.train_labels))  # split the indices to see which images went where
+    (train_a, _), (val_a, _) = split_train_val(ids, data.train_labels, 100, seed=3)
+    (train_b, _), (val_b, _) = split_train_val(ids, data.train_labels, 100, seed=3)
+    (_, _), (val_c, _) = split_train_val(ids, data.train_labels, 100, seed=4)
+    assert len(train_a) == 500 and len(val_a) == 100
+    assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
+    assert not torch.equal(val_a, val_c)
+    assert set(train_a.tolist()).isdisjoint(val_a.tolist())
+    assert set(train_a.tolist()) | set(val_a.tolist()) == set(ids.tolist())
+    with pytest.raises(ConfigError, match="data.val_size"):
+        split_train_val(ids, data.train_labels, 600, seed=0)
+
+
+def test_default_split_is_45k_5k():
+    ids = torch.arange(50_000)
+    (train, _), (val, _) = split_train_val(ids, ids, 5000, seed=0)
+    assert len(train) == 45_000 and len(val) == 5000
+
+
+def test_loader_shapes_dtypes_and_normalisation(cifar_root):
+    data = load_cifar10(cifar_root)
+    loader = Loader(data.test_images, data.test_labels, 64, device="cpu")
+    batches = list(loader)
+    assert len(loader) == len(batches) == 4  # 200 images: 64 + 64 + 64 + 8
+    x, y = batches[0]
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
+    assert y.shape == (64,) and y.dtype == torch.int64
+    assert len(batches[-1][1]) == 8
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    expected = (data.test_images[:64].float() / 255 - mean) / std
+    assert torch.allclose(x, expected, atol=1e-6)
+    assert torch.equal(torch.cat([b[1] for b in batches]), data.test_labels)  # unshuffled, every image once
+
+
+def test_shuffled_epochs_cover_every_image_once_and_differ(cifar_root):
+    data = load_cifar10(cifar_root)
+    loader = Loader(data.train_images, torch.arange(len(data.train_images)), 64, device="cpu",
+                    augment=AugmentConfig(), shuffle=True, seed=0)
+    epoch0 = torch.cat([y for _, y in loader.epoch(0)])
+    epoch1 = torch.cat([y for _, y in loader.epoch(1)])
+    assert sorted(epoch0.tolist()) == list(range(len(data.train_images)))
+    assert not torch.equal(epoch0, epoch1)
+
+
+def test_augmentation_varies_per_image():
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    batch = image.repeat(64, 1, 1, 1)
+    out = augment(batch, AugmentConfig(), torch.Generator().manual_seed(0))
+    distinct = {tuple(o.flatten()[::97].tolist()) for o in out}
+    assert len(distinct) > 50  # 64 copies of one image, (almost) all augmented differently
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("cfg", [
+    AugmentConfig(flip=True, crop_padding=0, brightness=0, contrast=0),
+    AugmentConfig(flip=False, crop_padding=4, brightness=0, contrast=0),
+    AugmentConfig(flip=False, crop_padding=0, brightness=0.2, contrast=0),
+    AugmentConfig(flip=False, crop_padding=0, brightness=0, contrast=0.2),
+])
+def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
+    batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    out = augment(batch, cfg, torch.Generator().manual_seed(0))
+    plain = batch.float() / 255
+    changed = (out - plain).abs().flatten(1).amax(1) > 1e-6
+    assert 0 < changed.sum()
+    if not cfg.brightness and not cfg.contrast:  # geometry only moves pixels: values are a subset of originals
+        assert set(torch.unique(out * 255).round().tolist()) <= set(torch.unique(batch.float()).tolist()) | {0.0}
+
+
+def test_flip_is_a_mirror_and_crop_is_a_shift():
+    image = torch.arange(3 * 32 * 32, dtype=torch.int32).reshape(1, 3, 32, 32).to(torch.uint8)
+    flips = augment(image.repeat(16, 1, 1, 1), AugmentConfig(True, 0, 0, 0), torch.Generator().manual_seed(1))
+    plain, mirrored = image.float() / 255, image.flip(3).float() / 255
+    assert all(torch.equal(f, plain[0]) or torch.equal(f, mirrored[0]) for f in flips)
+    crops = augment(image.repeat(16, 1, 1, 1), AugmentConfig(False, 4, 0, 0), torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(plain, (4, 4, 4, 4))
+    windows = {(dy, dx): padded[0, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
+    assert all(any(torch.equal(c, w) for w in windows.values()) for c in crops)
+
+
+def test_training_batches_are_augmented_validation_and_test_never(cifar_root):
+    """The workflow this replaces switched training augmentation off by sharing a dataset with validation."""
+    data = load_cifar10(cifar_root)
+    (train_x, train_y), (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    train = Loader(train_x, train_y, 500, device="cpu", augment=AugmentConfig(), shuffle=True, seed=0)
+    val = Loader(val_x, val_y, 100, device="cpu")
+    test = Loader(data.test_images, data.test_labels, 200, device="cpu")
+    # built in any order, used in any order: each loader keeps its own transform
+    for _ in range(2):
+        x_val, _ = next(iter(val))
+        assert torch.equal(x_val, normalize(val_x.float() / 255))
+        x_test, _ = next(iter(test))
+        assert torch.equal(x_test, normalize(data.test_images.float() / 255))
+        order = train.order(0)
+        x_train, _ = next(train.epoch(0))
+        unaugmented = normalize(train_x[order[:500]].float() / 255)
+        differs = (x_train - unaugmented).abs().flatten(1).amax(1) > 1e-4
+        assert differs.float().mean() > 0.9
+
+
+def test_an_epoch_resumed_half_way_sees_the_same_batches(cifar_root):
+    data = load_cifar10(cifar_root)
+    loader = Loader(data.train_images, data.train_labels, 64, device="cpu", augment=AugmentConfig(),
+                    shuffle=True, seed=7)
+    whole = list(loader.epoch(2))
+    tail = list(loader.epoch(2, start_step=5))
+    assert len(tail) == len(whole) - 5
+    for (xa, ya), (xb, yb) in zip(whole[5:], tail):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
