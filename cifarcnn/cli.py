@@ -1,4 +1,4 @@
-"""Command line: `cifarcnn train | evaluate | show-batch | check`, with config overrides as key=value."""
+"""Command line: `cifarcnn train | evaluate | bench | show-batch | check`, with config overrides as key=value."""
 
 from __future__ import annotations
 
@@ -8,15 +8,36 @@ from pathlib import Path
 
 from .config import Config, UsageError, UserError, load_config
 
-DEFAULT_CONFIG = Path("config.yaml")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a source checkout: config.yaml and configs/ live here
+
+
+def _find(relative: str) -> Path | None:
+    """A file relative to the current folder, else to the project checkout cifarcnn runs from."""
+    for base in (Path.cwd(), PROJECT_ROOT):
+        if (base / relative).is_file():
+            return base / relative
+    return None
+
+
+def preset_names() -> list[str]:
+    folders = [base / "configs" for base in (Path.cwd(), PROJECT_ROOT)]
+    return sorted({"seed"} | {p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None and DEFAULT_CONFIG.exists():
-        path = DEFAULT_CONFIG
-    if path is not None and not Path(path).exists():
-        raise UsageError(f"--config {path}: file not found")
+    if args.config is not None and args.preset is not None:
+        raise UsageError("give either --config or --preset, not both")
+    if args.config is not None:
+        if not Path(args.config).is_file():
+            raise UsageError(f"--config {args.config}: file not found")
+        path = args.config
+    elif args.preset not in (None, "seed"):
+        path = _find(f"configs/{args.preset}.yaml")
+        if path is None:
+            raise UsageError(f"--preset {args.preset}: no configs/{args.preset}.yaml; presets: "
+                             f"{', '.join(preset_names())}")
+    else:  # the default recipe, config.yaml; where there is none, the built-in defaults hold the same values
+        path = _find("config.yaml")
     return load_config(path, args.overrides)
 
 
@@ -31,7 +52,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = _config_from_args(args)
         run_dir = default_run_dir(args.runs_dir, args.name)
-    train(cfg, run_dir, data_dir=args.data_dir, device=args.device, resume=bool(args.resume))
+    train(cfg, run_dir, data_dir=args.data_dir, device=args.device, resume=bool(args.resume), test=args.test)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, report
+
+    cfg = _config_from_args(args)
+    result = bench(cfg, data_dir=args.data_dir, device=args.device, steps=args.steps, warmup=args.warmup,
+                   rounds=args.rounds)
+    report(result, args.out)
     return 0
 
 
@@ -93,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="config overrides, e.g. epochs=2 optimizer.lr=0.01")
-        p.add_argument("--config", type=Path, help="YAML config file (default: ./config.yaml if present)")
+        p.add_argument("--config", type=Path, help="YAML config file (default: config.yaml, the seed recipe)")
+        p.add_argument("--preset", help="a recipe from configs/NAME.yaml, e.g. fast; seed is config.yaml")
 
     def with_data(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
@@ -105,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
     p.add_argument("--name", help="run folder name (default: the current date and time)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--test", action="store_true", help="after the last epoch, also measure test accuracy")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="training throughput (full pipeline vs compute only) and evaluation speed")
+    with_config(p)
+    with_data(p)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round (default: 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median counts (default: 3)")
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default: bench.json)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("evaluate", help="test accuracy, per-class table and plots for a trained model")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -129,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1 or getattr(args, "count", 1) < 1:
-        print("error: --batch-size and --count must be at least 1", file=sys.stderr)
-        return 2
+    for option in ("batch_size", "count", "steps", "rounds"):
+        if getattr(args, option, 1) < 1:
+            print(f"error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except UserError as e:

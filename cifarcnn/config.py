@@ -41,14 +41,15 @@ def _field(default: Any, **limits: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    val_size: int = _field(5000, lo=1, hi=CIFAR10_TRAIN_SIZE, hi_open=True)
+    val_size: int = _field(5000, lo=0, hi=CIFAR10_TRAIN_SIZE, hi_open=True)  # 0: train on all, no validation
     split_seed: int = _field(0, lo=0)
 
 
 @dataclass
 class AugmentConfig:
-    flip: bool = True
+    flip: str = _field("random", choices=("random", "alternate", "none"))
     crop_padding: int = _field(4, lo=0, hi=16)
+    padding_mode: str = _field("zeros", choices=("zeros", "reflect"))
     brightness: float = _field(0.2, lo=0, hi=1)
     contrast: float = _field(0.2, lo=0, hi=1)
 
@@ -60,13 +61,17 @@ class OptimizerConfig:
     weight_decay: float = _field(0.0, lo=0)
     momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd only
     nesterov: bool = False  # sgd only
+    bias_lr_scale: float = _field(1.0, lo=0, lo_open=True)  # BatchNorm parameters: lr x this, decay / this
+    lookahead_steps: int = _field(0, lo=0)  # every N steps pull the weights to their running average; 0: off
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = _field("cosine", choices=("cosine", "constant"))
-    epochs: int | None = _field(None, lo=1)  # cosine length in epochs; None: the training epochs
+    name: str = _field("cosine", choices=("cosine", "linear", "constant"))
+    epochs: int | None = _field(None, lo=1)  # decay length in epochs; None: the training epochs
     min_lr: float = _field(0.0, lo=0)
+    warmup_epochs: float = _field(0.0, lo=0)  # linear warm-up from warmup_factor x lr to lr
+    warmup_factor: float = _field(0.0, lo=0, hi=1)
 
 
 @dataclass
@@ -78,6 +83,9 @@ class Config:
     eval_batch_size: int = _field(1000, lo=1)
     patience: int = _field(10, lo=0)  # early stopping on validation accuracy; 0 switches it off
     log_every: int = _field(10, lo=1)  # batches between progress-bar refreshes and per-step loss logs
+    label_smoothing: float = _field(0.0, lo=0, hi=1, hi_open=True)
+    tta: int = _field(0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
+    compile: bool = False  # torch.compile the model (warm-up is done before training starts)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

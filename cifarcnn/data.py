@@ -234,22 +234,17 @@ def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, s
 
 # --------------------------------------------------------------------------- augmentation and batching
 
-def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image padded with zeros by `padding` and cropped back at its own random offset."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (padding,) * 4)
-    dev = images.device
+def random_crop(x: torch.Tensor, padding: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Each image padded by `padding` (zeros or reflection) and cropped back at its own random offset."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
+    dev = x.device
     dy = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator)
     rows = (dy + torch.arange(h, device=dev))[:, None, :, None]
     cols = (dx + torch.arange(w, device=dev))[:, None, None, :]
     return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                   rows, cols]
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(len(images), device=images.device, generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
 def _uniform_factors(n: int, spread: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -268,13 +263,21 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, generator:
     return x
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """uint8 batch -> augmented float batch in [0, 1]; geometry on uint8 (cheaper), colour on floats."""
+def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
+            flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 batch -> augmented float batch in [0, 1]: padded crop, horizontal flip, brightness, contrast.
+
+    `flips` (bool per image) overrides the coin toss, for alternating flips; otherwise each image has a 50%
+    chance of being mirrored.
+    """
+    x = images.float().div_(255)
     if cfg.crop_padding:
-        images = random_crop(images, cfg.crop_padding, generator)
-    if cfg.flip:
-        images = random_flip(images, generator)
-    return color_jitter(images.float().div_(255), cfg.brightness, cfg.contrast, generator)
+        x = random_crop(x, cfg.crop_padding, cfg.padding_mode, generator)
+    if cfg.flip != "none":
+        if flips is None:
+            flips = torch.rand(len(x), device=x.device, generator=generator) < 0.5
+        x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    return color_jitter(x, cfg.brightness, cfg.contrast, generator)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -293,11 +296,13 @@ class Loader:
     """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set.
 
     `epoch(e, start_step)` is a pure function of (seed, e, step): the same batches, augmented the same way,
-    whether an epoch runs whole or resumes half way.
+    whether an epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every
+    other epoch, starting from a random half of the images.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
-                 augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0):
+                 augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -305,7 +310,9 @@ class Loader:
         self.augment = augment
         self.shuffle = shuffle
         self.seed = seed
+        self.memory_format = memory_format
         self._generator = torch.Generator(device=self.device)
+        self._first_flips = torch.rand(len(images), device=self.device, generator=self._keyed(-2)) < 0.5
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
@@ -324,11 +331,12 @@ class Loader:
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             images = self.images[idx]
-            if self.augment is not None:
-                x = augment(images, self.augment, self._keyed(epoch, step))
-            else:
+            if self.augment is None:
                 x = images.float().div_(255)
-            yield normalize(x), self.labels[idx]
+            else:
+                flips = self._first_flips[idx] ^ bool(epoch % 2) if self.augment.flip == "alternate" else None
+                x = augment(images, self.augment, self._keyed(epoch, step), flips)
+            yield normalize(x).contiguous(memory_format=self.memory_format), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)

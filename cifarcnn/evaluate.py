@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
@@ -16,14 +17,35 @@ from .plots import save_confusion_matrix, save_image_grid
 from .storage import atomic_write_json
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on CPU bf16 was measured 5x slower than fp32 here, so it stays off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Logits averaged over test-time augmentations: 1 adds the mirror image, 2 also 1-pixel shifts."""
+    logits = model(x)
+    if level >= 1:
+        logits = (logits + model(x.flip(3))) / 2
+    if level >= 2:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
+        shifted_logits = sum(model(s) + model(s.flip(3)) for s in shifted) / 4
+        logits = (logits + shifted_logits) / 2
+    return logits
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: Loader, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, loader: Loader, desc: str | None = None,
+                   tta: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits and labels for every image the loader yields, in order, on the loader's device."""
     model.eval()
     logits, labels = [], []
-    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=desc is None, dynamic_ncols=True):
-        logits.append(model(x).float())
-        labels.append(y)
+    with autocast(loader.device):
+        for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=desc is None,
+                         dynamic_ncols=True):
+            logits.append(tta_logits(model, x, tta).float())
+            labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
 
@@ -44,8 +66,11 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     out_dir = Path(out_dir) if out_dir else path.parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    loader = Loader(data.test_images, data.test_labels, batch_size, device=device)
-    logits, labels = predict_logits(model.to(device), loader, desc="test")
+    loader = Loader(data.test_images, data.test_labels, batch_size, device=device,
+                    memory_format=torch.channels_last)
+    tta = checkpoint["config"].get("tta", 0)
+    logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, desc="test",
+                                    tta=tta)
     probabilities = logits.softmax(1)
     confidence, predictions = probabilities.max(1)
     matrix = confusion_matrix(labels, predictions, len(classes))
@@ -70,7 +95,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
                     title=f"{len(shown)} most confident of {len(wrong)} misclassified test images")
     results = {
         "checkpoint": str(path), "epoch": checkpoint.get("epoch"), "test_accuracy": accuracy,
-        "test_loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+        "test_loss": float(F.cross_entropy(logits, labels)), "tta": tta,
         "num_images": int(matrix.sum()), "num_misclassified": len(wrong),
         "per_class_accuracy": {name: float(acc) for name, acc in zip(classes, per_class)},
         "confusion_matrix": matrix.tolist(), "classes": classes,

@@ -47,8 +47,84 @@ class SimpleCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+@dataclass
+class FastNetConfig:
+    widths: tuple[int, int, int] = (64, 256, 256)
+    whiten_width: int = 24  # 2 x the 12 dimensions of a 2x2x3 patch: each whitening filter and its negation
+    num_classes: int = 10
+    bn_momentum: float = 0.4
+    logit_scale: float = 1 / 9
+
+
+class FastBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with a frozen unit scale: only the shift is learned."""
+
+    def __init__(self, num_features: int, momentum: float):
+        super().__init__(num_features, eps=1e-12, momentum=momentum)
+        self.weight.requires_grad = False
+
+
+class IdentityInitConv(nn.Conv2d):
+    """conv3x3 without bias whose first c_in filters start as the identity, so each block starts near a skip."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(c_in, c_out, kernel_size=3, padding="same", bias=False)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.dirac_(self.weight.data[: self.in_channels])
+
+
+class FastBlock(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = IdentityInitConv(c_in, c_out)
+        self.norm1 = FastBatchNorm(c_out, bn_momentum)
+        self.conv2 = IdentityInitConv(c_out, c_out)
+        self.norm2 = FastBatchNorm(c_out, bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    """The speed-record style network (after Page 2018 and Jordan 2024): a frozen 2x2 patch-whitening layer
+    set from the training data, three identity-initialised conv blocks, global max-pool, a scaled linear head."""
+
+    def __init__(self, config: FastNetConfig):
+        super().__init__()
+        self.config = config
+        self.whiten = nn.Conv2d(3, config.whiten_width, kernel_size=2, bias=True)
+        self.whiten.weight.requires_grad = False
+        widths = (config.whiten_width, *config.widths)
+        self.blocks = nn.Sequential(*(FastBlock(a, b, config.bn_momentum) for a, b in zip(widths, widths[1:])))
+        self.head = nn.Linear(widths[-1], config.num_classes, bias=False)
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from normalised training images: the eigenvectors of the 2x2 patch
+        covariance, scaled by 1/sqrt(eigenvalue), each followed by its negation."""
+        k = self.whiten.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (n, c, h', w', k, k)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k).double()
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).reshape(-1, 3, k, k)
+        filters = torch.cat([filters, -filters])[: self.config.whiten_width]
+        self.whiten.weight.copy_(filters.to(self.whiten.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.gelu(self.whiten(x)))
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) * self.config.logit_scale
+
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "simple_cnn": lambda num_classes: SimpleCNN(SimpleCNNConfig(num_classes=num_classes)),
+    "fastnet": lambda num_classes: FastNet(FastNetConfig(num_classes=num_classes)),
 }
 
 

@@ -1,11 +1,18 @@
-"""The training loop: optimiser, schedule, validation, early stopping, checkpoints, resume and TensorBoard."""
+"""The training loop: optimiser, schedule, validation, early stopping, checkpoints, resume and TensorBoard.
+
+Fast path: data and augmentation on the device, channels_last, bf16 autocast on CUDA, fused optimisers on
+CUDA, optional torch.compile (warmed up before the clock starts), running metrics kept on the device and read
+once per logging interval, checkpoints written by a background thread.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -16,47 +23,168 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, UsageError, make_config, save_config
-from .data import Loader, load_cifar10, split_train_val
+from .data import Loader, load_cifar10, normalize, split_train_val
 from .device import select_device
-from .evaluate import predict_logits
+from .evaluate import autocast, predict_logits, tta_logits
 from .model import build_model
 from .storage import atomic_write_text
 
+CHANNELS_LAST = torch.channels_last
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+
+def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Two parameter groups: BatchNorm parameters (lr x bias_lr_scale, decay / bias_lr_scale) and the rest."""
     o = cfg.optimizer
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in norm_ids], "lr_scale": 1.0, "weight_decay": o.weight_decay},
+        {"params": [p for p in trainable if id(p) in norm_ids], "lr_scale": o.bias_lr_scale,
+         "weight_decay": o.weight_decay / o.bias_lr_scale},
+    ]
+    fused = {"fused": True} if device.type == "cuda" else {}
     if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fused)
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return optimizer_class(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return optimizer_class(groups, lr=o.lr, **fused)
 
 
 def learning_rate(cfg: Config, epoch_progress: float) -> float:
     """The learning rate after `epoch_progress` epochs (fractional); a pure function, so resume needs no state."""
-    s = cfg.scheduler
+    s, peak = cfg.scheduler, cfg.optimizer.lr
+    if epoch_progress < s.warmup_epochs:
+        return peak * (s.warmup_factor + (1 - s.warmup_factor) * epoch_progress / s.warmup_epochs)
     if s.name == "constant":
-        return cfg.optimizer.lr
-    length = s.epochs or cfg.epochs
-    t = min(epoch_progress / length, 1.0)
-    return s.min_lr + (cfg.optimizer.lr - s.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+        return peak
+    length = (s.epochs or cfg.epochs) - s.warmup_epochs
+    t = min((epoch_progress - s.warmup_epochs) / length, 1.0) if length > 0 else 1.0
+    shape = 1 - t if s.name == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+    return s.min_lr + (peak - s.min_lr) * shape
+
+
+class Lookahead:
+    """Every `every` steps the running average of the weights moves toward the model and the model is reset to
+    it (Zhang et al. 2019; the cubic decay schedule of Jordan 2024). At the end the model takes the average."""
+
+    def __init__(self, model: nn.Module, every: int):
+        self.every = every
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.average:
+                self.average[name].lerp_(value, 1 - decay)
+                value.copy_(self.average[name])
+
+    def maybe_update(self, model: nn.Module, step: int, total_steps: int) -> None:
+        if step % self.every == 0:
+            self.update(model, 0.95**self.every * (step / total_steps) ** 3)
+
+
+class TrainStep:
+    """One optimisation step on a batch; returns (loss, logits, gradient norm), all left on the device."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.label_smoothing = cfg.label_smoothing
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(self.device):
+            logits = self.forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # Measured on the fresh gradients, before the step (the original workflow read stale ones).
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.optimizer.step()
+        return loss.detach(), logits.detach(), grad_norm
+
+
+def warm_up_compiled(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int) -> None:
+    """Compile every batch shape training and evaluation will meet, then restore the initial state, so that
+    compilation happens before the clock starts and does not change the run."""
+    model, optimizer = step.model, step.optimizer
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    x, y = next(train_loader.epoch(0))
+    model.train()
+    for size in _batch_sizes(train_loader):
+        for _ in range(2):
+            step(x[:size], y[:size])
+    model.eval()
+    for loader in eval_loaders:
+        x, _ = next(iter(loader))
+        with torch.inference_mode(), autocast(loader.device):
+            for size in _batch_sizes(loader):
+                tta_logits(step.forward, x[:size], tta)
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_optimizer)
+
+
+def _batch_sizes(loader: Loader) -> set[int]:
+    """The full batch size and that of the last, partial batch."""
+    return {loader.batch_size, len(loader.images) % loader.batch_size or loader.batch_size}
+
+
+class CheckpointWriter:
+    """Writes checkpoints and the metrics file on a background thread; the tensors are copied to the CPU first,
+    so training goes on while the disk works. Any write error surfaces at the next write or at close()."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
+
+    def write(self, run_dir: Path, state: dict, best: bool) -> None:
+        self.wait()
+        snapshot = _to_cpu(state)
+        self._pending = self._pool.submit(self._write, run_dir, snapshot, best)
+
+    @staticmethod
+    def _write(run_dir: Path, state: dict, best: bool) -> None:
+        if best:
+            save_checkpoint(run_dir / "best.pt", state)
+        save_checkpoint(run_dir / "last.pt", state)
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state["history"]))
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def default_run_dir(runs_dir: Path, name: str | None) -> Path:
     return Path(runs_dir) / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def _validate(model: nn.Module, loader: Loader, desc: str) -> tuple[float, float]:
-    logits, labels = predict_logits(model, loader, desc=desc)
-    loss = F.cross_entropy(logits, labels).item()
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
-    return loss, accuracy
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, device: str | None = None,
-          resume: bool = False, on_epoch_end: Callable[[dict], bool] | None = None) -> dict:
+          resume: bool = False, test: bool = False, on_epoch_end: Callable[[dict], bool] | None = None) -> dict:
     """Train `cfg` into `run_dir` (or continue the run there when `resume`); returns the last checkpoint state.
 
+    `test`: after the last epoch, also measure test accuracy (with the configured TTA) and record it.
     `on_epoch_end(metrics)` is called after each epoch's checkpoint; returning True stops the run there.
     """
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
@@ -67,30 +195,45 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
         checkpoint = load_checkpoint(run_dir / "last.pt")
     elif (run_dir / "last.pt").exists():
         raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                        f"or pick another --name")
+                         f"or pick another --name")
     device = select_device(device)
 
     data = load_cifar10(data_dir)
-    (train_x, train_y), (val_x, val_y) = split_train_val(data.train_images, data.train_labels,
-                                                         cfg.data.val_size, cfg.data.split_seed)
+    if cfg.data.val_size:
+        (train_x, train_y), (val_x, val_y) = split_train_val(data.train_images, data.train_labels,
+                                                             cfg.data.val_size, cfg.data.split_seed)
+    else:
+        (train_x, train_y), (val_x, val_y) = (data.train_images, data.train_labels), (None, None)
     train_loader = Loader(train_x, train_y, cfg.batch_size, device=device, augment=cfg.augment, shuffle=True,
-                          seed=cfg.seed)
-    val_loader = Loader(val_x, val_y, cfg.eval_batch_size, device=device)
+                          seed=cfg.seed, memory_format=CHANNELS_LAST)
+    val_loader = val_x is not None and Loader(val_x, val_y, cfg.eval_batch_size, device=device,
+                                              memory_format=CHANNELS_LAST)
+    test_loader = test and Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
+                                  memory_format=CHANNELS_LAST)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(data.classes)).to(device)
-    optimizer = build_optimizer(cfg, model)
+    model = build_model(cfg.model, len(data.classes))
+    if hasattr(model, "init_from_data"):  # e.g. whitening filters computed from training images
+        model.init_from_data(normalize(train_x[:5000].float() / 255))
+    model = model.to(device, memory_format=CHANNELS_LAST)
+    optimizer = build_optimizer(cfg, model, device)
+    step = TrainStep(model, optimizer, cfg, device)
+    if cfg.compile:
+        warm_up_compiled(step, train_loader, [loader for loader in (val_loader, test_loader) if loader], cfg.tta)
+    lookahead = Lookahead(model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps else None
     state = {
         "format": FORMAT, "model": cfg.model, "num_classes": len(data.classes),
         "classes": list(data.classes), "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0,
-        "epochs_since_best": 0, "stopped_early": False, "history": [],
+        "epochs_since_best": 0, "stopped_early": False, "history": [], "train_seconds": 0.0,
     }
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model_state"])
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
+        if lookahead is not None:
+            lookahead.average = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
         state.update({k: checkpoint[k] for k in ("epoch", "best_val_acc", "best_epoch", "epochs_since_best",
-                                                 "stopped_early", "history")})
+                                                 "stopped_early", "history", "train_seconds")})
     if state["stopped_early"] or state["epoch"] >= cfg.epochs:
         print(f"{run_dir}: training already finished after {state['epoch']} epochs; nothing to do")
         return state
@@ -98,12 +241,16 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
     # On resume, drop events an interrupted run logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir / "tensorboard"),
                            purge_step=state["epoch"] * steps_per_epoch if resume else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    print(f"training {cfg.model} on {device} for {cfg.epochs} epochs ({len(train_x)} train / {len(val_x)} val "
-          f"images, {steps_per_epoch} steps per epoch) -> {run_dir}")
+    checkpoints = CheckpointWriter()
+    val_desc = f"{len(val_x)} val" if val_x is not None else "no validation"
+    print(f"training {cfg.model} on {device} for {cfg.epochs} epochs ({len(train_x)} train / {val_desc} images, "
+          f"{steps_per_epoch} steps per epoch) -> {run_dir}")
+    _sync(device)
+    session_started, seconds_before = time.perf_counter(), state["train_seconds"]
     try:
         for epoch in range(state["epoch"], cfg.epochs):
             started = time.perf_counter()
@@ -116,67 +263,94 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
             seen = 0
             bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, leave=False, dynamic_ncols=True,
                        miniters=cfg.log_every, mininterval=0, desc=f"epoch {epoch + 1}/{cfg.epochs} train")
-            for step, (x, y) in enumerate(bar):
-                lr = learning_rate(cfg, epoch + step / steps_per_epoch)
+            for i, (x, y) in enumerate(bar):
+                lr = learning_rate(cfg, epoch + i / steps_per_epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm_sum += torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                optimizer.step()
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
+                    group["lr"] = lr * group["lr_scale"]
+                loss, logits, grad_norm = step(x, y)
+                global_step = epoch * steps_per_epoch + i + 1
+                if lookahead is not None:
+                    lookahead.maybe_update(model, global_step, total_steps)
+                loss_sum += loss * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                grad_norm_sum += grad_norm
                 seen += len(y)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == steps_per_epoch:
-                    writer.add_scalar("Loss/train_step", loss.item(), epoch * steps_per_epoch + step + 1)
+                if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
+                    writer.add_scalar("Loss/train_step", loss.item(), global_step)
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
                                     refresh=False)
             bar.close()
-            model.eval()
-            val_loss, val_acc = _validate(model, val_loader, f"epoch {epoch + 1}/{cfg.epochs} val")
-            metrics = {
-                "epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                "val_loss": val_loss, "val_acc": val_acc, "lr": lr_at_start,
-                "grad_norm": grad_norm_sum.item() / steps_per_epoch, "seconds": time.perf_counter() - started,
-            }
-            improved = val_acc > state["best_val_acc"]
+            last_epoch = epoch + 1 == cfg.epochs
+            if lookahead is not None and last_epoch:
+                lookahead.update(model, 1.0)  # finish on the averaged weights
+            metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+                       "val_loss": None, "val_acc": None, "lr": lr_at_start,
+                       "grad_norm": grad_norm_sum.item() / steps_per_epoch}
+            if val_loader:
+                logits, labels = predict_logits(step.forward, val_loader, f"epoch {epoch + 1}/{cfg.epochs} val",
+                                                tta=cfg.tta)
+                metrics["val_loss"] = F.cross_entropy(logits, labels).item()
+                metrics["val_acc"] = (logits.argmax(1) == labels).float().mean().item()
+            if test_loader and last_epoch:
+                logits, labels = predict_logits(step.forward, test_loader, "test", tta=cfg.tta)
+                metrics["test_acc"] = (logits.argmax(1) == labels).float().mean().item()
+            _sync(device)
+            now = time.perf_counter()
+            metrics["seconds"] = now - started
+            # Wall time from the first step, bookkeeping between epochs included.
+            state["train_seconds"] = seconds_before + now - session_started
             state["history"].append(metrics)
             state["epoch"] = epoch + 1
-            if improved:
-                state.update(best_val_acc=val_acc, best_epoch=epoch + 1, epochs_since_best=0)
-            else:
-                state["epochs_since_best"] += 1
-            state["stopped_early"] = bool(cfg.patience) and state["epochs_since_best"] >= cfg.patience
+            if val_loader:
+                improved = metrics["val_acc"] > state["best_val_acc"]
+                if improved:
+                    state.update(best_val_acc=metrics["val_acc"], best_epoch=epoch + 1, epochs_since_best=0)
+                else:
+                    state["epochs_since_best"] += 1
+                state["stopped_early"] = bool(cfg.patience) and state["epochs_since_best"] >= cfg.patience
+            else:  # without a validation set, the latest model counts as the best one
+                improved = True
+                state["best_epoch"] = epoch + 1
             state.update(config=cfg.to_dict(), model_state=model.state_dict(),
-                         optimizer_state=optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
-            if improved:
-                save_checkpoint(run_dir / "best.pt", state)
-            save_checkpoint(run_dir / "last.pt", state)
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state["history"]))
+                         optimizer_state=optimizer.state_dict(), rng={"torch": torch.get_rng_state()},
+                         lookahead=lookahead.average if lookahead is not None else {})
+            checkpoints.write(run_dir, state, best=improved)
             _log_epoch(writer, metrics, (epoch + 1) * steps_per_epoch)
-            tqdm.write(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
-                       f"acc {metrics['train_acc']:.2%}  val loss {val_loss:.4f} acc {val_acc:.2%}  "
-                       f"lr {lr_at_start:.2e}  {metrics['seconds']:.1f}s" + ("  *best*" if improved else ""))
+            tqdm.write(_summary(cfg, metrics) + ("  *best*" if improved and val_loader else ""))
             if state["stopped_early"]:
                 tqdm.write(f"early stopping: no validation improvement for {cfg.patience} epochs "
                            f"(best {state['best_val_acc']:.2%} at epoch {state['best_epoch']})")
                 break
-            if on_epoch_end is not None and on_epoch_end(metrics):
-                break
+            if on_epoch_end is not None:
+                checkpoints.wait()
+                if on_epoch_end(metrics):
+                    break
     finally:
         writer.close()
-    print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; "
-          f"checkpoints in {run_dir} (evaluate with: cifarcnn evaluate {run_dir})")
+        checkpoints.close()
+    if val_loader:
+        print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ", end="")
+    print(f"trained {state['train_seconds']:.1f}s; checkpoints in {run_dir} "
+          f"(evaluate with: cifarcnn evaluate {run_dir})")
     return state
+
+
+def _summary(cfg: Config, m: dict) -> str:
+    line = f"epoch {m['epoch']:>3}/{cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2%}"
+    if m["val_acc"] is not None:
+        line += f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.2%}"
+    if "test_acc" in m:
+        line += f"  test acc {m['test_acc']:.2%}"
+    return line + f"  lr {m['lr']:.2e}  {m['seconds']:.1f}s"
 
 
 def _log_epoch(writer, metrics: dict, step: int) -> None:
     """Epoch scalars at the global step where the epoch ended, so a resume's purge_step applies to all tags."""
     for tag, key in (("Loss/train", "train_loss"), ("Loss/val", "val_loss"), ("Accuracy/train", "train_acc"),
-                     ("Accuracy/val", "val_acc"), ("LearningRate", "lr"), ("GradientNorm", "grad_norm")):
-        writer.add_scalar(tag, metrics[key], step)
+                     ("Accuracy/val", "val_acc"), ("Accuracy/test", "test_acc"), ("LearningRate", "lr"),
+                     ("GradientNorm", "grad_norm")):
+        if metrics.get(key) is not None:
+            writer.add_scalar(tag, metrics[key], step)
     writer.flush()
 
 

@@ -17,10 +17,10 @@ def test_root_config_matches_the_defaults_and_every_key_is_known():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = make_config({}, ["epochs=2", "optimizer.lr=1e-2", "augment.flip=false", "scheduler.epochs=null"])
+    cfg = make_config({}, ["epochs=2", "optimizer.lr=1e-2", "augment.flip=none", "scheduler.epochs=null"])
     assert cfg.epochs == 2 and isinstance(cfg.epochs, int)
     assert cfg.optimizer.lr == 0.01 and isinstance(cfg.optimizer.lr, float)
-    assert cfg.augment.flip is False
+    assert cfg.augment.flip == "none"
     assert cfg.scheduler.epochs is None
 
 
@@ -47,6 +47,8 @@ def test_overrides_do_not_mutate_their_input():
     ("optimizer.name=rmsprop", "optimizer.name"),
     ("data.val_size=50000", "data.val_size"),
     ("augment.flip=3", "augment.flip"),
+    ("augment.flip=sideways", "augment.flip"),
+    ("tta=3", "tta"),
     ("model=resnet999", "model"),
     ("epochs.inner=1", "epochs"),
 ])

@@ -241,10 +241,11 @@ def test_augmentation_varies_per_image():
 
 
 @pytest.mark.parametrize("cfg", [
-    AugmentConfig(flip=True, crop_padding=0, brightness=0, contrast=0),
-    AugmentConfig(flip=False, crop_padding=4, brightness=0, contrast=0),
-    AugmentConfig(flip=False, crop_padding=0, brightness=0.2, contrast=0),
-    AugmentConfig(flip=False, crop_padding=0, brightness=0, contrast=0.2),
+    AugmentConfig(flip="random", crop_padding=0, brightness=0, contrast=0),
+    AugmentConfig(flip="none", crop_padding=4, brightness=0, contrast=0),
+    AugmentConfig(flip="none", crop_padding=2, padding_mode="reflect", brightness=0, contrast=0),
+    AugmentConfig(flip="none", crop_padding=0, brightness=0.2, contrast=0),
+    AugmentConfig(flip="none", crop_padding=0, brightness=0, contrast=0.2),
 ])
 def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
     batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
@@ -258,10 +259,13 @@ def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
 
 def test_flip_is_a_mirror_and_crop_is_a_shift():
     image = torch.arange(3 * 32 * 32, dtype=torch.int32).reshape(1, 3, 32, 32).to(torch.uint8)
-    flips = augment(image.repeat(16, 1, 1, 1), AugmentConfig(True, 0, 0, 0), torch.Generator().manual_seed(1))
+    no_jitter = {"brightness": 0, "contrast": 0}
+    flips = augment(image.repeat(16, 1, 1, 1), AugmentConfig(flip="random", crop_padding=0, **no_jitter),
+                    torch.Generator().manual_seed(1))
     plain, mirrored = image.float() / 255, image.flip(3).float() / 255
     assert all(torch.equal(f, plain[0]) or torch.equal(f, mirrored[0]) for f in flips)
-    crops = augment(image.repeat(16, 1, 1, 1), AugmentConfig(False, 4, 0, 0), torch.Generator().manual_seed(1))
+    crops = augment(image.repeat(16, 1, 1, 1), AugmentConfig(flip="none", crop_padding=4, **no_jitter),
+                    torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(plain, (4, 4, 4, 4))
     windows = {(dy, dx): padded[0, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)}
     assert all(any(torch.equal(c, w) for w in windows.values()) for c in crops)
@@ -296,3 +300,31 @@ def test_an_epoch_resumed_half_way_sees_the_same_batches(cifar_root):
     assert len(tail) == len(whole) - 5
     for (xa, ya), (xb, yb) in zip(whole[5:], tail):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_reflect_padding_crops_come_from_the_reflected_image():
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    cfg = AugmentConfig(flip="none", crop_padding=2, padding_mode="reflect", brightness=0, contrast=0)
+    crops = augment(image.repeat(16, 1, 1, 1), cfg, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(image.float() / 255, (2, 2, 2, 2), mode="reflect")
+    windows = [padded[0, :, dy:dy + 32, dx:dx + 32] for dy in range(5) for dx in range(5)]
+    assert all(any(torch.equal(c, w) for w in windows) for c in crops)
+    assert len({tuple(c.flatten()[::50].tolist()) for c in crops}) > 5
+
+
+def test_alternating_flip_mirrors_each_image_every_other_epoch(cifar_root):
+    data = load_cifar10(cifar_root)
+    cfg = AugmentConfig(flip="alternate", crop_padding=0, brightness=0, contrast=0)
+    ids = torch.arange(len(data.train_images))
+    loader = Loader(data.train_images, ids, 100, device="cpu", augment=cfg, shuffle=True, seed=0)
+    plain = normalize(data.train_images.float() / 255)
+
+    def mirrored(epoch):
+        x, y = map(torch.cat, zip(*loader.epoch(epoch)))
+        flipped = torch.tensor([torch.equal(a, plain[i].flip(2)) and not torch.equal(a, plain[i])
+                               for a, i in zip(x, y.tolist())])
+        return flipped[y.argsort()]
+
+    e0, e1, e2 = mirrored(0), mirrored(1), mirrored(2)
+    assert 0.3 < e0.float().mean() < 0.7
+    assert torch.equal(e1, ~e0) and torch.equal(e2, e0)

@@ -111,7 +111,7 @@ def test_cosine_schedule_length_defaults_to_epochs():
 
 
 def test_weight_decay_from_the_config_is_applied(cifar_root, tmp_path):
-    base = ["epochs=1", "batch_size=200", "data.val_size=100", "augment.flip=false"]
+    base = ["epochs=1", "batch_size=200", "data.val_size=100", "augment.flip=none"]
     plain = train(make_config({}, base), tmp_path / "a", data_dir=cifar_root, device="cpu")
     decayed = train(make_config({}, [*base, "optimizer.weight_decay=0.5"]), tmp_path / "b", data_dir=cifar_root,
                     device="cpu")

@@ -1,0 +1,108 @@
+"""`cifarcnn bench`: training throughput of the full pipeline against compute alone, and evaluation throughput.
+
+The pipeline rate covers everything a training step does (batch selection, augmentation, normalisation,
+forward, backward, optimizer step); the compute-only rate runs the same step of the same model on one fixed
+random batch. Both are measured in alternating rounds in the same process, and the median round counts, so
+their ratio is fair even on a busy machine.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import Loader, load_cifar10, normalize, split_train_val
+from .device import select_device
+from .evaluate import predict_logits
+from .model import build_model
+from .storage import atomic_write_json
+from .train import CHANNELS_LAST, TrainStep, _sync, build_optimizer, warm_up_compiled
+
+
+def _rate(fn: Callable[[], object], calls: int, images_per_call: int, device: torch.device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return calls * images_per_call / (time.perf_counter() - started)
+
+
+def _endless(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None = None, steps: int = 30,
+          warmup: int = 5, rounds: int = 3) -> dict:
+    device = select_device(device)
+    data = load_cifar10(data_dir)
+    train_x, train_y = data.train_images, data.train_labels
+    if cfg.data.val_size:
+        (train_x, train_y), _ = split_train_val(train_x, train_y, cfg.data.val_size, cfg.data.split_seed)
+    loader = Loader(train_x, train_y, cfg.batch_size, device=device, augment=cfg.augment, shuffle=True,
+                    seed=cfg.seed, memory_format=CHANNELS_LAST)
+    test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
+                         memory_format=CHANNELS_LAST)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, len(data.classes))
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(normalize(train_x[:5000].float() / 255))
+    model = model.to(device, memory_format=CHANNELS_LAST)
+    step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device)
+    if cfg.compile:
+        warm_up_compiled(step, loader, [test_loader], cfg.tta)
+    model.train()
+
+    batches = _endless(loader)
+    fixed_x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=CHANNELS_LAST)
+    fixed_y = torch.randint(0, len(data.classes), (cfg.batch_size,), device=device)
+    for _ in range(warmup):
+        step(*next(batches))
+        step(fixed_x, fixed_y)
+    pipeline, compute = [], []
+    for _ in range(rounds):
+        pipeline.append(_rate(lambda: step(*next(batches)), steps, cfg.batch_size, device))
+        compute.append(_rate(lambda: step(fixed_x, fixed_y), steps, cfg.batch_size, device))
+    predict_logits(step.forward, test_loader, tta=cfg.tta)  # warm-up
+    evaluation = _rate(lambda: predict_logits(step.forward, test_loader, tta=cfg.tta), 1, len(data.test_images),
+                       device)
+    result = {
+        "model": cfg.model, "device": str(device), "device_name": _device_name(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
+        "eval_batch_size": cfg.eval_batch_size, "tta": cfg.tta, "compile": cfg.compile,
+        "steps_per_round": steps, "rounds": rounds,
+        "train_images_per_s": statistics.median(pipeline),
+        "compute_only_images_per_s": statistics.median(compute),
+        "eval_images_per_s": evaluation,
+        "train_rounds": pipeline, "compute_only_rounds": compute,
+    }
+    result["pipeline_over_compute"] = result["train_images_per_s"] / result["compute_only_images_per_s"]
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def report(result: dict, out: Path | None) -> None:
+    print(f"bench {result['model']} on {result['device']} ({result['device_name']}, torch {result['torch']}, "
+          f"{result['threads']} threads), batch {result['batch_size']}")
+    print(f"  training, full pipeline:  {result['train_images_per_s']:>10,.0f} images/s")
+    print(f"  training, compute only:   {result['compute_only_images_per_s']:>10,.0f} images/s")
+    print(f"  pipeline / compute only:  {result['pipeline_over_compute']:>10.1%}")
+    print(f"  evaluation (batch {result['eval_batch_size']}, tta {result['tta']}): "
+          f"{result['eval_images_per_s']:,.0f} images/s")
+    if out is not None:
+        atomic_write_json(out, result)
+        print(f"wrote {out}")

@@ -1,0 +1,155 @@
+"""Presets, the fast recipe's pieces (FastNet, lookahead, schedules, TTA) and the bench command."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifarcnn.cli import main, preset_names
+from cifarcnn.config import Config, make_config
+from cifarcnn.evaluate import tta_logits
+from cifarcnn.model import build_model
+from cifarcnn.train import Lookahead, build_optimizer, learning_rate
+
+TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]
+
+
+def test_presets_are_listed_and_seed_is_the_root_config(tmp_path, capsys, monkeypatch):
+    assert {"seed", "fast"} <= set(preset_names())
+    assert main(["check", "--preset", "seed"]) == 0
+    assert "simple_cnn" in capsys.readouterr().out
+    assert main(["check", "--preset", "fast"]) == 0
+    out = capsys.readouterr().out
+    assert "fastnet" in out and "(4, 10)" in out
+    assert main(["check", "--preset", "nope"]) == 2
+    assert "fast" in capsys.readouterr().err
+
+
+def test_overrides_apply_on_top_of_a_preset(tmp_path, cifar_root):
+    code = main(["train", "--preset", "fast", *TINY_FAST, "epochs=1", "optimizer.lr=0.5", "--data-dir",
+                 str(cifar_root), "--runs-dir", str(tmp_path), "--name", "r", "--device", "cpu"])
+    assert code == 0
+    from cifarcnn.checkpoint import load_checkpoint
+
+    cfg = load_checkpoint(tmp_path / "r" / "last.pt")["config"]
+    assert cfg["model"] == "fastnet" and cfg["optimizer"]["lr"] == 0.5 and cfg["epochs"] == 1
+    assert cfg["optimizer"]["name"] == "sgd" and cfg["augment"]["flip"] == "alternate"
+
+
+def test_fast_preset_runs_end_to_end_with_every_artifact(tmp_path, cifar_root, capsys):
+    common = ["--data-dir", str(cifar_root), "--device", "cpu"]
+    assert main(["train", "--preset", "fast", *TINY_FAST, "--runs-dir", str(tmp_path), "--name", "f", "--test",
+                 *common]) == 0
+    run = tmp_path / "f"
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["val_acc"] is not None and 0 <= rows[-1]["test_acc"] <= 1
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"Loss/train", "Loss/val", "Accuracy/train", "Accuracy/val", "LearningRate",
+            "GradientNorm"} <= set(events.Tags()["scalars"])
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), *common]) == 0
+    saved = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    assert saved["tta"] == 2 and saved["num_images"] == 200
+
+
+def test_training_without_a_validation_set(tmp_path, cifar_root):
+    from cifarcnn.train import train
+
+    cfg = make_config({}, ["epochs=2", "batch_size=200", "data.val_size=0", "patience=1"])
+    state = train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu", test=True)
+    assert state["epoch"] == 2 and state["best_epoch"] == 2 and not state["stopped_early"]
+    assert state["history"][0]["val_acc"] is None and "test_acc" in state["history"][-1]
+    assert state["train_seconds"] > 0
+
+
+def test_fastnet_whitening_makes_patches_uncorrelated():
+    torch.manual_seed(0)
+    model = build_model("fastnet")
+    images = torch.randn(200, 3, 32, 32) @ torch.randn(32, 32) * 0.3 + 0.1  # correlated pixels
+    model.init_from_data(images)
+    out = model.whiten(images) - model.whiten.bias[None, :, None, None]
+    first_half = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = first_half.T @ first_half / len(first_half)
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+    assert not model.whiten.weight.requires_grad
+    assert model(images[:4]).shape == (4, 10)
+
+
+def test_fastnet_blocks_start_as_identity_and_norm_scales_are_frozen():
+    model = build_model("fastnet")
+    conv = model.blocks[1].conv2
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    assert torch.allclose(conv(x)[:, : conv.in_channels], x, atol=1e-6)
+    assert not model.blocks[0].norm1.weight.requires_grad and model.blocks[0].norm1.bias.requires_grad
+
+
+def test_batchnorm_parameters_get_their_own_learning_rate_and_decay():
+    cfg = make_config({}, ["optimizer.name=sgd", "optimizer.bias_lr_scale=64", "optimizer.weight_decay=0.01"])
+    model = build_model("fastnet")
+    others, norms = build_optimizer(cfg, model, torch.device("cpu")).param_groups
+    assert (others["lr_scale"], norms["lr_scale"]) == (1.0, 64)
+    assert norms["weight_decay"] == pytest.approx(0.01 / 64) and others["weight_decay"] == 0.01
+    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
+                   if p.requires_grad}
+    assert {id(p) for p in norms["params"]} == norm_params
+
+
+def test_linear_schedule_with_warm_up():
+    cfg = make_config({}, ["epochs=10", "scheduler.name=linear", "scheduler.warmup_epochs=2",
+                           "scheduler.warmup_factor=0.2", "optimizer.lr=1.5"])
+    assert learning_rate(cfg, 0) == pytest.approx(0.3)
+    assert learning_rate(cfg, 1) == pytest.approx(0.9)
+    assert learning_rate(cfg, 2) == pytest.approx(1.5)
+    assert learning_rate(cfg, 6) == pytest.approx(0.75)
+    assert learning_rate(cfg, 10) == pytest.approx(0.0)
+    assert learning_rate(Config(), 0) == pytest.approx(1e-3)  # no warm-up by default
+
+
+def test_lookahead_pulls_weights_toward_their_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    lookahead = Lookahead(model, every=1)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    lookahead.update(model, decay=0.5)
+    assert torch.allclose(model.weight, torch.full((1, 2), 2.0))  # halfway between 1 and 3, copied back
+    with torch.no_grad():
+        model.weight.fill_(10.0)
+    lookahead.update(model, decay=1.0)
+    assert torch.allclose(model.weight, torch.full((1, 2), 2.0))  # decay 1: the model takes the average
+
+
+def test_tta_levels():
+    model = build_model("simple_cnn").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tta_logits(model, x, 0), model(x))
+        assert torch.allclose(tta_logits(model, x, 1), (model(x) + model(x.flip(3))) / 2, atol=1e-6)
+        level2 = tta_logits(model, x, 2)
+    assert level2.shape == (3, 10) and not torch.allclose(level2, tta_logits(model, x, 1))
+    mirror_symmetric = x + x.flip(3)  # for a mirror-symmetric image, flipping changes nothing
+    with torch.no_grad():
+        assert torch.allclose(tta_logits(model, mirror_symmetric, 1), model(mirror_symmetric), atol=1e-5)
+
+
+def test_bench_prints_both_throughputs_and_their_ratio(tmp_path, cifar_root, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "batch_size=32", "eval_batch_size=100", "data.val_size=100", "--steps", "2",
+                 "--warmup", "1", "--rounds", "2", "--data-dir", str(cifar_root), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "full pipeline" in printed and "compute only" in printed and "pipeline / compute only" in printed
+    result = json.loads(out.read_text())
+    for key in ("train_images_per_s", "compute_only_images_per_s", "eval_images_per_s"):
+        assert result[key] > 0
+    assert len(result["train_rounds"]) == 2
+    assert result["pipeline_over_compute"] == pytest.approx(
+        result["train_images_per_s"] / result["compute_only_images_per_s"])
+
+
+def test_bench_rejects_zero_steps(capsys):
+    assert main(["bench", "--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
