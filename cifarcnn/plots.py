@@ -1,4 +1,4 @@
-"""PNG figures: labelled image grids and the confusion-matrix heatmap (matplotlib, no display needed)."""
+"""PNG figures: labelled image grids, the confusion-matrix heatmap and training curves (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .storage import atomic_write  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes and close it."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+    return buffer.getvalue()
+
+
+def _save(fig, path: Path) -> None:
+    data = png_bytes(fig)
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, columns: int = 8,
@@ -36,8 +43,8 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, col
         if i < n:
             ax.imshow(pixels[i], interpolation="nearest")
             ax.set_title(titles[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # lifted by about 0.3 inch so it clears the first row's captions
+        fig.suptitle(title, fontsize=10, y=1 + 0.3 / fig.get_figheight())
     _save(fig, path)
 
 
@@ -58,3 +65,31 @@ def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path
             ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
                     color="white" if matrix[i, j] > threshold else "black")
     _save(fig, path)
+
+
+def training_curves_png(history: Sequence[dict]) -> bytes:
+    """Loss, accuracy, learning rate and gradient norm per epoch (from metrics.jsonl rows), as one PNG."""
+    epochs = [row["epoch"] for row in history]
+    panels = [
+        ("loss", [("train", "train_loss"), ("validation", "val_loss")], False),
+        ("accuracy", [("train", "train_acc"), ("validation", "val_acc")], True),
+        ("learning rate (epoch start)", [("lr", "lr")], False),
+        ("gradient norm (epoch mean)", [("grad norm", "grad_norm")], False),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), squeeze=False)
+    for ax, (title, series, percent) in zip(axes.flat, panels):
+        for label, key in series:
+            values = [row.get(key) for row in history]
+            points = [(e, v) for e, v in zip(epochs, values) if isinstance(v, (int, float))]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, [y * 100 for y in ys] if percent else ys, marker="o", markersize=3, label=label)
+        ax.set_title(title + (" (%)" if percent else ""), fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig)

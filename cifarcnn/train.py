@@ -18,6 +18,7 @@ from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, UsageError, make_config, save_config
 from .data import Loader, load_cifar10, split_train_val
 from .device import select_device
+from .environment import record_session
 from .evaluate import predict_logits
 from .model import build_model
 from .storage import atomic_write_text
@@ -97,6 +98,7 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    record_session(run_dir, device, state["epoch"] + 1)
     steps_per_epoch = len(train_loader)
     # On resume, drop events an interrupted run logged after its last checkpoint.
     writer = SummaryWriter(str(run_dir / "tensorboard"),
