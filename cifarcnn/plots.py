@@ -36,15 +36,17 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, col
     """images: (N, 3, H, W) floats in [0, 1]; one caption per image."""
     n = len(images)
     rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.45, rows * 1.6), squeeze=False)
+    # constrained layout keeps the title clear of the first row's captions, however many rows there are
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.45, rows * 1.6), squeeze=False,
+                             layout="constrained")
     pixels = images.detach().float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
             ax.imshow(pixels[i], interpolation="nearest")
             ax.set_title(titles[i], fontsize=7)
-    if title:  # lifted by about 0.3 inch so it clears the first row's captions
-        fig.suptitle(title, fontsize=10, y=1 + 0.3 / fig.get_figheight())
+    if title:
+        fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
 
@@ -67,29 +69,29 @@ def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path
     _save(fig, path)
 
 
-def training_curves_png(history: Sequence[dict]) -> bytes:
-    """Loss, accuracy, learning rate and gradient norm per epoch (from metrics.jsonl rows), as one PNG."""
+def training_curve_pngs(history: Sequence[dict]) -> list[tuple[str, bytes]]:
+    """(title, PNG) for loss, accuracy, learning rate and gradient norm per epoch, from metrics.jsonl rows."""
     epochs = [row["epoch"] for row in history]
     panels = [
         ("loss", [("train", "train_loss"), ("validation", "val_loss")], False),
-        ("accuracy", [("train", "train_acc"), ("validation", "val_acc")], True),
+        ("accuracy (%)", [("train", "train_acc"), ("validation", "val_acc")], True),
         ("learning rate (epoch start)", [("lr", "lr")], False),
         ("gradient norm (epoch mean)", [("grad norm", "grad_norm")], False),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6), squeeze=False)
-    for ax, (title, series, percent) in zip(axes.flat, panels):
+    figures = []
+    for title, series, percent in panels:
+        fig, ax = plt.subplots(figsize=(4.6, 3.0))
         for label, key in series:
-            values = [row.get(key) for row in history]
-            points = [(e, v) for e, v in zip(epochs, values) if isinstance(v, (int, float))]
+            points = [(e, row.get(key)) for e, row in zip(epochs, history) if isinstance(row.get(key), (int, float))]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, [y * 100 for y in ys] if percent else ys, marker="o", markersize=3, label=label)
-        ax.set_title(title + (" (%)" if percent else ""), fontsize=10)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=8)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(series) > 1:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return png_bytes(fig)
+            ax.legend(fontsize=9)
+        figures.append((title, png_bytes(fig)))
+    return figures

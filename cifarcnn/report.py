@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import UsageError, UserError
 from .data import DataError
 from .environment import read_sessions
-from .plots import training_curves_png
+from .plots import training_curve_pngs
 from .storage import atomic_write_text
 
 SECTIONS = (("summary", "Summary"), ("curves", "Training curves"), ("per-class", "Per-class accuracy"),
@@ -38,7 +38,8 @@ h2 { font-size: 1.2rem; margin: 0 0 10px; }
 figure { margin: 0; }
 figure img { display: block; width: 100%; max-width: 100%; height: auto; }
 figure.narrow img { max-width: 680px; margin: 0 auto; }
-figcaption { font-size: 0.85rem; color: var(--muted); margin-top: 6px; }
+figcaption, .caption { font-size: 0.85rem; color: var(--muted); margin-top: 6px; }
+.curves { display: grid; grid-template-columns: 1fr 1fr; gap: 10px; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; font-size: 0.92rem; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); white-space: nowrap; }
@@ -52,6 +53,7 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: 4px 14px; margi
 dt { color: var(--muted); }
 dd { margin: 0; overflow-wrap: anywhere; }
 @media (max-width: 600px) { main { padding: 8px; } section { padding: 10px; } body { font-size: 15px; }
+  .curves { grid-template-columns: 1fr; }
   dl { grid-template-columns: 1fr; } dd { margin-bottom: 6px; } .bar-cell { display: none; } }
 """
 
@@ -166,8 +168,10 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
         parts.append("<dt>hardware</dt><dd>not recorded: this run was trained by a cifarcnn version that did not "
                      "write environment.json</dd>")
     for s in sessions:
-        label = f"epochs from {s.get('first_epoch', '?')}"
-        detail = (f"{_e(s.get('device', '?'))} &mdash; {_e(s.get('device_name', '?'))}; CPU {_e(s.get('cpu', '?'))} "
+        label = f"training from epoch {s.get('first_epoch', '?')}"
+        device = str(s.get("device", "?"))
+        accelerator = "" if device == "cpu" else f"{_e(device)} &mdash; {_e(s.get('device_name', '?'))}; "
+        detail = (f"{accelerator}CPU {_e(s.get('cpu', '?'))} "
                   f"({_e(s.get('cpu_count', '?'))} cores, {_e(s.get('torch_threads', '?'))} torch threads); "
                   f"torch {_e(s.get('torch', '?'))}, Python {_e(s.get('python', '?'))}, {_e(s.get('platform', '?'))}; "
                   f"started {_e(s.get('started', '?'))}")
@@ -199,9 +203,11 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
                     + "".join(f'<p class="note">{n}</p>' for n in notes)
                     + f"<p>Evaluated checkpoint: <code>{_e(metrics.get('checkpoint', '?'))}</code> "
                       f"(epoch {_e(metrics.get('epoch', '?'))}).</p>"),
-        "curves": (f'<figure><img src="{_data_uri(training_curves_png(history))}" alt="training curves">'
-                   "<figcaption>Per epoch, from metrics.jsonl: train and validation loss and accuracy, the learning "
-                   "rate at the start of the epoch, and the mean total gradient norm.</figcaption></figure>"),
+        "curves": ('<div class="curves">'
+                   + "".join(f'<figure><img src="{_data_uri(png)}" alt="{_e(title)} per epoch"></figure>'
+                             for title, png in training_curve_pngs(history))
+                   + "</div><p class=\"caption\">Per epoch, from metrics.jsonl: train and validation loss and "
+                   "accuracy, the learning rate at the start of the epoch, and the mean total gradient norm.</p>"),
         "per-class": _per_class_table(metrics),
         "confusion": (_figure(eval_dir / "confusion_matrix.png", "confusion matrix",
                               "Rows are true classes, columns predicted classes; cells count test images.",
