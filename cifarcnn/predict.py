@@ -49,7 +49,7 @@ def _decoded(files: Sequence[Path], workers: int) -> Iterator[np.ndarray | str]:
         yield from map(_read, files)
         return
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(_read, files, chunksize=1)
+        yield from pool.map(_read, files)
 
 
 @torch.inference_mode()
