@@ -1,4 +1,5 @@
-"""Command line: `cifarcnn train | evaluate | bench | show-batch | check`, with config overrides as key=value."""
+"""Command line: `cifarcnn train | evaluate | bench | predict | export | report | show-batch | check`; config
+overrides as key=value."""
 
 from __future__ import annotations
 
@@ -71,6 +72,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.target, data_dir=args.data_dir, device=args.device, out_dir=args.out,
              batch_size=args.batch_size)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict
+
+    return predict(args.target, args.paths, device=args.device, batch_size=args.batch_size, top_k=args.top_k,
+                   output=args.output, labels_from_folders=args.labels_from_folders, quiet=args.quiet,
+                   workers=args.workers)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    export(args.target, args.format, args.output, data_dir=args.data_dir, check=args.check)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    report(args.run, args.out, data_dir=args.data_dir, device=args.device, evaluate_if_missing=args.evaluate)
     return 0
 
 
@@ -156,6 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("predict", help="classify image files (PNG, JPEG, BMP, GIF, WebP) with a trained model")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--top-k", type=int, default=1, help="classes to report per image (default: 1)")
+    p.add_argument("--output", type=Path, help="also write one record per file to a .csv or .json file")
+    p.add_argument("--labels-from-folders", action="store_true",
+                   help="take the true class from folder names (.../<class>/<file>) and report accuracy")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, help="threads decoding images (default: CPU cores, at most 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-file table, only errors and the summary")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to ONNX (checked with ONNX Runtime when installed)")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: onnx)")
+    p.add_argument("--output", type=Path, help="output file (default: the checkpoint's name with .onnx)")
+    p.add_argument("--data-dir", help="CIFAR-10 folder for the check (default: $CIFAR10_DIR, else ./data)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip comparing ONNX Runtime with PyTorch on the test set")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    p.add_argument("run", metavar="RUN_DIR")
+    with_data(p)
+    p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/report.html)")
+    p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
+                   help="fail instead of evaluating a run that has no eval/test_metrics.json")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("show-batch", help="write a PNG grid of augmented training images")
     with_config(p)
     with_data(p)
@@ -171,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for option in ("batch_size", "count", "steps", "rounds"):
-        if getattr(args, option, 1) < 1:
+    for option in ("batch_size", "count", "steps", "rounds", "workers"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
             print(f"error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     try:

@@ -1,4 +1,4 @@
-"""PNG figures: labelled image grids and the confusion-matrix heatmap (matplotlib, no display needed)."""
+"""PNG figures: labelled image grids, the confusion-matrix heatmap and training curves (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .storage import atomic_write  # noqa: E402
 
 
-def _save(fig, path: Path) -> None:
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes and close it."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+    return buffer.getvalue()
+
+
+def _save(fig, path: Path) -> None:
+    data = png_bytes(fig)
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, columns: int = 8,
@@ -29,7 +36,9 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, col
     """images: (N, 3, H, W) floats in [0, 1]; one caption per image."""
     n = len(images)
     rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.45, rows * 1.6), squeeze=False)
+    # constrained layout keeps the title clear of the first row's captions, however many rows there are
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.45, rows * 1.6), squeeze=False,
+                             layout="constrained")
     pixels = images.detach().float().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy()
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -58,3 +67,31 @@ def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path
             ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
                     color="white" if matrix[i, j] > threshold else "black")
     _save(fig, path)
+
+
+def training_curve_pngs(history: Sequence[dict]) -> list[tuple[str, bytes]]:
+    """(title, PNG) for loss, accuracy, learning rate and gradient norm per epoch, from metrics.jsonl rows."""
+    epochs = [row["epoch"] for row in history]
+    panels = [
+        ("loss", [("train", "train_loss"), ("validation", "val_loss")], False),
+        ("accuracy (%)", [("train", "train_acc"), ("validation", "val_acc")], True),
+        ("learning rate (epoch start)", [("lr", "lr")], False),
+        ("gradient norm (epoch mean)", [("grad norm", "grad_norm")], False),
+    ]
+    figures = []
+    for title, series, percent in panels:
+        fig, ax = plt.subplots(figsize=(4.6, 3.0))
+        for label, key in series:
+            points = [(e, row.get(key)) for e, row in zip(epochs, history) if isinstance(row.get(key), (int, float))]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, [y * 100 for y in ys] if percent else ys, marker="o", markersize=3, label=label)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(series) > 1:
+            ax.legend(fontsize=9)
+        figures.append((title, png_bytes(fig)))
+    return figures

@@ -25,6 +25,7 @@ from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, UsageError, make_config, save_config
 from .data import Loader, load_cifar10, normalize, split_train_val
 from .device import select_device
+from .environment import record_session
 from .evaluate import autocast, predict_logits, tta_logits
 from .model import build_model
 from .storage import atomic_write_text
@@ -240,6 +241,7 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    record_session(run_dir, device, state["epoch"] + 1)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     # On resume, drop events an interrupted run logged after its last checkpoint.

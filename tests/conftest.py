@@ -60,3 +60,14 @@ def small_overrides() -> list[str]:
 @pytest.fixture
 def small_config(small_overrides):
     return make_config({}, small_overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run_dir(cifar_root, tmp_path_factory) -> Path:
+    """A run trained for 2 epochs on the synthetic data, shared read-only by the predict/export/report tests."""
+    from cifarcnn.train import train
+
+    run_dir = tmp_path_factory.mktemp("shared-run") / "run"
+    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2"])
+    train(cfg, run_dir, data_dir=cifar_root, device="cpu")
+    return run_dir

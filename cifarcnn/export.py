@@ -1,0 +1,174 @@
+"""`cifarcnn export --format onnx`: an ONNX model with a dynamic batch axis, documented in its metadata, and
+checked against PyTorch with ONNX Runtime before it is written."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from .config import UserError
+from .data import MEAN, STD, DataError, load_cifar10, normalize
+from .storage import atomic_write
+
+INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
+TOLERANCE = 1e-4
+CHECK_BATCH = 256
+PREPROCESSING = (
+    "RGB image -> first frame, EXIF orientation applied, transparency composited over white -> centre crop to "
+    "the largest square -> antialiased bicubic resize to 32x32 -> float32 in [0, 1] (pixel / 255) -> "
+    "(x - mean) / std per channel -> NCHW layout (batch, 3, 32, 32)"
+)
+
+
+class ExportError(UserError):
+    exit_code = 1
+
+
+def _onnx_modules():
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs the optional 'export' extra ({e.name} is not installed): "
+                          f"{INSTALL_HINT}") from None
+    return onnx
+
+
+def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
+    """What a consumer needs to feed the model and read its output, as ONNX metadata_props strings."""
+    return {
+        "classes": json.dumps(list(checkpoint["classes"])),
+        "mean": json.dumps(list(MEAN)),
+        "std": json.dumps(list(STD)),
+        "input": "input: float32 (batch, 3, 32, 32), RGB, normalised: (pixel / 255 - mean) / std per channel",
+        "output": "logits: float32 (batch, num_classes); softmax over axis 1 gives probabilities, index i is "
+                  "classes[i]",
+        "preprocessing": PREPROCESSING,
+        "architecture": str(checkpoint["model"]),
+        "num_classes": str(checkpoint["num_classes"]),
+        "epoch": str(checkpoint.get("epoch")),
+        "best_val_acc": str(checkpoint.get("best_val_acc")),
+        "source_checkpoint": str(path),
+        "exported_by": f"cifarcnn {__version__}, torch {torch.__version__}",
+    }
+
+
+def to_onnx_bytes(model: nn.Module, meta: dict[str, str]) -> bytes:
+    """Export with torch's dynamo exporter, a symbolic batch axis named 'batch', then attach `meta`."""
+    onnx = _onnx_modules()
+    model = model.cpu().eval()
+    example = torch.zeros(2, 3, 32, 32)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, input_names=["input"],
+                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        external_data=False, verbose=False)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    finally:
+        quiet.setLevel(level)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, meta)
+    proto.doc_string = (f"CIFAR-10 classifier ({meta['architecture']}). {meta['input']}. "
+                        f"Preprocessing: {PREPROCESSING}. {meta['output']}. Class names, mean and std: metadata_props.")
+    return proto.SerializeToString()
+
+
+def _session(onnx_bytes: bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+
+@torch.inference_mode()
+def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor, batch_size: int = 1000,
+                 tolerance: float = TOLERANCE) -> dict:
+    """Compare ONNX Runtime with PyTorch: logits on one batch within `tolerance`, top-1 on every test image.
+
+    A top-1 disagreement only counts where PyTorch's two best logits differ by more than `tolerance`;
+    closer than that, either answer is within the numerical error of the check.
+    """
+    session = _session(onnx_bytes)
+    model = model.cpu().eval()
+
+    def both(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = normalize(images.float().div_(255))
+        return model(x).float().numpy(), session.run(["logits"], {"input": x.numpy()})[0]
+
+    reference, onnx_out = both(test_images[:CHECK_BATCH])
+    max_diff = float(np.abs(reference - onnx_out).max())
+    single_ref, single_onnx = both(test_images[:1])  # the batch axis must really be dynamic
+    max_diff = max(max_diff, float(np.abs(single_ref - single_onnx).max()))
+    agree = disagree = near_ties = 0
+    for start in range(0, len(test_images), batch_size):
+        reference, onnx_out = both(test_images[start:start + batch_size])
+        same = reference.argmax(1) == onnx_out.argmax(1)
+        top2 = np.sort(reference, axis=1)[:, -2:]
+        tie = (top2[:, 1] - top2[:, 0]) <= tolerance
+        agree += int(same.sum())
+        disagree += int((~same & ~tie).sum())
+        near_ties += int((~same & tie).sum())
+    return {"max_abs_diff": max_diff, "tolerance": tolerance, "check_batch": min(CHECK_BATCH, len(test_images)),
+            "top1_agree": agree, "top1_disagree": disagree, "top1_near_ties": near_ties,
+            "num_images": len(test_images),
+            "passed": max_diff <= tolerance and disagree == 0}
+
+
+def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = None, *,
+           data_dir: str | Path | None = None, check: bool = True) -> dict:
+    """The `export` command: write the ONNX file (after checking it, when onnxruntime is installed)."""
+    if fmt != "onnx":
+        raise ExportError(f"--format {fmt}: only onnx is supported")
+    _onnx_modules()
+    path = resolve_checkpoint(target)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, path)
+    output = Path(output) if output else path.with_suffix(".onnx")
+    if not output.parent.is_dir():
+        raise ExportError(f"--output {output}: folder {output.parent} does not exist")
+
+    onnx_bytes = to_onnx_bytes(model, metadata(checkpoint, path))
+    result: dict = {"output": str(output), "checked": False}
+    if check:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print(f"note: onnxruntime is not installed, so the export was not checked against PyTorch; "
+                  f"for the check, {INSTALL_HINT}")
+        else:
+            try:
+                test_images = load_cifar10(data_dir).test_images
+            except DataError as e:
+                raise ExportError(f"the export check needs the CIFAR-10 test set: {e} (or skip the check with "
+                                  f"--no-check)") from None
+            report = check_export(onnx_bytes, model, test_images)
+            result.update(report, checked=True)
+            print(f"check: ONNX Runtime vs PyTorch max |logit difference| {report['max_abs_diff']:.2e} on "
+                  f"{report['check_batch']} test images (tolerance {report['tolerance']:.0e}); top-1 agrees on "
+                  f"{report['top1_agree']}/{report['num_images']} test images"
+                  + (f" ({report['top1_near_ties']} near-tie(s) within tolerance)" if report["top1_near_ties"]
+                     else ""))
+            if not report["passed"]:
+                raise ExportError(f"the ONNX model does not match PyTorch (max difference {report['max_abs_diff']:.2e},"
+                                  f" {report['top1_disagree']} top-1 disagreements); {output} was not written")
+    atomic_write(output, lambda f: f.write(onnx_bytes))
+    print(f"wrote {output} ({len(onnx_bytes) / 1e6:.1f} MB; input 'input' float32 (batch, 3, 32, 32) normalised "
+          f"with the CIFAR-10 mean/std, output 'logits' (batch, {checkpoint['num_classes']}); classes, mean, std "
+          f"and preprocessing are in the model metadata)")
+    return result

@@ -1,0 +1,220 @@
+"""`cifarcnn predict`: classify image files with a trained checkpoint, in batches, and report or save the results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from .config import UsageError
+from .device import select_device
+from .images import ImageReadError, find_images, load_image, to_model_input
+from .storage import atomic_write_json, atomic_write_text
+
+OUTPUT_FORMATS = (".csv", ".json")
+
+
+@dataclass
+class FileResult:
+    path: Path
+    top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
+    error: str | None = None
+    label: str | None = None  # the class its folder names, with --labels-from-folders
+
+
+def _read(path: Path) -> np.ndarray | str:
+    try:
+        return load_image(path)
+    except ImageReadError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug on a hostile file must not stop the other files
+        return f"cannot read the image ({type(e).__name__}: {e})"
+
+
+def _decoded(files: Sequence[Path], workers: int) -> Iterator[np.ndarray | str]:
+    """Decoded images (or error strings) in file order; Pillow releases the GIL while decoding."""
+    if workers <= 1:
+        yield from map(_read, files)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(_read, files)
+
+
+@torch.inference_mode()
+def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
+                  batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False
+                  ) -> list[FileResult]:
+    """One FileResult per file, in order: its top-k classes, or why it could not be read."""
+    model.eval()
+    results = [FileResult(path) for path in files]
+    pending: list[int] = []
+    arrays: list[np.ndarray] = []
+
+    def flush() -> None:
+        probabilities = model(to_model_input(np.stack(arrays), device)).float().softmax(1)
+        values, indices = probabilities.topk(top_k, dim=1)
+        for i, vals, idx in zip(pending, values.tolist(), indices.tolist()):
+            results[i].top = [(classes[c], p) for c, p in zip(idx, vals)]
+        pending.clear()
+        arrays.clear()
+
+    bar = tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, item in enumerate(_decoded(files, workers)):
+        if isinstance(item, str):
+            results[i].error = item
+        else:
+            pending.append(i)
+            arrays.append(item)
+            if len(arrays) == batch_size:
+                flush()
+        bar.update()
+    if arrays:
+        flush()
+    bar.close()
+    return results
+
+
+def folder_label(path: Path, classes: Sequence[str]) -> str | None:
+    """The class named by the file's parent folder (`.../<class_name>/<file>`), case-insensitively."""
+    by_name = {c.lower(): c for c in classes}
+    return by_name.get(path.parent.name.lower())
+
+
+def accuracy_by_class(results: Sequence[FileResult], classes: Sequence[str]) -> dict | None:
+    """Accuracy over the predicted files that have a folder label; None when there are none."""
+    scored = [r for r in results if r.label is not None and r.error is None]
+    if not scored:
+        return None
+    correct = {c: 0 for c in classes}
+    total = {c: 0 for c in classes}
+    for r in scored:
+        total[r.label] += 1
+        correct[r.label] += r.top[0][0] == r.label
+    return {
+        "accuracy": sum(correct.values()) / len(scored), "num_images": len(scored),
+        "per_class": {c: {"accuracy": correct[c] / total[c] if total[c] else None, "correct": correct[c],
+                          "total": total[c]} for c in classes},
+    }
+
+
+def _record(r: FileResult) -> dict:
+    record = {"path": str(r.path)}
+    if r.label is not None:
+        record["label"] = r.label
+    record["predictions"] = [{"class": c, "probability": p} for c, p in r.top]
+    record["error"] = r.error
+    return record
+
+
+def write_results(path: Path, results: Sequence[FileResult], top_k: int, summary: dict) -> None:
+    """CSV (one row per file) or JSON (summary plus one record per file), chosen by the extension."""
+    if path.suffix.lower() == ".json":
+        atomic_write_json(path, {**summary, "results": [_record(r) for r in results]})
+        return
+    labelled = any(r.label is not None for r in results)
+    header = ["path", *(["label"] if labelled else [])]
+    for k in range(1, top_k + 1):
+        header += [f"class_{k}", f"probability_{k}"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*header, "error"])
+    for r in results:
+        row = [str(r.path), *([r.label or ""] if labelled else [])]
+        for k in range(top_k):
+            row += [r.top[k][0], f"{r.top[k][1]:.6f}"] if k < len(r.top) else ["", ""]
+        writer.writerow([*row, r.error or ""])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _print_table(results: Sequence[FileResult], top_k: int) -> None:
+    ok = [r for r in results if r.error is None]
+    if not ok:
+        return
+    width = min(max(len(str(r.path)) for r in ok), 60)
+    header = f"{'file':<{width}}  {'class':<12}{'probability':>11}"
+    print(header + (f"  top-{top_k}" if top_k > 1 else ""))
+    for r in ok:
+        line = f"{str(r.path):<{width}}  {r.top[0][0]:<12}{r.top[0][1]:>11.2%}"
+        if top_k > 1:
+            line += "  " + ", ".join(f"{c} {p:.1%}" for c, p in r.top)
+        print(line)
+
+
+def _check_output(output: Path | None) -> None:
+    if output is None:
+        return
+    if output.suffix.lower() not in OUTPUT_FORMATS:
+        raise UsageError(f"--output {output}: the file name must end in .csv or .json")
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: folder {output.parent} does not exist")
+
+
+def predict(target: str | Path, paths: Sequence[str], *, device: str | None = None, batch_size: int = 256,
+            top_k: int = 1, output: Path | None = None, labels_from_folders: bool = False, quiet: bool = False,
+            workers: int | None = None) -> int:
+    """The `predict` command; returns the exit code (1 when any file could not be read)."""
+    _check_output(output)
+    files, skipped = find_images(paths)
+    if not files:
+        raise UsageError(f"no image files found in {' '.join(map(str, paths))} "
+                         f"(looked for {', '.join(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'))})")
+    ckpt_path = resolve_checkpoint(target)
+    checkpoint = load_checkpoint(ckpt_path)
+    classes = list(checkpoint["classes"])
+    if not 1 <= top_k <= len(classes):
+        raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
+    torch_device = select_device(device)
+    model = model_from_checkpoint(checkpoint, ckpt_path).to(torch_device)
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+
+    started = time.perf_counter()
+    results = predict_files(model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
+                            workers=workers, progress=not quiet and sys.stderr.isatty())
+    seconds = time.perf_counter() - started
+    if labels_from_folders:
+        for r in results:
+            r.label = folder_label(r.path, classes)
+
+    if not quiet:
+        _print_table(results, top_k)
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        print(f"error: {r.path}: {r.error}", file=sys.stderr)
+    print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ckpt_path} on {torch_device} "
+          f"in {seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
+    if skipped:
+        print(f"skipped {skipped} file(s) in the folders without an image extension")
+
+    summary: dict = {"checkpoint": str(ckpt_path), "classes": classes, "top_k": top_k,
+                     "num_files": len(results), "num_failed": len(failed)}
+    if labels_from_folders:
+        scores = accuracy_by_class(results, classes)
+        left_out = len(results) - (scores["num_images"] if scores else 0)
+        if scores is None:
+            print(f"--labels-from-folders: no readable file lies in a folder named after a class "
+                  f"({', '.join(classes)}), so there is no accuracy to report")
+        else:
+            print(f"accuracy: {scores['accuracy']:.2%} on {scores['num_images']} labelled images"
+                  + (f" ({left_out} unreadable file(s) or file(s) outside class folders left out)"
+                     if left_out else ""))
+            print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
+            for name, row in scores["per_class"].items():
+                acc = f"{row['accuracy']:.2%}" if row["accuracy"] is not None else "-"
+                print(f"{name:<12}{acc:>10}{row['correct']:>10}{row['total']:>8}")
+            summary["accuracy"] = scores
+    if output is not None:
+        write_results(output, results, top_k, summary)
+        print(f"wrote {output}")
+    return 1 if failed else 0

@@ -1,0 +1,99 @@
+"""`cifarcnn export --format onnx`: dynamic batch axis, metadata, and the ONNX Runtime self-check."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.cli import main
+from cifarcnn.data import CLASSES, MEAN, STD, load_cifar10, normalize
+from cifarcnn.export import check_export
+
+onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
+ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run_dir, cifar_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    from cifarcnn.export import export
+
+    result = export(trained_run_dir, "onnx", out, data_dir=cifar_root)
+    return out, result
+
+
+def test_export_checks_itself_on_the_whole_test_set(exported):
+    out, result = exported
+    assert result["checked"] and result["passed"]
+    assert result["max_abs_diff"] <= 1e-4
+    assert result["num_images"] == 200 and result["top1_agree"] + result["top1_near_ties"] == 200
+    assert result["top1_disagree"] == 0
+
+
+def test_onnx_model_has_a_dynamic_batch_axis_and_matches_pytorch(exported, trained_run_dir, cifar_root):
+    out, _ = exported
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, outp.name) == ("input", "logits")
+    assert isinstance(inp.shape[0], str) and inp.shape[1:] == [3, 32, 32]
+    model = model_from_checkpoint(load_checkpoint(trained_run_dir / "best.pt")).eval()
+    images = load_cifar10(cifar_root).test_images
+    for n in (1, 5, 37):
+        x = normalize(images[:n].float() / 255)
+        got = session.run(None, {"input": x.numpy()})[0]
+        with torch.inference_mode():
+            want = model(x).numpy()
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_metadata_documents_classes_and_preprocessing(exported):
+    out, _ = exported
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == list(CLASSES)
+    assert json.loads(meta["mean"]) == list(MEAN) and json.loads(meta["std"]) == list(STD)
+    assert "32x32" in meta["preprocessing"] and "/ 255" in meta["preprocessing"]
+    assert meta["architecture"] == "simple_cnn"
+    assert "normalised" in model.doc_string
+    onnx.checker.check_model(model)
+
+
+def test_the_check_catches_a_model_that_does_not_match(exported, trained_run_dir, cifar_root):
+    out, _ = exported
+    model = model_from_checkpoint(load_checkpoint(trained_run_dir / "best.pt"))
+    with torch.no_grad():
+        model.fc2.bias[3] += 0.5  # PyTorch side now differs from what was exported
+    report = check_export(out.read_bytes(), model, load_cifar10(cifar_root).test_images)
+    assert not report["passed"] and report["max_abs_diff"] > 0.4
+
+
+def test_missing_extra_is_one_clear_error(trained_run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
+    assert main(["export", str(trained_run_dir), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'cifarcnn[export]'" in err[0] and "onnxscript" in err[0]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_without_onnxruntime_the_export_is_written_unchecked(trained_run_dir, cifar_root, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["export", str(trained_run_dir), "--output", str(tmp_path / "m.onnx"), "--data-dir",
+                 str(cifar_root)]) == 0
+    out = capsys.readouterr().out
+    assert "not checked" in out and "pip install 'cifarcnn[export]'" in out
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.input[0].name == "input"
+
+
+def test_export_usage_errors(trained_run_dir, tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert main(["export", str(trained_run_dir), "--output", str(tmp_path / "no" / "m.onnx")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(trained_run_dir), "--format", "tflite"])
+    assert e.value.code == 2
