@@ -183,7 +183,9 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
 def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: str) -> str:
     """The whole page as a string; every image inlined."""
     eval_dir = run_dir / "eval"
-    best = max(history, key=lambda row: row.get("val_acc", float("-inf")))
+    validated = [row for row in history if row.get("val_acc") is not None]
+    # Without a validation set (data.val_size=0) the last epoch is the run's best checkpoint.
+    best = max(validated, key=lambda row: row["val_acc"]) if validated else history[-1]
     notes = []
     if metrics.get("epoch") is not None and str(metrics.get("checkpoint", "")).endswith("best.pt") \
             and metrics["epoch"] != best["epoch"]:
@@ -192,7 +194,8 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
     total_seconds = sum(row.get("seconds", 0) for row in history)
     cards = "".join([
         _card(f"{metrics['test_accuracy']:.2%}", f"test accuracy ({metrics.get('num_images', '?')} images)"),
-        _card(f"{best['val_acc']:.2%}", f"best validation accuracy (epoch {best['epoch']})"),
+        _card(f"{best['val_acc']:.2%}", f"best validation accuracy (epoch {best['epoch']})") if validated
+        else _card("-", "no validation set"),
         _card(str(history[-1]["epoch"]), "epochs trained"),
         _card(_duration(total_seconds), "training time"),
         _card(f"{metrics['test_loss']:.3f}" if "test_loss" in metrics else "-", "test loss"),

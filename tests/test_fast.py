@@ -63,6 +63,9 @@ def test_training_without_a_validation_set(tmp_path, cifar_root):
     assert state["epoch"] == 2 and state["best_epoch"] == 2 and not state["stopped_early"]
     assert state["history"][0]["val_acc"] is None and "test_acc" in state["history"][-1]
     assert state["train_seconds"] > 0
+    # the rest of the workflow copes with a run that has no validation metrics
+    assert main(["report", str(tmp_path / "r"), "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
+    assert "no validation set" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_fastnet_whitening_makes_patches_uncorrelated():
