@@ -54,6 +54,7 @@ class FastNetConfig:
     num_classes: int = 10
     bn_momentum: float = 0.4
     logit_scale: float = 1 / 9
+    whiten_bias_epochs: int = 3
 
 
 class FastBatchNorm(nn.BatchNorm2d):
@@ -102,6 +103,8 @@ class FastNet(nn.Module):
         widths = (config.whiten_width, *config.widths)
         self.blocks = nn.Sequential(*(FastBlock(a, b, config.bn_momentum) for a, b in zip(widths, widths[1:])))
         self.head = nn.Linear(widths[-1], config.num_classes, bias=False)
+        # The whitening bias learns in the first epochs only, then stays (the trainer reads this).
+        self.train_epochs = {"whiten.bias": config.whiten_bias_epochs}
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:

@@ -34,16 +34,22 @@ CHANNELS_LAST = torch.channels_last
 
 
 def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """Two parameter groups: BatchNorm parameters (lr x bias_lr_scale, decay / bias_lr_scale) and the rest."""
+    """Parameter groups: BatchNorm parameters (lr x bias_lr_scale, decay / bias_lr_scale), the rest, and one
+    group per parameter the model trains only for its first epochs (`model.train_epochs`, name -> epochs)."""
     o = cfg.optimizer
     norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    limited = getattr(model, "train_epochs", {})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for n, p in named if n not in limited]
     groups = [
-        {"params": [p for p in trainable if id(p) not in norm_ids], "lr_scale": 1.0, "weight_decay": o.weight_decay},
+        {"params": [p for p in trainable if id(p) not in norm_ids], "lr_scale": 1.0, "weight_decay": o.weight_decay,
+         "until_epoch": None},
         {"params": [p for p in trainable if id(p) in norm_ids], "lr_scale": o.bias_lr_scale,
-         "weight_decay": o.weight_decay / o.bias_lr_scale},
+         "weight_decay": o.weight_decay / o.bias_lr_scale, "until_epoch": None},
     ]
+    groups += [{"params": [p], "lr_scale": 1.0, "weight_decay": o.weight_decay, "until_epoch": limited[n]}
+               for n, p in named if n in limited]
     fused = {"fused": True} if device.type == "cuda" else {}
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fused)
@@ -70,14 +76,15 @@ class Lookahead:
 
     def __init__(self, model: nn.Module, every: int):
         self.every = every
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self._live = list(live.values())  # share storage with the model's parameters and buffers
+        self.average = {k: v.detach().clone() for k, v in live.items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
-        for name, value in model.state_dict().items():
-            if name in self.average:
-                self.average[name].lerp_(value, 1 - decay)
-                value.copy_(self.average[name])
+        average = list(self.average.values())
+        torch._foreach_lerp_(average, self._live, 1 - decay)
+        torch._foreach_copy_(self._live, average)
 
     def maybe_update(self, model: nn.Module, step: int, total_steps: int) -> None:
         if step % self.every == 0:
@@ -232,7 +239,8 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if lookahead is not None:
-            lookahead.average = {k: v.to(device) for k, v in checkpoint["lookahead"].items()}
+            for name, value in checkpoint["lookahead"].items():
+                lookahead.average[name].copy_(value)
         state.update({k: checkpoint[k] for k in ("epoch", "best_val_acc", "best_epoch", "epochs_since_best",
                                                  "stopped_early", "history", "train_seconds")})
     if state["stopped_early"] or state["epoch"] >= cfg.epochs:
@@ -268,7 +276,8 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
             for i, (x, y) in enumerate(bar):
                 lr = learning_rate(cfg, epoch + i / steps_per_epoch)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * group["lr_scale"]
+                    frozen = group["until_epoch"] is not None and epoch >= group["until_epoch"]
+                    group["lr"] = 0.0 if frozen else lr * group["lr_scale"]
                 loss, logits, grad_norm = step(x, y)
                 global_step = epoch * steps_per_epoch + i + 1
                 if lookahead is not None:

@@ -92,7 +92,8 @@ def test_fastnet_blocks_start_as_identity_and_norm_scales_are_frozen():
 def test_batchnorm_parameters_get_their_own_learning_rate_and_decay():
     cfg = make_config({}, ["optimizer.name=sgd", "optimizer.bias_lr_scale=64", "optimizer.weight_decay=0.01"])
     model = build_model("fastnet")
-    others, norms = build_optimizer(cfg, model, torch.device("cpu")).param_groups
+    others, norms, whiten_bias = build_optimizer(cfg, model, torch.device("cpu")).param_groups
+    assert whiten_bias["until_epoch"] == 3
     assert (others["lr_scale"], norms["lr_scale"]) == (1.0, 64)
     assert norms["weight_decay"] == pytest.approx(0.01 / 64) and others["weight_decay"] == 0.01
     norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
@@ -156,3 +157,25 @@ def test_bench_prints_both_throughputs_and_their_ratio(tmp_path, cifar_root, cap
 def test_bench_rejects_zero_steps(capsys):
     assert main(["bench", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_a_parameter_with_limited_epochs_stops_learning_after_them(tmp_path, cifar_root):
+    from cifarcnn.checkpoint import load_checkpoint
+    from cifarcnn.train import train
+
+    cfg = make_config({}, ["model=fastnet", "epochs=4", "batch_size=250", "data.val_size=100",
+                           "optimizer.name=sgd", "optimizer.lr=0.1"])
+    model = build_model("fastnet")
+    model.train_epochs = {"whiten.bias": 1}
+    groups = build_optimizer(cfg, model, torch.device("cpu")).param_groups
+    assert [g["until_epoch"] for g in groups] == [None, None, 1]
+    assert groups[2]["params"][0] is model.whiten.bias
+    assert all(p is not model.whiten.bias for g in groups[:2] for p in g["params"])
+
+    seen = []
+    train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu",
+          on_epoch_end=lambda m: seen.append(load_checkpoint(tmp_path / "r" / "last.pt")["model_state"]) or False)
+    # FastNet trains its whitening bias for its first 3 epochs only
+    assert not torch.equal(seen[1]["whiten.bias"], seen[2]["whiten.bias"])
+    assert torch.equal(seen[2]["whiten.bias"], seen[3]["whiten.bias"])
+    assert not torch.equal(seen[2]["blocks.0.conv1.weight"], seen[3]["blocks.0.conv1.weight"])
