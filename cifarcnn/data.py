@@ -122,7 +122,7 @@ def extract_archive(archive: Path, root: Path) -> None:
     try:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, filter=_safe_member)
         except tarfile.FilterError as e:
             raise DataError(f"{archive}: refusing to extract an unsafe member ({e})") from None
         except (tarfile.TarError, EOFError, OSError) as e:
@@ -133,6 +133,14 @@ def extract_archive(archive: Path, root: Path) -> None:
                 os.rename(entry, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" filter (no `..` escapes, no links pointing out, no devices), and absolute names are
+    refused outright rather than silently made relative."""
+    if member.name.startswith(("/", os.sep)) or os.path.isabs(member.name):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 # --------------------------------------------------------------------------- reading the batch files

@@ -140,6 +140,50 @@ def test_archive_members_outside_the_target_are_refused(tmp_path):
     assert not (tmp_path.parent / "escaped.txt").exists()
 
 
+def _crafted_archive(root: Path, member: tarfile.TarInfo) -> tuple[Path, str]:
+    """An archive holding a harmless file plus `member`, and its MD5."""
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        ok = tarfile.TarInfo("cifar-10-batches-py/readme.txt")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        tar.addfile(member, io.BytesIO(b"evil") if member.isfile() else None)
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = 4 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize("member", [
+    pytest.param(lambda outside: _member(str(outside / "abs.txt")), id="absolute-path"),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/sub/../../../x.txt"), id="dotdot-inside-path"),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/link", tarfile.SYMTYPE, str(outside)),
+                 id="symlink-absolute-out"),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/link", tarfile.SYMTYPE, "../../outside"),
+                 id="symlink-relative-out"),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE, str(outside / "victim")),
+                 id="hardlink-absolute-out"),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE, "../../outside/victim"),
+                 id="hardlink-relative-out"),
+])
+def test_crafted_archives_cannot_write_outside_the_data_root(tmp_path, member):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "victim").write_text("untouched")
+    archive, md5 = _crafted_archive(root, member(outside))
+    with pytest.raises(DataError, match="unsafe"):
+        locate_cifar10(root, md5=md5)
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_text() == "untouched"
+    assert sorted(p.name for p in root.iterdir()) == [archive.name]  # nothing extracted, no temp folder left
+    assert not (tmp_path / "x.txt").exists()
+
+
 @pytest.fixture
 def cifar_copy(cifar_root, tmp_path):
     shutil.copytree(cifar_root, tmp_path / "copy")
