@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import Config, UsageError, UserError, load_config
+from .interrupt import Interrupted
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a source checkout: config.yaml and configs/ live here
 
@@ -43,17 +44,25 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import launched_by_torchrun, restart_count
     from .train import default_run_dir, resume_config, train
 
-    if args.resume:
+    resume = bool(args.resume)
+    if resume:
         run_dir = Path(args.resume)
         if not (run_dir / "last.pt").exists():
             raise UsageError(f"--resume {run_dir}: no last.pt there; pass the folder of an earlier run")
         cfg = resume_config(run_dir, args.overrides)
     else:
+        if launched_by_torchrun() and not args.name:
+            raise UsageError("under torchrun, give --name: every process, and an elastic restart, must use the "
+                             "same run folder")
         cfg = _config_from_args(args)
         run_dir = default_run_dir(args.runs_dir, args.name)
-    train(cfg, run_dir, data_dir=args.data_dir, device=args.device, resume=bool(args.resume), test=args.test)
+        if restart_count() and (run_dir / "last.pt").exists():  # torchrun restarted the job after a failure
+            print(f"torchrun restart {restart_count()}: resuming {run_dir} from its last checkpoint")
+            resume, cfg = True, resume_config(run_dir, args.overrides)
+    train(cfg, run_dir, data_dir=args.data_dir, device=args.device, resume=resume, test=args.test)
     return 0
 
 
@@ -231,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

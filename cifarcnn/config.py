@@ -86,6 +86,8 @@ class Config:
     label_smoothing: float = _field(0.0, lo=0, hi=1, hi_open=True)
     tta: int = _field(0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
     compile: bool = False  # torch.compile the model (warm-up is done before training starts)
+    checkpoint_every_steps: int = _field(0, lo=0)  # also save last.pt every N optimizer steps mid-epoch; 0: off
+    sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

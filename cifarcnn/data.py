@@ -306,12 +306,17 @@ class Loader:
     `epoch(e, start_step)` is a pure function of (seed, e, step): the same batches, augmented the same way,
     whether an epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every
     other epoch, starting from a random half of the images.
+
+    Under torchrun (`world_size` > 1) `batch_size` is the global batch: every rank walks the same permutation
+    and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are disjoint
+    and together cover each batch exactly once.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
                  augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0,
-                 memory_format: torch.memory_format = torch.contiguous_format):
+                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0, world_size: int = 1):
         self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.batch_size = batch_size
@@ -334,16 +339,21 @@ class Loader:
             return torch.arange(n, device=self.device)
         return torch.randperm(n, device=self.device, generator=self._keyed(epoch, -1))
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order(epoch)
+    def epoch(self, epoch: int, start_step: int = 0,
+              order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of `epoch` from `start_step` on; `order` (default `self.order(epoch)`) is the
+        epoch's permutation, e.g. the one a mid-epoch checkpoint saved."""
+        order = self.order(epoch) if order is None else order.to(self.device)
+        # Each rank draws its own augmentation; a single process keeps the (seed, epoch, step) key.
+        key = () if self.world_size == 1 else (self.rank,)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
             images = self.images[idx]
             if self.augment is None:
                 x = images.float().div_(255)
             else:
                 flips = self._first_flips[idx] ^ bool(epoch % 2) if self.augment.flip == "alternate" else None
-                x = augment(images, self.augment, self._keyed(epoch, step), flips)
+                x = augment(images, self.augment, self._keyed(epoch, step, *key), flips)
             yield normalize(x).contiguous(memory_format=self.memory_format), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,13 +9,44 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .config import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class StorageError(UserError):
+    """A file could not be written (disk full, no permission, ...); what was at the path is left as it was."""
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(f)` on a temp file beside `path`, then move it over `path` in one step."""
+    """Call `write(f)` on a temp file beside `path`, then move it over `path` in one step. An OSError becomes a
+    StorageError naming the file; the previous file, if any, is untouched."""
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (e.g. a full disk) as a RuntimeError raised while handling it
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        kept = f"; the previous {path.name} is unchanged" if path.exists() else ""
+        raise StorageError(f"cannot write {path}: {cause.strerror or cause}{kept}") from None
+
+
+def ensure_writable_dir(folder: Path) -> None:
+    """Create `folder` if needed and prove a file can be written there, or stop with a StorageError."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(f"run folder {folder} is not writable: {e.strerror or e}") from None
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

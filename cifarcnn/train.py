@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,13 +23,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import Config, UsageError, make_config, save_config
+from .config import Config, ConfigError, UsageError, UserError, make_config, save_config
 from .data import Loader, load_cifar10, normalize, split_train_val
-from .device import select_device
+from .distributed import Dist
+from .distributed import setup as setup_distributed
 from .environment import record_session
 from .evaluate import autocast, predict_logits, tta_logits
+from .interrupt import Interrupted, StopRequest, resume_command
 from .model import build_model
-from .storage import atomic_write_text
+from .runlock import RunLock
+from .storage import atomic_write_text, ensure_writable_dir
 
 CHANNELS_LAST = torch.channels_last
 
@@ -188,23 +192,118 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class DivergedError(UserError):
+    """The loss (or the gradient norm) became NaN or infinite."""
+
+
+class EpochTotals:
+    """Running sums of an epoch, kept on the device and read only at logging intervals and checkpoints: loss x
+    images, correct predictions, images seen, gradient norms. Under torchrun each rank sums its own shard."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = torch.zeros((), device=device, dtype=torch.long)
+        self.grad_norm = torch.zeros((), device=device)
+        for name, value in (saved or {}).items():
+            getattr(self, name).copy_(value)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.loss += loss * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+        self.grad_norm += grad_norm
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.loss) & torch.isfinite(self.grad_norm))
+
+    def global_sums(self, dist: Dist) -> dict:
+        """Loss, correct and seen summed over all ranks (copies); the gradient norm is the same on every rank
+        (measured on the all-reduced gradients)."""
+        sums = {"loss": self.loss.clone(), "correct": self.correct.clone(), "seen": self.seen.clone()}
+        dist.sum_(*sums.values())
+        return {**sums, "grad_norm": self.grad_norm.clone()}
+
+
+def saved_totals(checkpoint: dict | None, dist: Dist) -> dict | None:
+    """A mid-epoch checkpoint's sums, which are over all ranks: rank 0 continues from them, the others from 0."""
+    totals = (checkpoint or {}).get("totals")
+    if not totals or dist.is_main:
+        return totals
+    return {"grad_norm": totals["grad_norm"]}
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(checkpoint: dict, device: torch.device, dist: Dist) -> None:
+    ranks = checkpoint.get("rng_ranks") or []
+    state = ranks[dist.rank] if len(ranks) == dist.world_size else checkpoint["rng"]
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.inference_mode()
+def evaluate_split(forward: Callable, loader: Loader, dist: Dist, desc: str, tta: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over a validation or test set; under torchrun each rank evaluates its shard and
+    the sums are reduced, so every image counts exactly once."""
+    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta)
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.argmax(1) == labels).sum()
+    count = torch.tensor(len(labels), device=labels.device)
+    dist.sum_(loss, correct, count)
+    return loss.item() / count.item(), correct.item() / count.item()
+
+
+class _NoWriter:
+    """Stands in for TensorBoard's SummaryWriter on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, device: str | None = None,
           resume: bool = False, test: bool = False, on_epoch_end: Callable[[dict], bool] | None = None) -> dict:
     """Train `cfg` into `run_dir` (or continue the run there when `resume`); returns the last checkpoint state.
 
     `test`: after the last epoch, also measure test accuracy (with the configured TTA) and record it.
     `on_epoch_end(metrics)` is called after each epoch's checkpoint; returning True stops the run there.
+    Under torchrun this process is one rank of a DistributedDataParallel job (see `distributed.py`).
+    SIGINT/SIGTERM save a resumable checkpoint and raise `Interrupted`; a NaN loss raises `DivergedError`.
     """
+    dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
+    lock = RunLock(run_dir)
+    try:
+        return _train(cfg, Path(run_dir), dist, torch_device, lock, data_dir=data_dir, device_arg=device,
+                      resume=resume, test=test, on_epoch_end=on_epoch_end)
+    finally:
+        lock.release()
+        dist.close()
+
+
+def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: RunLock, *, data_dir, device_arg,
+           resume: bool, test: bool, on_epoch_end) -> dict:
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
 
-    run_dir = Path(run_dir)
+    if dist.is_main and run_dir.is_dir():
+        lock.acquire()  # before reading last.pt: another process may be training there
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(run_dir / "last.pt")
     elif (run_dir / "last.pt").exists():
         raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
                          f"or pick another --name")
-    device = select_device(device)
 
     data = load_cifar10(data_dir)
     if cfg.data.val_size:
@@ -212,20 +311,25 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
                                                              cfg.data.val_size, cfg.data.split_seed)
     else:
         (train_x, train_y), (val_x, val_y) = (data.train_images, data.train_labels), (None, None)
+    shard = {"rank": dist.rank, "world_size": dist.world_size}
+    if 0 < len(train_x) % cfg.batch_size < dist.world_size:
+        raise ConfigError(f"config key 'batch_size': the last batch of each epoch would hold "
+                          f"{len(train_x) % cfg.batch_size} images, fewer than the {dist.world_size} processes")
     train_loader = Loader(train_x, train_y, cfg.batch_size, device=device, augment=cfg.augment, shuffle=True,
-                          seed=cfg.seed, memory_format=CHANNELS_LAST)
+                          seed=cfg.seed, memory_format=CHANNELS_LAST, **shard)
     val_loader = val_x is not None and Loader(val_x, val_y, cfg.eval_batch_size, device=device,
-                                              memory_format=CHANNELS_LAST)
+                                              memory_format=CHANNELS_LAST, **shard)
     test_loader = test and Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
-                                  memory_format=CHANNELS_LAST)
+                                  memory_format=CHANNELS_LAST, **shard)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(data.classes))
     if hasattr(model, "init_from_data"):  # e.g. whitening filters computed from training images
         model.init_from_data(normalize(train_x[:5000].float() / 255))
     model = model.to(device, memory_format=CHANNELS_LAST)
+    trained = dist.wrap(model, cfg.sync_batchnorm)  # DistributedDataParallel under torchrun; shares parameters
     optimizer = build_optimizer(cfg, model, device)
-    step = TrainStep(model, optimizer, cfg, device)
+    step = TrainStep(trained, optimizer, cfg, device)
     if cfg.compile:
         warm_up_compiled(step, train_loader, [loader for loader in (val_loader, test_loader) if loader], cfg.tta)
     lookahead = Lookahead(model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps else None
@@ -234,116 +338,177 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
         "classes": list(data.classes), "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0,
         "epochs_since_best": 0, "stopped_early": False, "history": [], "train_seconds": 0.0,
     }
+    start_step, start_order = 0, None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model_state"])
         optimizer.load_state_dict(checkpoint["optimizer_state"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
+        restore_rng(checkpoint, device, dist)
         if lookahead is not None:
             for name, value in checkpoint["lookahead"].items():
                 lookahead.average[name].copy_(value)
         state.update({k: checkpoint[k] for k in ("epoch", "best_val_acc", "best_epoch", "epochs_since_best",
                                                  "stopped_early", "history", "train_seconds")})
+        start_step, start_order = checkpoint.get("step", 0), checkpoint.get("order")
     if state["stopped_early"] or state["epoch"] >= cfg.epochs:
-        print(f"{run_dir}: training already finished after {state['epoch']} epochs; nothing to do")
+        if dist.is_main:
+            print(f"{run_dir}: training already finished after {state['epoch']} epochs; nothing to do")
         return state
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    record_session(run_dir, device, state["epoch"] + 1)
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
-    # On resume, drop events an interrupted run logged after its last checkpoint.
-    writer = SummaryWriter(str(run_dir / "tensorboard"),
-                           purge_step=state["epoch"] * steps_per_epoch if resume else None)
+    if dist.is_main:
+        ensure_writable_dir(run_dir)  # an unwritable folder fails here, before any training
+        if not lock.held:
+            lock.acquire()
+        save_config(cfg, run_dir / "config.yaml")
+        record_session(run_dir, device, state["epoch"] + 1)
+        # On resume, drop events an interrupted run logged after its last checkpoint.
+        writer = SummaryWriter(str(run_dir / "tensorboard"),
+                               purge_step=state["epoch"] * steps_per_epoch + start_step if resume else None)
+    else:
+        writer = _NoWriter()
     checkpoints = CheckpointWriter()
+    last_good = f"the last good checkpoint is {run_dir / 'last.pt'} ({_position(state['epoch'], start_step)})" \
+        if checkpoint is not None else "no checkpoint was saved yet"
     val_desc = f"{len(val_x)} val" if val_x is not None else "no validation"
-    print(f"training {cfg.model} on {device} for {cfg.epochs} epochs ({len(train_x)} train / {val_desc} images, "
-          f"{steps_per_epoch} steps per epoch) -> {run_dir}")
+    processes = f", {dist.world_size} processes" if dist.active else ""
+    if dist.is_main:
+        print(f"training {cfg.model} on {device} for {cfg.epochs} epochs ({len(train_x)} train / {val_desc} "
+              f"images, {steps_per_epoch} steps per epoch{processes}) -> {run_dir}")
     _sync(device)
     session_started, seconds_before = time.perf_counter(), state["train_seconds"]
+
+    def save(epoch_done: int, steps_done: int, totals: EpochTotals | None, order: torch.Tensor | None,
+             best: bool) -> None:
+        """Checkpoint after `steps_done` steps of epoch `epoch_done` + 1 (0: at the end of epoch `epoch_done`).
+        Collective under torchrun: every rank calls it, rank 0 writes."""
+        nonlocal last_good
+        rng = dist.gather(rng_state(device))
+        sums = totals.global_sums(dist) if totals is not None else None
+        if not dist.is_main:
+            return
+        state["train_seconds"] = seconds_before + time.perf_counter() - session_started
+        state.update(config=cfg.to_dict(), model_state=model.state_dict(),
+                     optimizer_state=optimizer.state_dict(), rng=rng[0], rng_ranks=rng if dist.active else [],
+                     lookahead=lookahead.average if lookahead is not None else {},
+                     step=steps_done, order=order, totals=sums)
+        checkpoints.write(run_dir, state, best=best)
+        last_good = f"the last good checkpoint is {run_dir / 'last.pt'} ({_position(epoch_done, steps_done)})"
+
+    def interrupted(stop: StopRequest, epoch_done: int, steps_done: int) -> Interrupted:
+        checkpoints.wait()
+        name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+        command = resume_command(run_dir, data_dir, device_arg, dist.active)
+        return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
+                           f"{run_dir / 'last.pt'}; resume with: {command}", stop.signum or signal.SIGTERM)
+
     try:
-        for epoch in range(state["epoch"], cfg.epochs):
-            started = time.perf_counter()
-            model.train()
-            lr_at_start = learning_rate(cfg, epoch)
-            # Running sums stay on the device; they are read once per logging interval.
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            grad_norm_sum = torch.zeros((), device=device)
-            seen = 0
-            bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, leave=False, dynamic_ncols=True,
-                       miniters=cfg.log_every, mininterval=0, desc=f"epoch {epoch + 1}/{cfg.epochs} train")
-            for i, (x, y) in enumerate(bar):
-                lr = learning_rate(cfg, epoch + i / steps_per_epoch)
-                for group in optimizer.param_groups:
-                    frozen = group["until_epoch"] is not None and epoch >= group["until_epoch"]
-                    group["lr"] = 0.0 if frozen else lr * group["lr_scale"]
-                loss, logits, grad_norm = step(x, y)
-                global_step = epoch * steps_per_epoch + i + 1
-                if lookahead is not None:
-                    lookahead.maybe_update(model, global_step, total_steps)
-                loss_sum += loss * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                grad_norm_sum += grad_norm
-                seen += len(y)
-                if (i + 1) % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                    writer.add_scalar("Loss/train_step", loss.item(), global_step)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}",
-                                    refresh=False)
-            bar.close()
-            last_epoch = epoch + 1 == cfg.epochs
-            if lookahead is not None and last_epoch:
-                lookahead.update(model, 1.0)  # finish on the averaged weights
-            metrics = {"epoch": epoch + 1, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                       "val_loss": None, "val_acc": None, "lr": lr_at_start,
-                       "grad_norm": grad_norm_sum.item() / steps_per_epoch}
-            if val_loader:
-                logits, labels = predict_logits(step.forward, val_loader, f"epoch {epoch + 1}/{cfg.epochs} val",
-                                                tta=cfg.tta)
-                metrics["val_loss"] = F.cross_entropy(logits, labels).item()
-                metrics["val_acc"] = (logits.argmax(1) == labels).float().mean().item()
-            if test_loader and last_epoch:
-                logits, labels = predict_logits(step.forward, test_loader, "test", tta=cfg.tta)
-                metrics["test_acc"] = (logits.argmax(1) == labels).float().mean().item()
-            _sync(device)
-            now = time.perf_counter()
-            metrics["seconds"] = now - started
-            # Wall time from the first step, bookkeeping between epochs included.
-            state["train_seconds"] = seconds_before + now - session_started
-            state["history"].append(metrics)
-            state["epoch"] = epoch + 1
-            if val_loader:
-                improved = metrics["val_acc"] > state["best_val_acc"]
-                if improved:
-                    state.update(best_val_acc=metrics["val_acc"], best_epoch=epoch + 1, epochs_since_best=0)
-                else:
-                    state["epochs_since_best"] += 1
-                state["stopped_early"] = bool(cfg.patience) and state["epochs_since_best"] >= cfg.patience
-            else:  # without a validation set, the latest model counts as the best one
-                improved = True
-                state["best_epoch"] = epoch + 1
-            state.update(config=cfg.to_dict(), model_state=model.state_dict(),
-                         optimizer_state=optimizer.state_dict(), rng={"torch": torch.get_rng_state()},
-                         lookahead=lookahead.average if lookahead is not None else {})
-            checkpoints.write(run_dir, state, best=improved)
-            _log_epoch(writer, metrics, (epoch + 1) * steps_per_epoch)
-            tqdm.write(_summary(cfg, metrics) + ("  *best*" if improved and val_loader else ""))
-            if state["stopped_early"]:
-                tqdm.write(f"early stopping: no validation improvement for {cfg.patience} epochs "
-                           f"(best {state['best_val_acc']:.2%} at epoch {state['best_epoch']})")
-                break
-            if on_epoch_end is not None:
-                checkpoints.wait()
-                if on_epoch_end(metrics):
+        with StopRequest() as stop:
+            for epoch in range(state["epoch"], cfg.epochs):
+                started = time.perf_counter()
+                model.train()
+                lr_at_start = learning_rate(cfg, epoch)
+                order = start_order if start_order is not None else train_loader.order(epoch)
+                totals = EpochTotals(device, saved_totals(checkpoint, dist) if start_step else None)
+                bar = tqdm(train_loader.epoch(epoch, start_step, order), total=steps_per_epoch, initial=start_step,
+                           leave=False, dynamic_ncols=True, miniters=cfg.log_every, mininterval=0,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs} train", disable=not dist.is_main)
+                for i, (x, y) in enumerate(bar, start=start_step):
+                    lr = learning_rate(cfg, epoch + i / steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        frozen = group["until_epoch"] is not None and epoch >= group["until_epoch"]
+                        group["lr"] = 0.0 if frozen else lr * group["lr_scale"]
+                    loss, logits, grad_norm = step(x, y)
+                    done = i + 1
+                    global_step = epoch * steps_per_epoch + done
+                    if lookahead is not None:
+                        lookahead.maybe_update(model, global_step, total_steps)
+                    totals.add(loss, logits, y, grad_norm)
+                    at_log = done % cfg.log_every == 0 or done == steps_per_epoch
+                    at_checkpoint = (cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
+                                     and done < steps_per_epoch)
+                    # The ranks must agree on stopping, so under torchrun they compare notes at logging intervals.
+                    if not (at_log or at_checkpoint or (stop.requested and not dist.active)):
+                        continue
+                    stopping, diverged = dist.any(stop.requested, not totals.finite())
+                    if diverged:
+                        checkpoints.wait()
+                        raise DivergedError(
+                            f"training diverged: the loss or gradient norm is NaN or infinite by epoch {epoch + 1}, "
+                            f"step {done} (checked every log_every={cfg.log_every} steps); {last_good}, and "
+                            f"best.pt is unchanged. Lower optimizer.lr, or resume with --resume {run_dir} "
+                            f"optimizer.lr=...")
+                    if at_log and dist.is_main:
+                        writer.add_scalar("Loss/train_step", loss.item(), global_step)
+                        seen = totals.seen.item()
+                        bar.set_postfix(loss=f"{totals.loss.item() / seen:.4f}",
+                                        acc=f"{totals.correct.item() / seen:.2%}", refresh=False)
+                    if done < steps_per_epoch and (at_checkpoint or stopping):
+                        save(epoch, done, totals, order, best=False)
+                        if stopping:
+                            raise interrupted(stop, epoch, done)
+                bar.close()
+                start_step, start_order = 0, None
+                last_epoch = epoch + 1 == cfg.epochs
+                if lookahead is not None and last_epoch:
+                    lookahead.update(model, 1.0)  # finish on the averaged weights
+                sums = totals.global_sums(dist)
+                seen = sums["seen"].item()
+                metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,
+                           "train_acc": sums["correct"].item() / seen, "val_loss": None, "val_acc": None,
+                           "lr": lr_at_start, "grad_norm": sums["grad_norm"].item() / steps_per_epoch}
+                dist.share_buffers(model)  # every rank evaluates (and rank 0 saves) the same model
+                if val_loader:
+                    metrics["val_loss"], metrics["val_acc"] = evaluate_split(
+                        step.forward, val_loader, dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta)
+                if test_loader and last_epoch:
+                    _, metrics["test_acc"] = evaluate_split(step.forward, test_loader, dist, "test", cfg.tta)
+                _sync(device)
+                metrics["seconds"] = time.perf_counter() - started
+                state["history"].append(metrics)
+                state["epoch"] = epoch + 1
+                if val_loader:
+                    improved = metrics["val_acc"] > state["best_val_acc"]
+                    if improved:
+                        state.update(best_val_acc=metrics["val_acc"], best_epoch=epoch + 1, epochs_since_best=0)
+                    else:
+                        state["epochs_since_best"] += 1
+                    state["stopped_early"] = bool(cfg.patience) and state["epochs_since_best"] >= cfg.patience
+                else:  # without a validation set, the latest model counts as the best one
+                    improved = True
+                    state["best_epoch"] = epoch + 1
+                save(epoch + 1, 0, None, None, best=improved)
+                writer_step = (epoch + 1) * steps_per_epoch
+                _log_epoch(writer, metrics, writer_step)
+                if dist.is_main:
+                    tqdm.write(_summary(cfg, metrics) + ("  *best*" if improved and val_loader else ""))
+                if state["stopped_early"]:
+                    if dist.is_main:
+                        tqdm.write(f"early stopping: no validation improvement for {cfg.patience} epochs "
+                                   f"(best {state['best_val_acc']:.2%} at epoch {state['best_epoch']})")
                     break
+                if on_epoch_end is not None:
+                    checkpoints.wait()
+                    if on_epoch_end(metrics):
+                        break
+                if not last_epoch and dist.any(stop.requested)[0]:
+                    raise interrupted(stop, epoch + 1, 0)
     finally:
         writer.close()
         checkpoints.close()
-    if val_loader:
-        print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ", end="")
-    print(f"trained {state['train_seconds']:.1f}s; checkpoints in {run_dir} "
-          f"(evaluate with: cifarcnn evaluate {run_dir})")
+    if dist.is_main:
+        if val_loader:
+            print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ",
+                  end="")
+        print(f"trained {state['train_seconds']:.1f}s; checkpoints in {run_dir} "
+              f"(evaluate with: cifarcnn evaluate {run_dir})")
     return state
+
+
+def _position(epoch_done: int, steps_done: int) -> str:
+    if steps_done:
+        return f"at epoch {epoch_done + 1}, step {steps_done}"
+    return f"at the end of epoch {epoch_done}" if epoch_done else "before the first epoch"
 
 
 def _summary(cfg: Config, m: dict) -> str:
