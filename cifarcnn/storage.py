@@ -46,6 +46,13 @@ def ensure_writable_dir(folder: Path) -> None:
         raise StorageError(f"run folder {folder} is not writable: {e.strerror or e}") from None
 
 
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of atomic writes that a killed process left in `folder` (call only while no one
+    else writes there)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

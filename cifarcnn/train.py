@@ -32,7 +32,7 @@ from .evaluate import autocast, predict_logits, tta_logits
 from .interrupt import Interrupted, StopRequest, resume_command
 from .model import build_model
 from .runlock import RunLock
-from .storage import atomic_write_text, ensure_writable_dir
+from .storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
 
 CHANNELS_LAST = torch.channels_last
 
@@ -360,6 +360,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
         ensure_writable_dir(run_dir)  # an unwritable folder fails here, before any training
         if not lock.held:
             lock.acquire()
+        remove_stale_temp_files(run_dir)  # from a killed run; the lock makes them surely no one else's
         save_config(cfg, run_dir / "config.yaml")
         record_session(run_dir, device, state["epoch"] + 1)
         # On resume, drop events an interrupted run logged after its last checkpoint.
@@ -432,6 +433,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                         continue
                     stopping, diverged = dist.any(stop.requested, not totals.finite())
                     if diverged:
+                        bar.close()
                         checkpoints.wait()
                         raise DivergedError(
                             f"training diverged: the loss or gradient norm is NaN or infinite by epoch {epoch + 1}, "
@@ -446,6 +448,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                     if done < steps_per_epoch and (at_checkpoint or stopping):
                         save(epoch, done, totals, order, best=False)
                         if stopping:
+                            bar.close()
                             raise interrupted(stop, epoch, done)
                 bar.close()
                 start_step, start_order = 0, None
