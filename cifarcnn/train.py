@@ -225,12 +225,22 @@ class EpochTotals:
         return {**sums, "grad_norm": self.grad_norm.clone()}
 
 
+    def local(self) -> dict:
+        return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "grad_norm": self.grad_norm}
+
+
 def saved_totals(checkpoint: dict | None, dist: Dist) -> dict | None:
-    """A mid-epoch checkpoint's sums, which are over all ranks: rank 0 continues from them, the others from 0."""
-    totals = (checkpoint or {}).get("totals")
-    if not totals or dist.is_main:
-        return totals
-    return {"grad_norm": totals["grad_norm"]}
+    """This rank's share of a mid-epoch checkpoint's sums (one entry per rank): its own with the same number of
+    processes, else rank 0 carries the old ranks' sums and the others start from zero."""
+    saved = (checkpoint or {}).get("totals")
+    if not saved:
+        return None
+    if len(saved) == dist.world_size:
+        return saved[dist.rank]
+    grad_norm = {"grad_norm": saved[0]["grad_norm"]}
+    if not dist.is_main:
+        return grad_norm
+    return {**{k: sum(s[k] for s in saved) for k in ("loss", "correct", "seen")}, **grad_norm}
 
 
 def rng_state(device: torch.device) -> dict:
@@ -385,7 +395,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
         Collective under torchrun: every rank calls it, rank 0 writes."""
         nonlocal last_good
         rng = dist.gather(rng_state(device))
-        sums = totals.global_sums(dist) if totals is not None else None
+        sums = dist.gather(_to_cpu(totals.local())) if totals is not None else None
         if not dist.is_main:
             return
         state["train_seconds"] = seconds_before + time.perf_counter() - session_started

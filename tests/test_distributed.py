@@ -1,0 +1,113 @@
+"""Scale-out under torchrun: DistributedDataParallel over 2 CPU processes (gloo) on 127.0.0.1."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.config import make_config
+from cifarcnn.data import Loader, load_cifar10, split_train_val
+from cifarcnn.distributed import Dist
+from cifarcnn.train import evaluate_split, train
+
+from .helpers import finish, free_port, read_metrics, start, wait_for_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+RECIPE = ["epochs=2", "batch_size=50", "eval_batch_size=30", "data.val_size=100", "log_every=2",
+          "checkpoint_every_steps=3"]
+STEPS_PER_EPOCH = 10  # 500 training images in global batches of 50
+
+
+def torchrun(restarts: int = 0) -> list[str]:
+    return ["--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}", "--max-restarts", str(restarts)]
+
+
+def train_args(cifar_root, runs: Path, name: str) -> list[str]:
+    return ["train", *RECIPE, "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(runs), "--name",
+            name]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(cifar_root, tmp_path_factory):
+    """The recipe trained once by 2 processes: (run folder, output)."""
+    runs = tmp_path_factory.mktemp("ddp")
+    code, output = finish(start(train_args(cifar_root, runs, "run"), runs, torchrun()))
+    assert code == 0, output
+    return runs / "run", output
+
+
+def workers(launcher_pid: int) -> dict[int, int]:
+    """rank -> PID of the worker processes torchrun started."""
+    ranks = {}
+    for task in Path(f"/proc/{launcher_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((v.split(b"=")[1] for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[int(rank)] = int(pid)
+    return ranks
+
+
+def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp_run, cifar_root, tmp_path):
+    run_dir, output = ddp_run
+    assert output.count("training simple_cnn") == 1 and "2 processes" in output  # only rank 0 prints
+    assert output.count("epoch   2/2") == 1
+    history = read_metrics(run_dir)
+    assert [m["epoch"] for m in history] == [1, 2]
+
+    # Validation accuracy as reduced over the ranks == one process evaluating the saved model on the whole set.
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
+    data = load_cifar10(cifar_root)
+    _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
+    _, val_acc = evaluate_split(model, loader, Dist(), "val", tta=0)
+    assert history[-1]["val_acc"] == val_acc
+
+    # The configured batch is the global one: as many optimizer steps per epoch as a single process takes.
+    single = train(make_config({}, [*RECIPE, "epochs=1"]), tmp_path / "single", data_dir=cifar_root, device="cpu")
+    steps = [state["step"] for state in checkpoint["optimizer_state"]["state"].values()]
+    single_steps = [s["step"] for s in single["optimizer_state"]["state"].values()]
+    assert {float(s) for s in steps} == {2.0 * STEPS_PER_EPOCH}
+    assert {float(s) for s in single_steps} == {1.0 * STEPS_PER_EPOCH}
+
+
+def test_the_ranks_shards_are_disjoint_and_cover_each_batch():
+    images, labels = torch.zeros(103, 3, 32, 32, dtype=torch.uint8), torch.arange(103)
+    single = Loader(images, labels, 20, device="cpu", shuffle=True, seed=3)
+    shards = [Loader(images, labels, 20, device="cpu", shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert all(len(shard) == len(single) for shard in shards)
+    for batches in zip(single.epoch(1), *(shard.epoch(1) for shard in shards)):
+        whole, parts = batches[0][1], [y for _, y in batches[1:]]
+        assert sorted(torch.cat(parts).tolist()) == sorted(whole.tolist())
+
+
+def test_an_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(ddp_run, cifar_root, tmp_path):
+    proc = start(train_args(cifar_root, tmp_path, "run"), tmp_path, torchrun(restarts=1))
+    run_dir = tmp_path / "run"
+    reached = wait_for_checkpoint(proc, run_dir / "last.pt", lambda where: where[0] * STEPS_PER_EPOCH + where[1] >= 6)
+    os.kill(workers(proc.pid)[1], signal.SIGKILL)
+    code, output = finish(proc)
+    assert code == 0, output
+    assert "torchrun restart 1: resuming" in output
+    sessions = (run_dir / "environment.json").read_text().count('"first_epoch"')
+    assert sessions == 2, f"resumed from {reached}"
+    assert read_metrics(run_dir) == read_metrics(ddp_run[0])
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint_and_resume_finishes_the_run(ddp_run, cifar_root, tmp_path):
+    proc = start(train_args(cifar_root, tmp_path, "run"), tmp_path, torchrun())
+    run_dir = tmp_path / "run"
+    wait_for_checkpoint(proc, run_dir / "last.pt", lambda where: where[1] > 0)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
+    code, output = finish(proc)
+    assert code != 0 and "interrupted by SIGTERM" in output and "resume with: torchrun" in output, output
+    resume = ["train", "--resume", str(run_dir), "--data-dir", str(cifar_root), "--device", "cpu"]
+    code, output = finish(start(resume, tmp_path, torchrun()))
+    assert code == 0, output
+    assert read_metrics(run_dir) == read_metrics(ddp_run[0])
