@@ -104,9 +104,13 @@ def setup(device: str | None, sync_batchnorm: bool = False) -> tuple[Dist, torch
         raise UsageError(f"--device {device}: torchrun training runs on CUDA (nccl) or the CPU (gloo)")
     if sync_batchnorm and chosen.type != "cuda":
         raise ConfigError("config key 'sync_batchnorm' needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
+    # torchrun's rendezvous store outlives an elastic restart; a prefix per attempt keeps the restarted
+    # processes from reading the dead ones' connection details.
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"cifarcnn/attempt_{restart_count()}", store)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-        dist.init_process_group("nccl", device_id=chosen)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=chosen)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return Dist(rank=rank, world_size=world_size, device=chosen), chosen

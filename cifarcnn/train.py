@@ -372,7 +372,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
             lock.acquire()
         remove_stale_temp_files(run_dir)  # from a killed run; the lock makes them surely no one else's
         save_config(cfg, run_dir / "config.yaml")
-        record_session(run_dir, device, state["epoch"] + 1)
+        record_session(run_dir, device, state["epoch"] + 1, dist.world_size)
         # On resume, drop events an interrupted run logged after its last checkpoint.
         writer = SummaryWriter(str(run_dir / "tensorboard"),
                                purge_step=state["epoch"] * steps_per_epoch + start_step if resume else None)
