@@ -82,6 +82,10 @@ class Dist:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
     def close(self) -> None:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()

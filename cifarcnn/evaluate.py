@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .data import Loader, load_cifar10
 from .device import select_device
+from .distributed import Dist
 from .plots import save_confusion_matrix, save_image_grid
 from .storage import atomic_write_json
 
@@ -47,6 +48,18 @@ def predict_logits(model: nn.Module, loader: Loader, desc: str | None = None,
             logits.append(tta_logits(model, x, tta).float())
             labels.append(y)
     return torch.cat(logits), torch.cat(labels)
+
+
+@torch.inference_mode()
+def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str, tta: int) -> tuple[float, float]:
+    """(mean loss, accuracy) over a validation or test set; under torchrun each rank evaluates its shard and
+    the sums are reduced, so every image counts exactly once."""
+    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta)
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.argmax(1) == labels).sum()
+    count = torch.tensor(len(labels), device=labels.device)
+    dist.sum_(loss, correct, count)
+    return loss.item() / count.item(), correct.item() / count.item()
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -171,6 +171,8 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
         label = f"training from epoch {s.get('first_epoch', '?')}"
         device = str(s.get("device", "?"))
         accelerator = "" if device == "cpu" else f"{_e(device)} &mdash; {_e(s.get('device_name', '?'))}; "
+        if isinstance(s.get("processes"), int) and s["processes"] > 1:
+            accelerator += f"{s['processes']} processes (torchrun); "
         detail = (f"{accelerator}CPU {_e(s.get('cpu', '?'))} "
                   f"({_e(s.get('cpu_count', '?'))} cores, {_e(s.get('torch_threads', '?'))} torch threads); "
                   f"torch {_e(s.get('torch', '?'))}, Python {_e(s.get('python', '?'))}, {_e(s.get('platform', '?'))}; "

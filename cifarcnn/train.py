@@ -28,7 +28,8 @@ from .data import Loader, load_cifar10, normalize, split_train_val
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
-from .evaluate import autocast, predict_logits, tta_logits
+from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
+from .evaluate import autocast, evaluate_split, tta_logits
 from .interrupt import Interrupted, StopRequest, resume_command
 from .model import build_model
 from .runlock import RunLock
@@ -196,80 +197,6 @@ class DivergedError(UserError):
     """The loss (or the gradient norm) became NaN or infinite."""
 
 
-class EpochTotals:
-    """Running sums of an epoch, kept on the device and read only at logging intervals and checkpoints: loss x
-    images, correct predictions, images seen, gradient norms. Under torchrun each rank sums its own shard."""
-
-    def __init__(self, device: torch.device, saved: dict | None = None):
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.seen = torch.zeros((), device=device, dtype=torch.long)
-        self.grad_norm = torch.zeros((), device=device)
-        for name, value in (saved or {}).items():
-            getattr(self, name).copy_(value)
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.loss += loss * len(y)
-        self.correct += (logits.argmax(1) == y).sum()
-        self.seen += len(y)
-        self.grad_norm += grad_norm
-
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.loss) & torch.isfinite(self.grad_norm))
-
-    def global_sums(self, dist: Dist) -> dict:
-        """Loss, correct and seen summed over all ranks (copies); the gradient norm is the same on every rank
-        (measured on the all-reduced gradients)."""
-        sums = {"loss": self.loss.clone(), "correct": self.correct.clone(), "seen": self.seen.clone()}
-        dist.sum_(*sums.values())
-        return {**sums, "grad_norm": self.grad_norm.clone()}
-
-
-    def local(self) -> dict:
-        return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "grad_norm": self.grad_norm}
-
-
-def saved_totals(checkpoint: dict | None, dist: Dist) -> dict | None:
-    """This rank's share of a mid-epoch checkpoint's sums (one entry per rank): its own with the same number of
-    processes, else rank 0 carries the old ranks' sums and the others start from zero."""
-    saved = (checkpoint or {}).get("totals")
-    if not saved:
-        return None
-    if len(saved) == dist.world_size:
-        return saved[dist.rank]
-    grad_norm = {"grad_norm": saved[0]["grad_norm"]}
-    if not dist.is_main:
-        return grad_norm
-    return {**{k: sum(s[k] for s in saved) for k in ("loss", "correct", "seen")}, **grad_norm}
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(checkpoint: dict, device: torch.device, dist: Dist) -> None:
-    ranks = checkpoint.get("rng_ranks") or []
-    state = ranks[dist.rank] if len(ranks) == dist.world_size else checkpoint["rng"]
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-@torch.inference_mode()
-def evaluate_split(forward: Callable, loader: Loader, dist: Dist, desc: str, tta: int) -> tuple[float, float]:
-    """(mean loss, accuracy) over a validation or test set; under torchrun each rank evaluates its shard and
-    the sums are reduced, so every image counts exactly once."""
-    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta)
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.argmax(1) == labels).sum()
-    count = torch.tensor(len(labels), device=labels.device)
-    dist.sum_(loss, correct, count)
-    return loss.item() / count.item(), correct.item() / count.item()
-
-
 class _NoWriter:
     """Stands in for TensorBoard's SummaryWriter on ranks other than 0."""
 
@@ -295,8 +222,10 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
     lock = RunLock(run_dir)
     try:
-        return _train(cfg, Path(run_dir), dist, torch_device, lock, data_dir=data_dir, device_arg=device,
-                      resume=resume, test=test, on_epoch_end=on_epoch_end)
+        state = _train(cfg, Path(run_dir), dist, torch_device, lock, data_dir=data_dir, device_arg=device,
+                       resume=resume, test=test, on_epoch_end=on_epoch_end)
+        dist.barrier()  # leave together: a rank tearing down its connections early can abort the others
+        return state
     finally:
         lock.release()
         dist.close()
@@ -408,6 +337,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
 
     def interrupted(stop: StopRequest, epoch_done: int, steps_done: int) -> Interrupted:
         checkpoints.wait()
+        dist.barrier()  # every rank stops here; none tears down while rank 0 still writes
         name = signal.Signals(stop.signum).name if stop.signum else "a signal"
         command = resume_command(run_dir, data_dir, device_arg, dist.active)
         return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
@@ -445,6 +375,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                     if diverged:
                         bar.close()
                         checkpoints.wait()
+                        dist.barrier()
                         raise DivergedError(
                             f"training diverged: the loss or gradient norm is NaN or infinite by epoch {epoch + 1}, "
                             f"step {done} (checked every log_every={cfg.log_every} steps); {last_good}, and "

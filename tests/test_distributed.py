@@ -11,7 +11,8 @@ from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.config import make_config
 from cifarcnn.data import Loader, load_cifar10, split_train_val
 from cifarcnn.distributed import Dist
-from cifarcnn.train import evaluate_split, train
+from cifarcnn.evaluate import evaluate_split
+from cifarcnn.train import train
 
 from .helpers import finish, free_port, read_metrics, start, wait_for_checkpoint
 
