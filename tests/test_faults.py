@@ -203,7 +203,5 @@ def test_checkpoints_load_with_weights_only(cifar_root, tmp_path, monkeypatch):
     args = ["train", "epochs=1", "batch_size=100", "data.val_size=100", "--runs-dir", str(tmp_path), "--name",
             "run", "--data-dir", str(cifar_root), "--device", "cpu"]
     assert main(args) == 0
-    assert main(["train", "--resume", str(tmp_path / "run"), "epochs=2", "--data-dir", str(cifar_root),
-                 "--device", "cpu"]) == 0
     assert main(["evaluate", str(tmp_path / "run"), "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
     assert calls and all(flag is True for flag in calls)
