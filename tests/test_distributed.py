@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.config import make_config
+from cifarcnn.config import ConfigError, make_config
 from cifarcnn.data import Loader, load_cifar10, split_train_val
-from cifarcnn.distributed import Dist
+from cifarcnn.distributed import Dist, setup
 from cifarcnn.evaluate import evaluate_split
 from cifarcnn.train import train
 
@@ -112,3 +112,11 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_and_resume_finishes_the_run(ddp_
     code, output = finish(start(resume, tmp_path, torchrun()))
     assert code == 0, output
     assert read_metrics(run_dir) == read_metrics(ddp_run[0])
+
+
+def test_sync_batchnorm_on_the_cpu_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match="sync_batchnorm"):
+        setup("cpu", sync_batchnorm=True)

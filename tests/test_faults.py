@@ -13,6 +13,7 @@ import torch
 
 from cifarcnn.checkpoint import load_checkpoint
 from cifarcnn.cli import main
+from cifarcnn.interrupt import StopRequest
 
 from .helpers import child_env, finish, position, read_metrics, start, wait_for_checkpoint
 
@@ -205,3 +206,11 @@ def test_checkpoints_load_with_weights_only(cifar_root, tmp_path, monkeypatch):
     assert main(args) == 0
     assert main(["evaluate", str(tmp_path / "run"), "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
     assert calls and all(flag is True for flag in calls)
+
+
+def test_a_signal_during_training_is_noted_and_the_second_one_is_not_held_back():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM would end the process
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
