@@ -78,8 +78,9 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     accuracy = float(matrix.diagonal().sum() / matrix.sum())
 
-    print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, validation accuracy "
-          f"{checkpoint.get('best_val_acc', float('nan')):.2%})")
+    best_val = checkpoint.get("best_val_acc", -1.0)
+    val_text = f"validation accuracy {best_val:.2%}" if best_val >= 0 else "trained without a validation set"
+    print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, {val_text})")
     print(f"test accuracy: {accuracy:.2%} on {int(matrix.sum())} images\n")
     print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
     for name, acc, row, hit in zip(classes, per_class, matrix, matrix.diagonal()):

@@ -58,6 +58,16 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
 
 
+def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device) -> nn.Module:
+    """The configured model, seeded, initialised from training images where it needs them (FastNet's whitening
+    uses the first 5,000), in channels_last on `device`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(normalize(train_images[:5000].float() / 255))
+    return model.to(device, memory_format=CHANNELS_LAST)
+
+
 def learning_rate(cfg: Config, epoch_progress: float) -> float:
     """The learning rate after `epoch_progress` epochs (fractional); a pure function, so resume needs no state."""
     s, peak = cfg.scheduler, cfg.optimizer.lr
@@ -290,11 +300,7 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     test_loader = test and Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
                                   memory_format=CHANNELS_LAST)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(data.classes))
-    if hasattr(model, "init_from_data"):  # e.g. whitening filters computed from training images
-        model.init_from_data(normalize(train_x[:5000].float() / 255))
-    model = model.to(device, memory_format=CHANNELS_LAST)
+    model = make_model(cfg, len(data.classes), train_x, device)
     optimizer = build_optimizer(cfg, model, device)
     step = TrainStep(model, optimizer, cfg, device)
     if cfg.compile:
