@@ -1,8 +1,9 @@
 """The training loop: optimiser, schedule, validation, early stopping, checkpoints, resume and TensorBoard.
 
 Fast path: data and augmentation on the device, channels_last, bf16 autocast on CUDA, fused optimisers on
-CUDA, optional torch.compile (warmed up before the clock starts), running metrics kept on the device and read
-once per logging interval, checkpoints written by a background thread.
+CUDA, cuDNN autotuning, the step replayed as a CUDA graph on one GPU, optional torch.compile (warmed up before
+the clock starts), running metrics kept on the device and read once per logging interval, checkpoints written
+by a background thread.
 """
 
 from __future__ import annotations
