@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cifarcnn.cli import _find
+from cifarcnn.cli import preset_path
 from cifarcnn.config import load_config
 from cifarcnn.storage import atomic_write_json
 from cifarcnn.train import train
@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="cifarcnn-bench-")))
     parser.add_argument("--out", type=Path, default=Path("fast_preset.json"))
     args = parser.parse_args()
-    path = _find("config.yaml" if args.preset == "seed" else f"configs/{args.preset}.yaml")
+    path = preset_path(args.preset)
     runs = []
     for seed in range(args.seeds):
         cfg = load_config(path, ["data.val_size=0", *args.overrides, f"seed={seed}"])
