@@ -349,8 +349,10 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
             correct = torch.zeros((), device=device, dtype=torch.long)
             grad_norm_sum = torch.zeros((), device=device)
             seen = 0
+            # Refreshed every log_every batches (maxinterval: tqdm's monitor would otherwise lower miniters).
             bar = tqdm(train_loader.epoch(epoch), total=steps_per_epoch, leave=False, dynamic_ncols=True,
-                       miniters=cfg.log_every, mininterval=0, desc=f"epoch {epoch + 1}/{cfg.epochs} train")
+                       miniters=cfg.log_every, mininterval=0, maxinterval=float("inf"),
+                       desc=f"epoch {epoch + 1}/{cfg.epochs} train")
             for i, (x, y) in enumerate(bar):
                 lr = learning_rate(cfg, epoch + i / steps_per_epoch)
                 for group in optimizer.param_groups:
