@@ -4,8 +4,9 @@
 
 Each seed trains with `data.val_size=0` (all 50,000 training images, no per-epoch validation) and `--test`
 semantics: the clock (CUDA-synchronised) runs from the first step to the final test predictions with TTA,
-checkpoints and logging included; data upload and torch.compile warm-up happen before it starts. All seeds
-run in one process, so compiled kernels are reused.
+checkpoints and logging included; data upload and torch.compile warm-up happen before it starts, CUDA graph
+capture inside it. All seeds run in one process: the first also pays cuDNN's one-time autotuning, so the
+median is the figure to quote.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cifarcnn.cli import _find
+from cifarcnn.cli import preset_path
 from cifarcnn.config import load_config
 from cifarcnn.storage import atomic_write_json
 from cifarcnn.train import train
@@ -33,7 +34,7 @@ def main() -> int:
     parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="cifarcnn-bench-")))
     parser.add_argument("--out", type=Path, default=Path("fast_preset.json"))
     args = parser.parse_args()
-    path = _find("config.yaml" if args.preset == "seed" else f"configs/{args.preset}.yaml")
+    path = preset_path(args.preset)
     runs = []
     for seed in range(args.seeds):
         cfg = load_config(path, ["data.val_size=0", *args.overrides, f"seed={seed}"])

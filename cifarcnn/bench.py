@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data import Loader, load_cifar10, normalize, split_train_val
+from .data import Loader, load_cifar10, split_train_val
 from .device import select_device
 from .evaluate import predict_logits
-from .model import build_model
 from .storage import atomic_write_json
-from .train import CHANNELS_LAST, TrainStep, _sync, build_optimizer, warm_up_compiled
+from .train import CHANNELS_LAST, TrainStep, _sync, build_optimizer, make_model, warm_up_compiled
 
 
 def _rate(fn: Callable[[], object], calls: int, images_per_call: int, device: torch.device) -> float:
@@ -52,11 +51,7 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
                     seed=cfg.seed, memory_format=CHANNELS_LAST)
     test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
                          memory_format=CHANNELS_LAST)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(data.classes))
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(normalize(train_x[:5000].float() / 255))
-    model = model.to(device, memory_format=CHANNELS_LAST)
+    model = make_model(cfg, len(data.classes), train_x, device)
     step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device)
     if cfg.compile:
         warm_up_compiled(step, loader, [test_loader], cfg.tta)

@@ -26,21 +26,24 @@ def preset_names() -> list[str]:
     return sorted({"seed"} | {p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
 
 
+def preset_path(preset: str | None) -> Path | None:
+    """configs/NAME.yaml for a preset; config.yaml (or None: the built-in defaults, the same values) for seed."""
+    if preset in (None, "seed"):
+        return _find("config.yaml")
+    path = _find(f"configs/{preset}.yaml")
+    if path is None:
+        raise UsageError(f"--preset {preset}: no configs/{preset}.yaml; presets: {', '.join(preset_names())}")
+    return path
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     if args.config is not None and args.preset is not None:
         raise UsageError("give either --config or --preset, not both")
     if args.config is not None:
         if not Path(args.config).is_file():
             raise UsageError(f"--config {args.config}: file not found")
-        path = args.config
-    elif args.preset not in (None, "seed"):
-        path = _find(f"configs/{args.preset}.yaml")
-        if path is None:
-            raise UsageError(f"--preset {args.preset}: no configs/{args.preset}.yaml; presets: "
-                             f"{', '.join(preset_names())}")
-    else:  # the default recipe, config.yaml; where there is none, the built-in defaults hold the same values
-        path = _find("config.yaml")
-    return load_config(path, args.overrides)
+        return load_config(args.config, args.overrides)
+    return load_config(preset_path(args.preset), args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """The training loop: optimiser, schedule, validation, early stopping, checkpoints, resume and TensorBoard.
 
 Fast path: data and augmentation on the device, channels_last, bf16 autocast on CUDA, fused optimisers on
-CUDA, optional torch.compile (warmed up before the clock starts), running metrics kept on the device and read
-once per logging interval, checkpoints written by a background thread.
+CUDA, cuDNN autotuning, the step replayed as a CUDA graph on one GPU, optional torch.compile (warmed up before
+the clock starts), running metrics kept on the device and read once per logging interval, checkpoints written
+by a background thread.
 """
 
 from __future__ import annotations
@@ -55,11 +56,22 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     ]
     groups += [{"params": [p], "lr_scale": 1.0, "weight_decay": o.weight_decay, "until_epoch": limited[n]}
                for n, p in named if n in limited]
-    fused = {"fused": True} if device.type == "cuda" else {}
+    cuda = device.type == "cuda"
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fused)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, fused=cuda or None)
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=o.lr, **fused)
+    # capturable: the step may be recorded in a CUDA graph (TrainStep)
+    return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
+
+
+def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device) -> nn.Module:
+    """The configured model, seeded, initialised from training images where it needs them (FastNet's whitening
+    uses the first 5,000), in channels_last on `device`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(normalize(train_images[:5000].float() / 255))
+    return model.to(device, memory_format=CHANNELS_LAST)
 
 
 def learning_rate(cfg: Config, epoch_progress: float) -> float:
@@ -97,16 +109,31 @@ class Lookahead:
 
 
 class TrainStep:
-    """One optimisation step on a batch; returns (loss, logits, gradient norm), all left on the device."""
+    """One optimisation step on a batch; returns (loss, logits, gradient norm), all left on the device.
+
+    On a single CUDA device without torch.compile, each batch shape's step (forward, backward, gradient norm,
+    optimizer) is captured once as a CUDA graph and replayed: for small models the GPU otherwise waits on
+    hundreds of kernel launches per step. The outputs of a replayed step are overwritten by the next one.
+    Learning rates then live in device tensors: set them with `set_lr`.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.forward = torch.compile(model) if cfg.compile else model
         self.label_smoothing = cfg.label_smoothing
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.use_graphs = (device.type == "cuda" and not cfg.compile
+                           and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+        self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast(self.device):
+    def set_lr(self, group: dict, lr: float) -> None:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, cache: bool = True):
+        with autocast(self.device, cache):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -115,6 +142,61 @@ class TrainStep:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         self.optimizer.step()
         return loss.detach(), logits.detach(), grad_norm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.use_graphs:
+            return self._step(x, y)
+        key = (tuple(x.shape), x.stride())
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(x, y)
+            except Exception as e:  # an op or optimizer that cannot be captured: run eagerly instead
+                print(f"CUDA graph capture failed, continuing without graphs ({str(e).splitlines()[0]})")
+                self.use_graphs = False
+                for group in self.optimizer.param_groups:
+                    group["lr"] = float(group["lr"])
+                return self._step(x, y)
+        graph, static_x, static_y, outputs, _ = self.graphs[key]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        return outputs
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """Warm up on a side stream (as CUDA graph capture requires), put every tensor the warm-up changed
+        back in place, then record one step."""
+        # Every graph reads the learning rates from the same device tensors, created once and kept alive here:
+        # a graph holds raw addresses, and a replaced tensor's memory would be reused for something else.
+        for group in self.optimizer.param_groups:
+            if not (isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda):
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+        tensors = [*self.model.state_dict().values(),
+                   *(v for state in self.optimizer.state.values() for v in state.values()
+                     if isinstance(v, torch.Tensor))]
+        saved = [t.detach().clone() for t in tensors]
+        fresh = not self.optimizer.state
+        static_x, static_y = x.clone(), y.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._step(static_x, static_y, cache=False)
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.no_grad():
+                for tensor, value in zip(tensors, saved):
+                    tensor.copy_(value)
+                if fresh:  # state the warm-up created starts from zero, as a fresh optimizer's does
+                    for state in self.optimizer.state.values():
+                        for v in state.values():
+                            if isinstance(v, torch.Tensor):
+                                v.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._step(static_x, static_y, cache=False)
+        return graph, static_x, static_y, outputs, [group["lr"] for group in self.optimizer.param_groups]
 
 
 def warm_up_compiled(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int) -> None:
@@ -261,11 +343,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
     test_loader = test and Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
                                   memory_format=CHANNELS_LAST, **shard)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, len(data.classes))
-    if hasattr(model, "init_from_data"):  # e.g. whitening filters computed from training images
-        model.init_from_data(normalize(train_x[:5000].float() / 255))
-    model = model.to(device, memory_format=CHANNELS_LAST)
+    model = make_model(cfg, len(data.classes), train_x, device)
     trained = dist.wrap(model, cfg.sync_batchnorm)  # DistributedDataParallel under torchrun; shares parameters
     optimizer = build_optimizer(cfg, model, device)
     step = TrainStep(trained, optimizer, cfg, device)
@@ -351,14 +429,16 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                 lr_at_start = learning_rate(cfg, epoch)
                 order = start_order if start_order is not None else train_loader.order(epoch)
                 totals = EpochTotals(device, saved_totals(checkpoint, dist) if start_step else None)
+                # Refreshed every log_every batches (maxinterval: tqdm's monitor would otherwise lower miniters).
                 bar = tqdm(train_loader.epoch(epoch, start_step, order), total=steps_per_epoch, initial=start_step,
                            leave=False, dynamic_ncols=True, miniters=cfg.log_every, mininterval=0,
-                           desc=f"epoch {epoch + 1}/{cfg.epochs} train", disable=not dist.is_main)
+                           maxinterval=float("inf"), desc=f"epoch {epoch + 1}/{cfg.epochs} train",
+                           disable=not dist.is_main)
                 for i, (x, y) in enumerate(bar, start=start_step):
                     lr = learning_rate(cfg, epoch + i / steps_per_epoch)
                     for group in optimizer.param_groups:
                         frozen = group["until_epoch"] is not None and epoch >= group["until_epoch"]
-                        group["lr"] = 0.0 if frozen else lr * group["lr_scale"]
+                        step.set_lr(group, 0.0 if frozen else lr * group["lr_scale"])
                     loss, logits, grad_norm = step(x, y)
                     done = i + 1
                     global_step = epoch * steps_per_epoch + done
