@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .data import Loader, load_cifar10, split_train_val
+from .data import Loader, load_cifar10, training_split
 from .device import select_device
 from .evaluate import predict_logits
 from .storage import atomic_write_json
@@ -44,9 +44,7 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
           warmup: int = 5, rounds: int = 3) -> dict:
     device = select_device(device)
     data = load_cifar10(data_dir)
-    train_x, train_y = data.train_images, data.train_labels
-    if cfg.data.val_size:
-        (train_x, train_y), _ = split_train_val(train_x, train_y, cfg.data.val_size, cfg.data.split_seed)
+    (train_x, train_y), _ = training_split(data, cfg.data)
     loader = Loader(train_x, train_y, cfg.batch_size, device=device, augment=cfg.augment, shuffle=True,
                     seed=cfg.seed, memory_format=CHANNELS_LAST)
     test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,

@@ -110,14 +110,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show_batch(args: argparse.Namespace) -> int:
-    from .data import Loader, denormalize, load_cifar10, split_train_val
+    from .data import Loader, denormalize, load_cifar10, training_split
     from .device import select_device
     from .plots import save_image_grid
 
     cfg = _config_from_args(args)
     data = load_cifar10(args.data_dir)
-    (train_x, train_y), _ = split_train_val(data.train_images, data.train_labels, cfg.data.val_size,
-                                            cfg.data.split_seed)
+    (train_x, train_y), _ = training_split(data, cfg.data)
     loader = Loader(train_x, train_y, args.count, device=select_device(args.device), augment=cfg.augment,
                     shuffle=True, seed=cfg.seed)
     x, y = next(loader.epoch(0))

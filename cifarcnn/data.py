@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import AugmentConfig, ConfigError, UserError
+from .config import AugmentConfig, ConfigError, DataConfig, UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -238,6 +238,14 @@ def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, s
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
+
+
+def training_split(data: CIFAR10, cfg: DataConfig
+                   ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """The (images, labels) to train on and the validation pair held out of them (None when val_size is 0)."""
+    if not cfg.val_size:
+        return (data.train_images, data.train_labels), None
+    return split_train_val(data.train_images, data.train_labels, cfg.val_size, cfg.split_seed)
 
 
 # --------------------------------------------------------------------------- augmentation and batching

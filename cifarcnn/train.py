@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, UsageError, UserError, make_config, save_config
-from .data import Loader, load_cifar10, normalize, split_train_val
+from .data import Loader, load_cifar10, normalize, training_split
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
@@ -327,11 +327,8 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                          f"or pick another --name")
 
     data = load_cifar10(data_dir)
-    if cfg.data.val_size:
-        (train_x, train_y), (val_x, val_y) = split_train_val(data.train_images, data.train_labels,
-                                                             cfg.data.val_size, cfg.data.split_seed)
-    else:
-        (train_x, train_y), (val_x, val_y) = (data.train_images, data.train_labels), (None, None)
+    (train_x, train_y), held_out = training_split(data, cfg.data)
+    val_x, val_y = held_out or (None, None)
     shard = {"rank": dist.rank, "world_size": dist.world_size}
     if 0 < len(train_x) % cfg.batch_size < dist.world_size:
         raise ConfigError(f"config key 'batch_size': the last batch of each epoch would hold "

@@ -179,3 +179,16 @@ def test_a_parameter_with_limited_epochs_stops_learning_after_them(tmp_path, cif
     assert not torch.equal(seen[1]["whiten.bias"], seen[2]["whiten.bias"])
     assert torch.equal(seen[2]["whiten.bias"], seen[3]["whiten.bias"])
     assert not torch.equal(seen[2]["blocks.0.conv1.weight"], seen[3]["blocks.0.conv1.weight"])
+
+
+def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_root):
+    from cifarcnn.data import load_cifar10, training_split
+
+    data = load_cifar10(cifar_root)
+    (train_x, _), held_out = training_split(data, make_config({}, ["data.val_size=0"]).data)
+    assert held_out is None and len(train_x) == len(data.train_images)
+    (train_x, _), (val_x, _) = training_split(data, make_config({}, ["data.val_size=100"]).data)
+    assert (len(train_x), len(val_x)) == (len(data.train_images) - 100, 100)
+    assert main(["show-batch", "data.val_size=0", "--count", "8", "--out", str(tmp_path / "b.png"),
+                 "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
