@@ -8,12 +8,12 @@ by a background thread.
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -108,6 +108,28 @@ class Lookahead:
             self.update(model, 0.95**self.every * (step / total_steps) ** 3)
 
 
+@contextlib.contextmanager
+def restored_afterwards(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Warm-up steps run inside leave no trace: every model and optimizer tensor is put back in place (in place,
+    so captured CUDA graphs keep valid addresses), and optimizer state the warm-up created is zeroed, which
+    steps exactly like a fresh optimizer's (Adam: zero moments at step 0; SGD: a zero momentum buffer)."""
+    tensors = [*model.state_dict().values(),
+               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
+    saved = [t.detach().clone() for t in tensors]
+    fresh = not optimizer.state
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
+            if fresh:
+                for state in optimizer.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor):
+                            value.zero_()
+
+
 class TrainStep:
     """One optimisation step on a batch; returns (loss, logits, gradient norm), all left on the device.
 
@@ -170,28 +192,16 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             if not (isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda):
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
-        tensors = [*self.model.state_dict().values(),
-                   *(v for state in self.optimizer.state.values() for v in state.values()
-                     if isinstance(v, torch.Tensor))]
-        saved = [t.detach().clone() for t in tensors]
-        fresh = not self.optimizer.state
         static_x, static_y = x.clone(), y.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._step(static_x, static_y, cache=False)
-        finally:
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.no_grad():
-                for tensor, value in zip(tensors, saved):
-                    tensor.copy_(value)
-                if fresh:  # state the warm-up created starts from zero, as a fresh optimizer's does
-                    for state in self.optimizer.state.values():
-                        for v in state.values():
-                            if isinstance(v, torch.Tensor):
-                                v.zero_()
+        with restored_afterwards(self.model, self.optimizer):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._step(static_x, static_y, cache=False)
+            finally:
+                torch.cuda.current_stream().wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -202,21 +212,19 @@ class TrainStep:
 def warm_up_compiled(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int) -> None:
     """Compile every batch shape training and evaluation will meet, then restore the initial state, so that
     compilation happens before the clock starts and does not change the run."""
-    model, optimizer = step.model, step.optimizer
-    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    x, y = next(train_loader.epoch(0))
-    model.train()
-    for size in _batch_sizes(train_loader):
-        for _ in range(2):
-            step(x[:size], y[:size])
-    model.eval()
-    for loader in eval_loaders:
-        x, _ = next(iter(loader))
-        with torch.inference_mode(), autocast(loader.device):
-            for size in _batch_sizes(loader):
-                tta_logits(step.forward, x[:size], tta)
-    model.load_state_dict(saved_model)
-    optimizer.load_state_dict(saved_optimizer)
+    model = step.model
+    with restored_afterwards(model, step.optimizer):
+        x, y = next(train_loader.epoch(0))
+        model.train()
+        for size in _batch_sizes(train_loader):
+            for _ in range(2):
+                step(x[:size], y[:size])
+        model.eval()
+        for loader in eval_loaders:
+            x, _ = next(iter(loader))
+            with torch.inference_mode(), autocast(loader.device):
+                for size in _batch_sizes(loader):
+                    tta_logits(step.forward, x[:size], tta)
 
 
 def _batch_sizes(loader: Loader) -> set[int]:

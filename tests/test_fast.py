@@ -192,3 +192,30 @@ def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_
     assert main(["show-batch", "data.val_size=0", "--count", "8", "--out", str(tmp_path / "b.png"),
                  "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+def test_warm_up_steps_leave_no_trace(optimizer_name):
+    """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go on
+    exactly as if they never happened, from a fresh optimizer and from one mid-training."""
+    from cifarcnn.train import TrainStep, restored_afterwards
+
+    cfg = make_config({}, [f"optimizer.name={optimizer_name}", "optimizer.nesterov=true", "optimizer.lr=0.01",
+                           "optimizer.weight_decay=0.001"])
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+
+    def fresh_step():
+        torch.manual_seed(0)
+        model = build_model("simple_cnn")
+        return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+
+    reference, ref_step = fresh_step()
+    warmed, warm_step = fresh_step()
+    for _ in range(2):  # from a fresh optimizer, then from one with state
+        with restored_afterwards(warmed, warm_step.optimizer):
+            for _ in range(3):
+                warm_step(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
+        ref_step(x, y)
+        warm_step(x, y)
+        for (name, a), b in zip(reference.state_dict().items(), warmed.state_dict().values()):
+            assert torch.equal(a, b), name
