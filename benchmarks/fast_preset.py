@@ -4,9 +4,9 @@
 
 Each seed trains with `data.val_size=0` (all 50,000 training images, no per-epoch validation) and `--test`
 semantics: the clock (CUDA-synchronised) runs from the first step to the final test predictions with TTA,
-checkpoints and logging included; data upload and torch.compile warm-up happen before it starts, CUDA graph
-capture inside it. All seeds run in one process: the first also pays cuDNN's one-time autotuning, so the
-median is the figure to quote.
+checkpoints and logging included; the data upload and the trainer's warm-up (torch.compile, cuDNN autotuning,
+CUDA graph capture, all batch shapes) happen before it starts. All seeds run in one process; the median is
+the figure to quote.
 """
 
 from __future__ import annotations

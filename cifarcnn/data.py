@@ -2,8 +2,8 @@
 
 The whole dataset lives as one uint8 tensor on the training device. Batches are picked, augmented
 (flip, padded crop, brightness/contrast jitter, independent parameters per image) and normalised there
-with a few vectorised ops. Randomness is keyed by (seed, epoch, step), so any batch of any epoch can be
-reproduced without replaying the ones before it.
+with a few vectorised ops, a whole epoch at a time. Randomness is keyed by (seed, epoch), so any batch of
+any epoch can be reproduced without replaying the epochs before it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import AugmentConfig, ConfigError, DataConfig, UserError
@@ -250,17 +249,38 @@ def training_split(data: CIFAR10, cfg: DataConfig
 
 # --------------------------------------------------------------------------- augmentation and batching
 
-def random_crop(x: torch.Tensor, padding: int, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Each image padded by `padding` (zeros or reflection) and cropped back at its own random offset."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
-    dev = x.device
+def _source_positions(starts: torch.Tensor, positions: torch.Tensor, size: int, padding: int, reflect: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop windows starting at `starts` (n, 1) of an image side padded by `padding`: the unpadded position
+    each output position reads (n, size), and whether it lies inside the image (False: zero padding)."""
+    source = starts + positions - padding
+    inside = (source >= 0) & (source < size)
+    if reflect:  # mirror about the first and last pixel, as F.pad(mode="reflect") does
+        source = source.abs()
+        source = torch.where(source > size - 1, 2 * (size - 1) - source, source)
+    return source.clamp(0, size - 1), inside
+
+
+def crop_and_flip(images: torch.Tensor, padding: int, mode: str, flips: torch.Tensor | None,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Each uint8 image padded by `padding` (zeros or reflection), cropped back at its own random offset and
+    mirrored where `flips` says, as one gather; returns channels_last uint8."""
+    n, c, h, w = images.shape
+    dev = images.device
     dy = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (n, 1), device=dev, generator=generator)
-    rows = (dy + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (dx + torch.arange(w, device=dev))[:, None, None, :]
-    return padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                  rows, cols]
+    columns = torch.arange(w, device=dev).expand(n, w)
+    if flips is not None:  # a mirrored crop reads its columns right to left
+        columns = torch.where(flips[:, None], w - 1 - columns, columns)
+    reflect = mode == "reflect"
+    rows, rows_inside = _source_positions(dy, torch.arange(h, device=dev), h, padding, reflect)
+    cols, cols_inside = _source_positions(dx, columns, w, padding, reflect)
+    # Indexed as (n, h, w, c): the result, permuted to (n, c, h, w), is channels_last without another copy.
+    out = images[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev),
+                 rows[:, :, None, None], cols[:, None, :, None]]
+    if padding and not reflect:
+        out *= (rows_inside[:, :, None, None] & cols_inside[:, None, :, None])
+    return out.permute(0, 3, 1, 2)
 
 
 def _uniform_factors(n: int, spread: float, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -268,38 +288,37 @@ def _uniform_factors(n: int, spread: float, device: torch.device, generator: tor
     return 1 + spread * (2 * u - 1)
 
 
-def color_jitter(x: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
-    """Brightness then contrast, factors uniform in [1-s, 1+s] per image, on floats in [0, 1]."""
+def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
+    """In place: brightness then contrast, factors uniform in [1-s, 1+s] per image, on floats in [0, 1]."""
     if brightness:
-        x = (x * _uniform_factors(len(x), brightness, x.device, generator)).clamp_(0, 1)
-    if contrast:
-        gray = (x * x.new_tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
-        mean = gray.mean((2, 3), keepdim=True)
-        x = torch.lerp(mean, x, _uniform_factors(len(x), contrast, x.device, generator)).clamp_(0, 1)
+        x.mul_(_uniform_factors(len(x), brightness, x.device, generator)).clamp_(0, 1)
+    if contrast:  # blend with the image's mean gray level: f * x + (1 - f) * mean
+        gray = (x.mean((2, 3)) @ x.new_tensor([0.299, 0.587, 0.114]))[:, None, None, None]
+        factors = _uniform_factors(len(x), contrast, x.device, generator)
+        x.mul_(factors).add_((1 - factors) * gray).clamp_(0, 1)
     return x
 
 
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
             flips: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 batch -> augmented float batch in [0, 1]: padded crop, horizontal flip, brightness, contrast.
+    """uint8 images -> augmented floats in [0, 1]: padded crop, horizontal flip, brightness, contrast, each
+    image with its own random parameters.
 
     `flips` (bool per image) overrides the coin toss, for alternating flips; otherwise each image has a 50%
     chance of being mirrored.
     """
-    x = images.float().div_(255)
-    if cfg.crop_padding:
-        x = random_crop(x, cfg.crop_padding, cfg.padding_mode, generator)
-    if cfg.flip != "none":
-        if flips is None:
-            flips = torch.rand(len(x), device=x.device, generator=generator) < 0.5
-        x = torch.where(flips[:, None, None, None], x.flip(3), x)
-    return color_jitter(x, cfg.brightness, cfg.contrast, generator)
+    if cfg.flip == "random" and flips is None:
+        flips = torch.rand(len(images), device=images.device, generator=generator) < 0.5
+    elif cfg.flip == "none":
+        flips = None
+    if cfg.crop_padding or flips is not None:
+        images = crop_and_flip(images, cfg.crop_padding, cfg.padding_mode, flips, generator)
+    return color_jitter_(images.float().div_(255), cfg.brightness, cfg.contrast, generator)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = x.new_tensor(MEAN)[None, :, None, None]
-    std = x.new_tensor(STD)[None, :, None, None]
-    return (x - mean) / std
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """In place: per-channel CIFAR-10 mean and std."""
+    return x.sub_(x.new_tensor(MEAN)[None, :, None, None]).div_(x.new_tensor(STD)[None, :, None, None])
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -311,9 +330,12 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 class Loader:
     """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set.
 
-    `epoch(e, start_step)` is a pure function of (seed, e, step): the same batches, augmented the same way,
-    whether an epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every
-    other epoch, starting from a random half of the images.
+    Each epoch's images are gathered, augmented and normalised at its start in a few vectorised ops, and its
+    batches are slices of that one tensor: no work per batch beyond a view, so a GPU never waits on launches.
+
+    `epoch(e, start_step)` is a pure function of (seed, e): the same batches, augmented the same way, whether an
+    epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every other epoch,
+    starting from a random half of the images.
 
     Under torchrun (`world_size` > 1) `batch_size` is the global batch: every rank walks the same permutation
     and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are disjoint
@@ -334,6 +356,12 @@ class Loader:
         self.memory_format = memory_format
         self._generator = torch.Generator(device=self.device)
         self._first_flips = torch.rand(len(images), device=self.device, generator=self._keyed(-2)) < 0.5
+        # Which positions of an epoch's order are this rank's, and where each of its batches starts among them.
+        position = torch.arange(len(images))
+        mine = position % batch_size % world_size == rank
+        self._positions = position[mine].to(self.device)
+        per_batch = torch.bincount(position[mine] // batch_size, minlength=len(self))
+        self._bounds = [0, *per_batch.cumsum(0).tolist()]
 
     def __len__(self) -> int:
         return -(-len(self.images) // self.batch_size)
@@ -352,17 +380,20 @@ class Loader:
         """This rank's batches of `epoch` from `start_step` on; `order` (default `self.order(epoch)`) is the
         epoch's permutation, e.g. the one a mid-epoch checkpoint saved."""
         order = self.order(epoch) if order is None else order.to(self.device)
-        # Each rank draws its own augmentation; a single process keeps the (seed, epoch, step) key.
-        key = () if self.world_size == 1 else (self.rank,)
+        idx = order[self._positions]
+        images = self.images[idx]
+        if self.augment is None:
+            x = images.float().div_(255)
+        else:
+            flips = self._first_flips[idx] ^ bool(epoch % 2) if self.augment.flip == "alternate" else None
+            # Each rank draws its own augmentation; a single process keeps the (seed, epoch) key.
+            key = () if self.world_size == 1 else (self.rank,)
+            x = augment(images, self.augment, self._keyed(epoch, *key), flips)
+        x = normalize_(x).contiguous(memory_format=self.memory_format)
+        labels = self.labels[idx]
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world_size]
-            images = self.images[idx]
-            if self.augment is None:
-                x = images.float().div_(255)
-            else:
-                flips = self._first_flips[idx] ^ bool(epoch % 2) if self.augment.flip == "alternate" else None
-                x = augment(images, self.augment, self._keyed(epoch, step, *key), flips)
-            yield normalize(x).contiguous(memory_format=self.memory_format), self.labels[idx]
+            start, end = self._bounds[step], self._bounds[step + 1]
+            yield x[start:end], labels[start:end]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)

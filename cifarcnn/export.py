@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .config import UserError
-from .data import MEAN, STD, DataError, load_cifar10, normalize
+from .data import MEAN, STD, DataError, load_cifar10, normalize_
 from .storage import atomic_write
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
@@ -108,7 +108,7 @@ def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor,
     model = model.cpu().eval()
 
     def both(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = normalize(images.float().div_(255))
+        x = normalize_(images.float().div_(255))
         return model(x).float().numpy(), session.run(["logits"], {"input": x.numpy()})[0]
 
     reference, onnx_out = both(test_images[:CHECK_BATCH])

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import UsageError
-from .data import normalize
+from .data import normalize_
 
 SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".gif", ".webp")
@@ -135,4 +135,4 @@ def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32, the same arithmetic as `data.Loader`."""
     x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).contiguous()
-    return normalize(x.float().div_(255))
+    return normalize_(x.float().div_(255))

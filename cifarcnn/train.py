@@ -1,9 +1,9 @@
 """The training loop: optimiser, schedule, validation, early stopping, checkpoints, resume and TensorBoard.
 
 Fast path: data and augmentation on the device, channels_last, bf16 autocast on CUDA, fused optimisers on
-CUDA, cuDNN autotuning, the step replayed as a CUDA graph on one GPU, optional torch.compile (warmed up before
-the clock starts), running metrics kept on the device and read once per logging interval, checkpoints written
-by a background thread.
+CUDA, cuDNN autotuning, the step replayed as a CUDA graph on one GPU, optional torch.compile (compilation,
+autotuning and graph capture happen in a warm-up before the clock starts), running metrics kept on the device
+and read once per logging interval, checkpoints written by a background thread.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, UsageError, UserError, make_config, save_config
-from .data import Loader, load_cifar10, normalize, training_split
+from .data import Loader, load_cifar10, normalize_, training_split
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
@@ -70,7 +70,7 @@ def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes)
     if hasattr(model, "init_from_data"):
-        model.init_from_data(normalize(train_images[:5000].float() / 255))
+        model.init_from_data(normalize_(train_images[:5000].float() / 255))
     return model.to(device, memory_format=CHANNELS_LAST)
 
 
@@ -209,10 +209,11 @@ class TrainStep:
         return graph, static_x, static_y, outputs, [group["lr"] for group in self.optimizer.param_groups]
 
 
-def warm_up_compiled(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int) -> None:
-    """Compile every batch shape training and evaluation will meet, then restore the initial state, so that
-    compilation happens before the clock starts and does not change the run."""
-    model = step.model
+def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int) -> None:
+    """Run every batch shape training and evaluation will meet (torch.compile compiles, cuDNN autotunes, CUDA
+    graphs are captured), then restore the state, so this one-time work happens before the clock starts and
+    does not change the run. Call it after any checkpoint is loaded: graphs hold the optimizer state's addresses."""
+    model, training = step.model, step.model.training
     with restored_afterwards(model, step.optimizer):
         x, y = next(train_loader.epoch(0))
         model.train()
@@ -225,6 +226,7 @@ def warm_up_compiled(step: TrainStep, train_loader: Loader, eval_loaders: list[L
             with torch.inference_mode(), autocast(loader.device):
                 for size in _batch_sizes(loader):
                     tta_logits(step.forward, x[:size], tta)
+    model.train(training)
 
 
 def _batch_sizes(loader: Loader) -> set[int]:
@@ -352,8 +354,6 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
     trained = dist.wrap(model, cfg.sync_batchnorm)  # DistributedDataParallel under torchrun; shares parameters
     optimizer = build_optimizer(cfg, model, device)
     step = TrainStep(trained, optimizer, cfg, device)
-    if cfg.compile:
-        warm_up_compiled(step, train_loader, [loader for loader in (val_loader, test_loader) if loader], cfg.tta)
     lookahead = Lookahead(model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps else None
     state = {
         "format": FORMAT, "model": cfg.model, "num_classes": len(data.classes),
@@ -376,6 +376,13 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
             print(f"{run_dir}: training already finished after {state['epoch']} epochs; nothing to do")
         return state
 
+    if cfg.compile or step.use_graphs:
+        started = time.perf_counter()
+        warm_up(step, train_loader, [loader for loader in (val_loader, test_loader) if loader], cfg.tta)
+        _sync(device)
+        if dist.is_main:
+            work = "torch.compile" if cfg.compile else "cuDNN autotuning and CUDA graph capture"
+            print(f"warm-up before the clock ({work}): {time.perf_counter() - started:.1f}s")
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
     if dist.is_main:

@@ -22,7 +22,7 @@ from cifarcnn.data import (
     download_file,
     load_cifar10,
     locate_cifar10,
-    normalize,
+    normalize_,
     read_batch,
     resolve_data_root,
     split_train_val,
@@ -315,6 +315,19 @@ def test_flip_is_a_mirror_and_crop_is_a_shift():
     assert all(any(torch.equal(c, w) for w in windows.values()) for c in crops)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_a_flipped_crop_is_the_mirror_of_a_padded_window(mode):
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    cfg = AugmentConfig(flip="random", crop_padding=3, padding_mode=mode, brightness=0, contrast=0)
+    out = augment(image.repeat(64, 1, 1, 1), cfg, torch.Generator().manual_seed(2))
+    pad_mode = "reflect" if mode == "reflect" else "constant"
+    padded = torch.nn.functional.pad(image.float() / 255, (3, 3, 3, 3), mode=pad_mode)
+    windows = [padded[0, :, dy:dy + 32, dx:dx + 32] for dy in range(7) for dx in range(7)]
+    kinds = [next((flipped for w in windows for flipped in (False, True)
+                   if torch.equal(o, w.flip(2) if flipped else w)), None) for o in out]
+    assert None not in kinds and 10 < sum(kinds) < 54  # every output is a window, about half of them mirrored
+
+
 def test_training_batches_are_augmented_validation_and_test_never(cifar_root):
     """The workflow this replaces switched training augmentation off by sharing a dataset with validation."""
     data = load_cifar10(cifar_root)
@@ -325,12 +338,12 @@ def test_training_batches_are_augmented_validation_and_test_never(cifar_root):
     # built in any order, used in any order: each loader keeps its own transform
     for _ in range(2):
         x_val, _ = next(iter(val))
-        assert torch.equal(x_val, normalize(val_x.float() / 255))
+        assert torch.equal(x_val, normalize_(val_x.float() / 255))
         x_test, _ = next(iter(test))
-        assert torch.equal(x_test, normalize(data.test_images.float() / 255))
+        assert torch.equal(x_test, normalize_(data.test_images.float() / 255))
         order = train.order(0)
         x_train, _ = next(train.epoch(0))
-        unaugmented = normalize(train_x[order[:500]].float() / 255)
+        unaugmented = normalize_(train_x[order[:500]].float() / 255)
         differs = (x_train - unaugmented).abs().flatten(1).amax(1) > 1e-4
         assert differs.float().mean() > 0.9
 
@@ -361,7 +374,7 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch(cifar_root):
     cfg = AugmentConfig(flip="alternate", crop_padding=0, brightness=0, contrast=0)
     ids = torch.arange(len(data.train_images))
     loader = Loader(data.train_images, ids, 100, device="cpu", augment=cfg, shuffle=True, seed=0)
-    plain = normalize(data.train_images.float() / 255)
+    plain = normalize_(data.train_images.float() / 255)
 
     def mirrored(epoch):
         x, y = map(torch.cat, zip(*loader.epoch(epoch)))

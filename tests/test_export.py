@@ -9,7 +9,7 @@ import torch
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.cli import main
-from cifarcnn.data import CLASSES, MEAN, STD, load_cifar10, normalize
+from cifarcnn.data import CLASSES, MEAN, STD, load_cifar10, normalize_
 from cifarcnn.export import check_export
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
@@ -42,7 +42,7 @@ def test_onnx_model_has_a_dynamic_batch_axis_and_matches_pytorch(exported, train
     model = model_from_checkpoint(load_checkpoint(trained_run_dir / "best.pt")).eval()
     images = load_cifar10(cifar_root).test_images
     for n in (1, 5, 37):
-        x = normalize(images[:n].float() / 255)
+        x = normalize_(images[:n].float() / 255)
         got = session.run(None, {"input": x.numpy()})[0]
         with torch.inference_mode():
             want = model(x).numpy()

@@ -219,3 +219,31 @@ def test_warm_up_steps_leave_no_trace(optimizer_name):
         warm_step(x, y)
         for (name, a), b in zip(reference.state_dict().items(), warmed.state_dict().values()):
             assert torch.equal(a, b), name
+
+
+def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
+    """warm_up runs every train and eval batch shape (as compile and CUDA graphs need); the run must not notice."""
+    from cifarcnn.data import Loader, load_cifar10
+    from cifarcnn.train import TrainStep, warm_up
+
+    cfg = make_config({}, ["optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.01", "tta=2"])
+    data = load_cifar10(cifar_root)
+    train_loader = Loader(data.train_images[:90], data.train_labels[:90], 32, device="cpu", augment=cfg.augment,
+                          shuffle=True)
+    eval_loader = Loader(data.test_images[:50], data.test_labels[:50], 20, device="cpu")
+
+    def fresh_step():
+        torch.manual_seed(0)
+        model = build_model("simple_cnn")
+        return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+
+    reference, ref_step = fresh_step()
+    warmed, warm_step = fresh_step()
+    warm_up(warm_step, train_loader, [eval_loader], cfg.tta)
+    assert not warm_step.optimizer.state or all(
+        not v.any() for s in warm_step.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    for x, y in train_loader.epoch(1):
+        ref_step(x, y)
+        warm_step(x, y)
+    for (name, a), b in zip(reference.state_dict().items(), warmed.state_dict().values()):
+        assert torch.equal(a, b), name
