@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end on the small synthetic data (their figures mean nothing there)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "seed", "epochs=2", "batch_size=100", "eval_batch_size=100"]
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_fast_preset_reports_every_seed(cifar_root, tmp_path):
+    out = tmp_path / "seeds.json"
+    printed = run_script("fast_preset.py", *TINY, "--seeds", "2", "--data-dir", str(cifar_root), "--device", "cpu",
+                         "--runs-dir", str(tmp_path / "runs"), "--out", str(out))
+    summary = json.loads(out.read_text())
+    assert [r["seed"] for r in summary["runs"]] == [0, 1]
+    assert all(0 <= r["test_acc"] <= 1 and r["seconds"] > 0 and r["epochs"] == 2 for r in summary["runs"])
+    assert summary["mean_test_acc"] == pytest.approx(sum(r["test_acc"] for r in summary["runs"]) / 2)
+    assert "over 2 seeds" in printed
+
+
+@pytest.mark.parametrize("target", [0.0, 1.01])
+def test_time_to_accuracy_stops_at_the_target_or_reports_it_missed(cifar_root, tmp_path, target):
+    out = tmp_path / "tta.json"
+    printed = run_script("time_to_accuracy.py", *TINY, "--target", str(target), "--data-dir", str(cifar_root),
+                         "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--out", str(out))
+    summary = json.loads(out.read_text())
+    curve = summary["curve"]
+    assert all(0 <= p["test_acc"] <= 1 and p["eval_seconds"] > 0 for p in curve)
+    assert curve[-1]["train_seconds"] > (curve[0]["train_seconds"] if len(curve) > 1 else 0)
+    if target == 0.0:  # reached by the first checkpoint: the run stops there
+        assert [p["epoch"] for p in curve] == [1]
+        assert summary["epochs_to_target"] == 1 and summary["seconds_to_target"] == curve[0]["train_seconds"]
+    else:  # unreachable: every epoch is evaluated and no time is claimed
+        assert [p["epoch"] for p in curve] == [1, 2]
+        assert summary["seconds_to_target"] is None and "never reached" in printed
