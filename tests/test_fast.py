@@ -194,37 +194,45 @@ def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _fresh_cpu_step(cfg):
+    """A seeded SimpleCNN and its TrainStep on the CPU: two calls give identical starting points."""
+    from cifarcnn.train import TrainStep
+
+    torch.manual_seed(0)
+    model = build_model("simple_cnn")
+    return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+
+
+def _assert_same_state(reference, other):
+    for (name, a), b in zip(reference.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
 def test_warm_up_steps_leave_no_trace(optimizer_name):
     """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go on
     exactly as if they never happened, from a fresh optimizer and from one mid-training."""
-    from cifarcnn.train import TrainStep, restored_afterwards
+    from cifarcnn.train import restored_afterwards
 
     cfg = make_config({}, [f"optimizer.name={optimizer_name}", "optimizer.nesterov=true", "optimizer.lr=0.01",
                            "optimizer.weight_decay=0.001"])
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
 
-    def fresh_step():
-        torch.manual_seed(0)
-        model = build_model("simple_cnn")
-        return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
-
-    reference, ref_step = fresh_step()
-    warmed, warm_step = fresh_step()
+    reference, ref_step = _fresh_cpu_step(cfg)
+    warmed, warm_step = _fresh_cpu_step(cfg)
     for _ in range(2):  # from a fresh optimizer, then from one with state
         with restored_afterwards(warmed, warm_step.optimizer):
             for _ in range(3):
                 warm_step(torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))
         ref_step(x, y)
         warm_step(x, y)
-        for (name, a), b in zip(reference.state_dict().items(), warmed.state_dict().values()):
-            assert torch.equal(a, b), name
+        _assert_same_state(reference, warmed)
 
 
 def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
     """warm_up runs every train and eval batch shape (as compile and CUDA graphs need); the run must not notice."""
     from cifarcnn.data import Loader, load_cifar10
-    from cifarcnn.train import TrainStep, warm_up
+    from cifarcnn.train import warm_up
 
     cfg = make_config({}, ["optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.01", "tta=2"])
     data = load_cifar10(cifar_root)
@@ -232,18 +240,12 @@ def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
                           shuffle=True)
     eval_loader = Loader(data.test_images[:50], data.test_labels[:50], 20, device="cpu")
 
-    def fresh_step():
-        torch.manual_seed(0)
-        model = build_model("simple_cnn")
-        return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
-
-    reference, ref_step = fresh_step()
-    warmed, warm_step = fresh_step()
+    reference, ref_step = _fresh_cpu_step(cfg)
+    warmed, warm_step = _fresh_cpu_step(cfg)
     warm_up(warm_step, train_loader, [eval_loader], cfg.tta)
     assert not warm_step.optimizer.state or all(
         not v.any() for s in warm_step.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     for x, y in train_loader.epoch(1):
         ref_step(x, y)
         warm_step(x, y)
-    for (name, a), b in zip(reference.state_dict().items(), warmed.state_dict().values()):
-        assert torch.equal(a, b), name
+    _assert_same_state(reference, warmed)
