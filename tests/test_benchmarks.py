@@ -27,6 +27,7 @@ def test_fast_preset_reports_every_seed(cifar_root, tmp_path):
     summary = json.loads(out.read_text())
     assert [r["seed"] for r in summary["runs"]] == [0, 1]
     assert all(0 <= r["test_acc"] <= 1 and r["seconds"] > 0 and r["epochs"] == 2 for r in summary["runs"])
+    assert all(len(r["epoch_seconds"]) == 2 and sum(r["epoch_seconds"]) <= r["seconds"] for r in summary["runs"])
     assert summary["mean_test_acc"] == pytest.approx(sum(r["test_acc"] for r in summary["runs"]) / 2)
     assert "over 2 seeds" in printed
 

@@ -194,12 +194,14 @@ def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _fresh_cpu_step(cfg):
-    """A seeded SimpleCNN and its TrainStep on the CPU: two calls give identical starting points."""
+def _fresh_cpu_step(cfg, train_epochs=None):
+    """A seeded SimpleCNN and its TrainStep on the CPU: two calls give identical starting points.
+    `train_epochs` (parameter name -> epochs) limits how long some parameters train."""
     from cifarcnn.train import TrainStep
 
     torch.manual_seed(0)
     model = build_model("simple_cnn")
+    model.train_epochs = train_epochs or {}
     return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
 
 
@@ -230,7 +232,8 @@ def test_warm_up_steps_leave_no_trace(optimizer_name):
 
 
 def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
-    """warm_up runs every train and eval batch shape (as compile and CUDA graphs need); the run must not notice."""
+    """warm_up runs every train and eval batch shape and set of frozen parameters (as compile and CUDA graphs
+    need); the run must not notice."""
     from cifarcnn.data import Loader, load_cifar10
     from cifarcnn.train import warm_up
 
@@ -240,12 +243,47 @@ def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
                           shuffle=True)
     eval_loader = Loader(data.test_images[:50], data.test_labels[:50], 20, device="cpu")
 
-    reference, ref_step = _fresh_cpu_step(cfg)
-    warmed, warm_step = _fresh_cpu_step(cfg)
-    warm_up(warm_step, train_loader, [eval_loader], cfg.tta)
+    reference, ref_step = _fresh_cpu_step(cfg, {"fc2.bias": 1})
+    warmed, warm_step = _fresh_cpu_step(cfg, {"fc2.bias": 1})
+    frozen_during_warm_up = []
+    real_freeze = warm_step.freeze
+    warm_step.freeze = lambda frozen: frozen_during_warm_up.append(frozen) or real_freeze(frozen)
+    warm_up(warm_step, train_loader, [eval_loader], cfg.tta, range(2))
+    assert frozen_during_warm_up == [[], [warmed.fc2.bias]]
+    assert all(p.requires_grad for p in warmed.parameters())
     assert not warm_step.optimizer.state or all(
         not v.any() for s in warm_step.optimizer.state.values() for v in s.values() if torch.is_tensor(v))
     for x, y in train_loader.epoch(1):
         ref_step(x, y)
         warm_step(x, y)
     _assert_same_state(reference, warmed)
+
+
+def test_freezing_the_whitening_bias_skips_its_backward_and_changes_no_update():
+    """After its epochs the whitening bias stops getting a gradient, so the backward into the first layer is
+    skipped: the same weights as giving it learning rate 0, for fewer FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cifarcnn.train import TrainStep, frozen_at
+
+    cfg = make_config({}, ["model=fastnet", "optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.05",
+                           "optimizer.weight_decay=0.001"])
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    models, flops = [], []
+    for freeze in (False, True):
+        torch.manual_seed(0)
+        model = build_model("fastnet")
+        step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+        frozen = frozen_at(step.optimizer, 3)
+        assert frozen == [model.whiten.bias] and frozen_at(step.optimizer, 2) == []
+        step.freeze(frozen if freeze else [])
+        for group in step.optimizer.param_groups:
+            step.set_lr(group, 0.0 if group["until_epoch"] is not None else 0.05)
+        with FlopCounterMode(display=False) as counter:
+            step(x, y)
+        step(x, y)
+        models.append(model)
+        flops.append(counter.get_total_flops())
+    assert models[1].whiten.bias.grad is None
+    assert flops[1] < 0.97 * flops[0]
+    _assert_same_state(*models)
