@@ -133,9 +133,9 @@ def restored_afterwards(model: nn.Module, optimizer: torch.optim.Optimizer) -> I
 class TrainStep:
     """One optimisation step on a batch; returns (loss, logits, gradient norm), all left on the device.
 
-    On a single CUDA device without torch.compile, each batch shape's step (forward, backward, gradient norm,
-    optimizer) is captured once as a CUDA graph and replayed: for small models the GPU otherwise waits on
-    hundreds of kernel launches per step. The outputs of a replayed step are overwritten by the next one.
+    On a single CUDA device, each batch shape's step (forward, backward, gradient norm, optimizer; compiled or
+    not) is captured once as a CUDA graph and replayed: for small models the GPU otherwise waits on hundreds of
+    kernel launches per step. The outputs of a replayed step are overwritten by the next one.
     Learning rates then live in device tensors: set them with `set_lr`.
     """
 
@@ -145,7 +145,7 @@ class TrainStep:
         self.label_smoothing = cfg.label_smoothing
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.use_graphs = device.type == "cuda" and not cfg.compile and not self.distributed
+        self.use_graphs = device.type == "cuda" and not self.distributed
         self.graphs: dict[tuple, tuple] = {}
 
     def freeze(self, frozen: list[nn.Parameter]) -> None:
@@ -414,7 +414,9 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                 range(state["epoch"], cfg.epochs))
         _sync(device)
         if dist.is_main:
-            work = "torch.compile" if cfg.compile else "cuDNN autotuning and CUDA graph capture"
+            work = ", ".join(name for name, done in (("torch.compile", cfg.compile),
+                                                     ("cuDNN autotuning and CUDA graph capture", step.use_graphs))
+                             if done)
             print(f"warm-up before the clock ({work}): {time.perf_counter() - started:.1f}s")
     steps_per_epoch = len(train_loader)
     total_steps = cfg.epochs * steps_per_epoch
