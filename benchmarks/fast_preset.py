@@ -11,12 +11,11 @@ the figure to quote.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
-from pathlib import Path
+
+from recipe_args import recipe_parser
 
 from cifarcnn.cli import preset_path
 from cifarcnn.config import load_config
@@ -25,14 +24,8 @@ from cifarcnn.train import train
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--preset", default="fast")
+    parser = recipe_parser(__doc__, "cifarcnn-bench-", "fast_preset.json")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--device")
-    parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="cifarcnn-bench-")))
-    parser.add_argument("--out", type=Path, default=Path("fast_preset.json"))
     args = parser.parse_args()
     path = preset_path(args.preset)
     runs = []

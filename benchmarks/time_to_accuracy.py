@@ -12,14 +12,12 @@ run stops there.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
+from recipe_args import recipe_parser
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.cli import preset_path
@@ -33,15 +31,9 @@ from cifarcnn.train import train
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--preset", default="fast")
+    parser = recipe_parser(__doc__, "cifarcnn-tta-", "time_to_accuracy.json")
     parser.add_argument("--target", type=float, default=0.85)
     parser.add_argument("--from-epoch", type=int, default=1, help="first epoch whose checkpoint is evaluated")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--device")
-    parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.mkdtemp(prefix="cifarcnn-tta-")))
-    parser.add_argument("--out", type=Path, default=Path("time_to_accuracy.json"))
     args = parser.parse_args()
 
     cfg = load_config(preset_path(args.preset), ["data.val_size=0", *args.overrides])

@@ -220,10 +220,14 @@ class TrainStep:
         return graph, static_x, static_y, outputs, [group["lr"] for group in self.optimizer.param_groups]
 
 
+def trains_in(group: dict, epoch: int) -> bool:
+    """Whether a parameter group still learns in epoch `epoch` (0-based): its `until_epoch`, if any, is not over."""
+    return group["until_epoch"] is None or epoch < group["until_epoch"]
+
+
 def frozen_at(optimizer: torch.optim.Optimizer, epoch: int) -> list[nn.Parameter]:
-    """The parameters whose training epochs (their group's `until_epoch`) are over in epoch `epoch` (0-based)."""
-    return [p for group in optimizer.param_groups if group["until_epoch"] is not None
-            and epoch >= group["until_epoch"] for p in group["params"]]
+    """The parameters whose training epochs are over in epoch `epoch` (0-based)."""
+    return [p for group in optimizer.param_groups if not trains_in(group, epoch) for p in group["params"]]
 
 
 def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int,
@@ -234,7 +238,7 @@ def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], t
     loaded: graphs hold the optimizer state's addresses."""
     model, training = step.model, step.model.training
     trainable = [p.requires_grad for p in step.params]
-    phases = {tuple(id(p) for p in frozen_at(step.optimizer, e)): frozen_at(step.optimizer, e) for e in epochs}
+    phases = {tuple(map(id, frozen)): frozen for frozen in (frozen_at(step.optimizer, e) for e in epochs)}
     with restored_afterwards(model, step.optimizer):
         x, y = next(iter(train_loader))
         model.train()
@@ -485,8 +489,7 @@ def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: R
                 for i, (x, y) in enumerate(bar, start=start_step):
                     lr = learning_rate(cfg, epoch + i / steps_per_epoch)
                     for group in optimizer.param_groups:
-                        frozen = group["until_epoch"] is not None and epoch >= group["until_epoch"]
-                        step.set_lr(group, 0.0 if frozen else lr * group["lr_scale"])
+                        step.set_lr(group, lr * group["lr_scale"] if trains_in(group, epoch) else 0.0)
                     loss, logits, grad_norm = step(x, y)
                     done = i + 1
                     global_step = epoch * steps_per_epoch + done
