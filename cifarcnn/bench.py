@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config
 from .data import Loader, load_cifar10, training_split
 from .device import select_device
+from .errors import ConfigError
 from .evaluate import predict_logits
 from .storage import atomic_write_json
 from .train import CHANNELS_LAST, TrainStep, _sync, build_optimizer, make_model, warm_up

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import UsageError, UserError
+from .errors import UsageError, UserError
 from .model import MODELS, build_model
 from .storage import atomic_write
 

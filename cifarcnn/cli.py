@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import Config, UsageError, UserError, load_config
+from .config import Config, load_config
+from .errors import UsageError, UserError
 from .interrupt import Interrupted
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a source checkout: config.yaml and configs/ live here

@@ -11,23 +11,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+from .storage import atomic_write_text
+
 CIFAR10_TRAIN_SIZE = 50_000
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code `exit_code`, never a traceback."""
-
-    exit_code = 1
-
-
-class UsageError(UserError):
-    """A wrong command line, option or config value."""
-
-    exit_code = 2
-
-
-class ConfigError(UsageError):
-    pass
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -215,6 +202,4 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .storage import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

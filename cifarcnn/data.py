@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import AugmentConfig, ConfigError, DataConfig, UserError
+from .config import AugmentConfig, DataConfig
+from .errors import ConfigError, UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import UsageError
+from .errors import UsageError
 
 
 def select_device(name: str | None = None) -> torch.device:

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .config import UserError
 from .data import MEAN, STD, DataError, load_cifar10, normalize_
+from .errors import UserError
 from .storage import atomic_write
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import UsageError
 from .data import normalize_
+from .errors import UsageError
 
 SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".gif", ".webp")

@@ -18,8 +18,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .config import UsageError
 from .device import select_device
+from .errors import UsageError
 from .images import ImageReadError, find_images, load_image, to_model_input
 from .storage import atomic_write_json, atomic_write_text
 

@@ -9,9 +9,9 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .config import UsageError, UserError
 from .data import DataError
 from .environment import read_sessions
+from .errors import UsageError, UserError
 from .plots import training_curve_pngs
 from .storage import atomic_write_text
 

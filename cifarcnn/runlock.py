@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from .config import UsageError
+from .errors import UsageError
 
 LOCK_FILE = ".lock"
 

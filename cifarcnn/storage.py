@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .config import UserError
+from .errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

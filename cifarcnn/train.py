@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, UsageError, UserError, make_config, save_config
+from .config import Config, make_config, save_config
 from .data import Loader, load_cifar10, normalize_, training_split
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
 from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
+from .errors import ConfigError, UsageError, UserError
 from .evaluate import autocast, evaluate_split, tta_logits
 from .interrupt import Interrupted, StopRequest, resume_command
 from .model import build_model

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from cifarcnn.cli import main
-from cifarcnn.config import Config, ConfigError, apply_overrides, load_config, make_config
+from cifarcnn.config import Config, apply_overrides, load_config, make_config
+from cifarcnn.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifarcnn.config import AugmentConfig, ConfigError
+from cifarcnn.config import AugmentConfig
 from cifarcnn.data import (
     MEAN,
     STD,
@@ -27,6 +27,7 @@ from cifarcnn.data import (
     resolve_data_root,
     split_train_val,
 )
+from cifarcnn.errors import ConfigError
 
 from .conftest import NUM_TEST, PER_TRAIN_BATCH, write_cifar
 

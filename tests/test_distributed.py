@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.config import ConfigError, make_config
+from cifarcnn.config import make_config
 from cifarcnn.data import Loader, load_cifar10, split_train_val
 from cifarcnn.distributed import Dist, setup
+from cifarcnn.errors import ConfigError
 from cifarcnn.evaluate import evaluate_split
 from cifarcnn.train import train
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarcnn.config import UsageError
 from cifarcnn.data import Loader
+from cifarcnn.errors import UsageError
 from cifarcnn.images import ImageReadError, find_images, load_image, to_model_input
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)

@@ -7,7 +7,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarcnn.checkpoint import load_checkpoint
 from cifarcnn.cli import main
-from cifarcnn.config import Config, UserError, make_config
+from cifarcnn.config import Config, make_config
+from cifarcnn.errors import UserError
 from cifarcnn.evaluate import evaluate
 from cifarcnn.train import learning_rate, train
 
