@@ -17,8 +17,7 @@ import sys
 
 from recipe_args import recipe_parser
 
-from cifarcnn.cli import preset_path
-from cifarcnn.config import load_config
+from cifarcnn.config import load_preset
 from cifarcnn.storage import atomic_write_json
 from cifarcnn.train import train
 
@@ -27,10 +26,9 @@ def main() -> int:
     parser = recipe_parser(__doc__, "cifarcnn-bench-", "fast_preset.json")
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
-    path = preset_path(args.preset)
     runs = []
     for seed in range(args.seeds):
-        cfg = load_config(path, ["data.val_size=0", *args.overrides, f"seed={seed}"])
+        cfg = load_preset(args.preset, ["data.val_size=0", *args.overrides, f"seed={seed}"])
         state = train(cfg, args.runs_dir / f"{args.preset}-seed{seed}", data_dir=args.data_dir, device=args.device,
                       test=True)
         runs.append({"seed": seed, "test_acc": state["history"][-1]["test_acc"], "seconds": state["train_seconds"],

@@ -20,8 +20,7 @@ import torch
 from recipe_args import recipe_parser
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.cli import preset_path
-from cifarcnn.config import load_config
+from cifarcnn.config import load_preset
 from cifarcnn.data import Loader, load_cifar10
 from cifarcnn.device import select_device
 from cifarcnn.distributed import Dist
@@ -36,7 +35,7 @@ def main() -> int:
     parser.add_argument("--from-epoch", type=int, default=1, help="first epoch whose checkpoint is evaluated")
     args = parser.parse_args()
 
-    cfg = load_config(preset_path(args.preset), ["data.val_size=0", *args.overrides])
+    cfg = load_preset(args.preset, ["data.val_size=0", *args.overrides])
     run_dir = args.runs_dir / args.preset
     device = select_device(args.device)
     data = load_cifar10(args.data_dir)

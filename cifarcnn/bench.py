@@ -23,16 +23,16 @@ from .data import Loader, load_cifar10, training_split
 from .device import select_device
 from .errors import ConfigError
 from .evaluate import predict_logits
+from .step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync, warm_up
 from .storage import atomic_write_json
-from .train import CHANNELS_LAST, TrainStep, _sync, build_optimizer, make_model, warm_up
 
 
 def _rate(fn: Callable[[], object], calls: int, images_per_call: int, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     for _ in range(calls):
         fn()
-    _sync(device)
+    sync(device)
     return calls * images_per_call / (time.perf_counter() - started)
 
 

@@ -1,50 +1,49 @@
-"""Command line: `cifarcnn train | evaluate | bench | predict | export | report | show-batch | check`; config
-overrides as key=value."""
+"""Command line: `cifarcnn train | evaluate | bench | predict | export | report | show-batch | check | presets`;
+config overrides as key=value."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
-from .config import Config, load_config
+from . import __version__
+from .config import Config, load_config, load_preset, preset_description, preset_names
 from .errors import UsageError, UserError
 from .interrupt import Interrupted
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # a source checkout: config.yaml and configs/ live here
+PRESET_HELP = "a packaged recipe (list: cifarcnn presets), e.g. fast; seed is the default recipe"
 
 
-def _find(relative: str) -> Path | None:
-    """A file relative to the current folder, else to the project checkout cifarcnn runs from."""
-    for base in (Path.cwd(), PROJECT_ROOT):
-        if (base / relative).is_file():
-            return base / relative
-    return None
-
-
-def preset_names() -> list[str]:
-    folders = [base / "configs" for base in (Path.cwd(), PROJECT_ROOT)]
-    return sorted({"seed"} | {p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
-
-
-def preset_path(preset: str | None) -> Path | None:
-    """configs/NAME.yaml for a preset; config.yaml (or None: the built-in defaults, the same values) for seed."""
-    if preset in (None, "seed"):
-        return _find("config.yaml")
-    path = _find(f"configs/{preset}.yaml")
-    if path is None:
-        raise UsageError(f"--preset {preset}: no configs/{preset}.yaml; presets: {', '.join(preset_names())}")
-    return path
-
-
-def _config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace) -> Config:
+    """--config FILE, else --preset NAME, else ./config.yaml when the current folder has one, else the seed preset."""
     if args.config is not None and args.preset is not None:
         raise UsageError("give either --config or --preset, not both")
     if args.config is not None:
         if not Path(args.config).is_file():
             raise UsageError(f"--config {args.config}: file not found")
         return load_config(args.config, args.overrides)
-    return load_config(preset_path(args.preset), args.overrides)
+    if args.preset is not None:
+        return load_preset(args.preset, args.overrides)
+    if Path("config.yaml").is_file():
+        return load_config(Path("config.yaml"), args.overrides)
+    return load_preset("seed", args.overrides)
+
+
+def presets_table() -> str:
+    """One line per packaged preset: its name and its one-line description."""
+    names = preset_names()
+    width = max(map(len, names), default=0)
+    return "\n".join(f"{name:<{width}}  {preset_description(name)}" for name in names)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    table = presets_table()
+    if not table:
+        raise UserError("no presets installed: cifarcnn/presets/*.yaml is missing from the package")
+    print(table)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -61,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if launched_by_torchrun() and not args.name:
             raise UsageError("under torchrun, give --name: every process, and an elastic restart, must use the "
                              "same run folder")
-        cfg = _config_from_args(args)
+        cfg = config_from_args(args)
         run_dir = default_run_dir(args.runs_dir, args.name)
         if restart_count() and (run_dir / "last.pt").exists():  # torchrun restarted the job after a failure
             print(f"torchrun restart {restart_count()}: resuming {run_dir} from its last checkpoint")
@@ -73,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, report
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     result = bench(cfg, data_dir=args.data_dir, device=args.device, steps=args.steps, warmup=args.warmup,
                    rounds=args.rounds)
     report(result, args.out)
@@ -115,7 +114,7 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
     from .device import select_device
     from .plots import save_image_grid
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     data = load_cifar10(args.data_dir)
     (train_x, train_y), _ = training_split(data, cfg.data)
     loader = Loader(train_x, train_y, args.count, device=select_device(args.device), augment=cfg.augment,
@@ -132,7 +131,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from .model import build_model, count_parameters
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model)
     x = torch.randn(4, 3, 32, 32)
@@ -152,41 +151,47 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and inspect CIFAR-10 CNNs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _with_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="config overrides, e.g. epochs=2 optimizer.lr=0.01")
-        p.add_argument("--config", type=Path, help="YAML config file (default: config.yaml, the seed recipe)")
-        p.add_argument("--preset", help="a recipe from configs/NAME.yaml, e.g. fast; seed is config.yaml")
 
-    def with_data(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
-        p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
+def _config_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a config: KEY=VALUE overrides, --config, --preset, and the presets in its help."""
+    epilog = (f"presets (--preset NAME):\n{textwrap.indent(presets_table() or '(none installed)', '  ')}\n\n"
+              "config: --config FILE, else --preset NAME, else ./config.yaml when the current folder has one,\n"
+              "else the seed preset; KEY=VALUE overrides apply on top")
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. epochs=2 optimizer.lr=0.01")
+    p.add_argument("--config", type=Path, help="YAML config file (default: ./config.yaml if present, else seed)")
+    p.add_argument("--preset", help=PRESET_HELP)
+    return p
 
-    p = sub.add_parser("train", help="train a model (the default recipe from config.yaml)")
-    with_config(p)
-    with_data(p)
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    p = _config_command(sub, "train", "train a model (the seed recipe unless a config or preset is given)")
+    _with_data(p)
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
     p.add_argument("--name", help="run folder name (default: the current date and time)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--test", action="store_true", help="after the last epoch, also measure test accuracy")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("bench", help="training throughput (full pipeline vs compute only) and evaluation speed")
-    with_config(p)
-    with_data(p)
+    p = _config_command(sub, "bench", "training throughput (full pipeline vs compute only) and evaluation speed")
+    _with_data(p)
     p.add_argument("--steps", type=int, default=30, help="timed steps per round (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median counts (default: 3)")
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (default: bench.json)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="test accuracy, per-class table and plots for a trained model")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
-    with_data(p)
+    _with_data(p)
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.set_defaults(func=cmd_evaluate)
@@ -215,22 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a run")
     p.add_argument("run", metavar="RUN_DIR")
-    with_data(p)
+    _with_data(p)
     p.add_argument("--out", type=Path, help="output file (default: RUN_DIR/report.html)")
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="fail instead of evaluating a run that has no eval/test_metrics.json")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("show-batch", help="write a PNG grid of augmented training images")
-    with_config(p)
-    with_data(p)
+
+def _add_inspection_commands(sub: argparse._SubParsersAction) -> None:
+    p = _config_command(sub, "show-batch", "write a PNG grid of augmented training images")
+    _with_data(p)
     p.add_argument("--out", type=Path, default=Path("batch.png"))
     p.add_argument("--count", type=int, default=64, help="number of images (default: 64)")
     p.set_defaults(func=cmd_show_batch)
 
-    p = sub.add_parser("check", help="shapes, parameter counts and gradient flow of the configured model")
-    with_config(p)
+    p = _config_command(sub, "check", "shapes, parameter counts and gradient flow of the configured model")
     p.set_defaults(func=cmd_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `cifarcnn` argument parser: --version and every subcommand."""
+    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and inspect CIFAR-10 CNNs.")
+    parser.add_argument("--version", action="version", version=f"cifarcnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_model_commands(sub)
+    _add_inspection_commands(sub)
+    p = sub.add_parser("presets", help="list the packaged presets (--preset NAME) with their descriptions")
+    p.set_defaults(func=cmd_presets)
     return parser
 
 

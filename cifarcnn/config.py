@@ -1,4 +1,5 @@
-"""Typed configuration: dataclasses, YAML files and `key=value` overrides, validated in one place."""
+"""Typed configuration: dataclasses, YAML files, the packaged presets and `key=value` overrides, validated in one
+place."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .storage import atomic_write_text
 
 CIFAR10_TRAIN_SIZE = 50_000
@@ -170,20 +172,60 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def parse_yaml(text: str, source: str) -> dict:
+    """The mapping in YAML `text`; `source` (e.g. "config file x.yaml") names it in errors."""
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} must hold a mapping of keys to values")
+    return values
+
+
 def read_yaml(path: Path) -> dict:
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if values is None:
+    return parse_yaml(text, f"config file {path}")
+
+
+def _preset_files() -> dict[str, Any]:
+    """Preset name -> its packaged YAML resource (cifarcnn/presets/NAME.yaml)."""
+    folder = resources.files("cifarcnn") / "presets"
+    if not folder.is_dir():
         return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-    return values
+    return {item.name.removesuffix(".yaml"): item for item in folder.iterdir() if item.name.endswith(".yaml")}
+
+
+def preset_names() -> list[str]:
+    """The packaged presets, sorted by name."""
+    return sorted(_preset_files())
+
+
+def preset_text(name: str) -> str:
+    """The YAML text of a packaged preset; an unknown name is a UsageError listing the presets."""
+    files = _preset_files()
+    if name not in files:
+        raise UsageError(f"no preset named {name!r}; presets: {', '.join(sorted(files)) or 'none installed'}")
+    return files[name].read_text(encoding="utf-8")
+
+
+def preset_description(name: str) -> str:
+    """A preset's one-line description: its first line, `# NAME: description`."""
+    first = (preset_text(name).splitlines() or [""])[0]
+    if not first.startswith("#"):
+        return ""
+    description = first.lstrip("#").strip()
+    return description.removeprefix(f"{name}:").strip()
+
+
+def load_preset(name: str, overrides: list[str] = ()) -> Config:
+    """A packaged preset (e.g. "seed", "fast") with overrides applied."""
+    return make_config(parse_yaml(preset_text(name), f"preset {name}"), overrides)
 
 
 def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config:

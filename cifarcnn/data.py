@@ -13,6 +13,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from .config import AugmentConfig, DataConfig
 from .errors import ConfigError, UserError
+from .progress import bar_disabled, on_terminal
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -100,8 +102,10 @@ def download_file(url: str, dest: Path, md5: str) -> None:
                 reason = getattr(e, "reason", e)
                 raise DataError(f"could not download CIFAR-10 from {url} ({reason}). If this machine is "
                                 f"offline, {_how_to_point_at_a_copy(dest.parent)}") from None
+            if not on_terminal():  # a log gets this line instead of the bar
+                print(f"downloading {url}", file=sys.stderr, flush=True)
             with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
-                                unit_scale=True, desc=f"downloading {dest.name}") as bar:
+                                unit_scale=True, desc=f"downloading {dest.name}", disable=bar_disabled()) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))

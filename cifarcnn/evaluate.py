@@ -15,6 +15,7 @@ from .data import Loader, load_cifar10
 from .device import select_device
 from .distributed import Dist
 from .plots import save_confusion_matrix, save_image_grid
+from .progress import bar_disabled
 from .storage import atomic_write_json
 
 
@@ -44,7 +45,7 @@ def predict_logits(model: nn.Module, loader: Loader, desc: str | None = None,
     model.eval()
     logits, labels = [], []
     with autocast(loader.device):
-        for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=desc is None,
+        for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
                          dynamic_ncols=True):
             logits.append(tta_logits(model, x, tta).float())
             labels.append(y)

@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoi
 from .device import select_device
 from .errors import UsageError
 from .images import ImageReadError, find_images, load_image, to_model_input
+from .progress import bar_disabled
 from .storage import atomic_write_json, atomic_write_text
 
 OUTPUT_FORMATS = (".csv", ".json")
@@ -70,7 +71,8 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
         pending.clear()
         arrays.clear()
 
-    bar = tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=bar_disabled(progress),
+               dynamic_ncols=True)
     for i, item in enumerate(_decoded(files, workers)):
         if isinstance(item, str):
             results[i].error = item

@@ -1,4 +1,5 @@
-"""The training loop: optimiser, schedule, validation, early stopping, checkpoints, resume and TensorBoard.
+"""The training loop: a run set up, its epochs of steps, validation, early stopping, checkpoints, resume, logs
+and TensorBoard (the step itself, its schedule and warm-up are in step.py).
 
 Fast path: data and augmentation on the device, channels_last, bf16 autocast on CUDA, fused optimisers on
 CUDA, cuDNN autotuning, the step replayed as a CUDA graph on one GPU, optional torch.compile (compilation,
@@ -8,260 +9,42 @@ and read once per logging interval, checkpoints written by a background thread.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, make_config, save_config
-from .data import Loader, load_cifar10, normalize_, training_split
+from .data import Loader, load_cifar10, training_split
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
 from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
 from .errors import ConfigError, UsageError, UserError
-from .evaluate import autocast, evaluate_split, tta_logits
+from .evaluate import evaluate_split
 from .interrupt import Interrupted, StopRequest, resume_command
-from .model import build_model
+from .progress import Progress
 from .runlock import RunLock
+from .step import (
+    CHANNELS_LAST,
+    Lookahead,
+    TrainStep,
+    build_optimizer,
+    frozen_at,
+    learning_rate,
+    make_model,
+    sync,
+    trains_in,
+    warm_up,
+)
 from .storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
-
-CHANNELS_LAST = torch.channels_last
-
-
-def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """Parameter groups: BatchNorm parameters (lr x bias_lr_scale, decay / bias_lr_scale), the rest, and one
-    group per parameter the model trains only for its first epochs (`model.train_epochs`, name -> epochs)."""
-    o = cfg.optimizer
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                for p in m.parameters()}
-    limited = getattr(model, "train_epochs", {})
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trainable = [p for n, p in named if n not in limited]
-    groups = [
-        {"params": [p for p in trainable if id(p) not in norm_ids], "lr_scale": 1.0, "weight_decay": o.weight_decay,
-         "until_epoch": None},
-        {"params": [p for p in trainable if id(p) in norm_ids], "lr_scale": o.bias_lr_scale,
-         "weight_decay": o.weight_decay / o.bias_lr_scale, "until_epoch": None},
-    ]
-    groups += [{"params": [p], "lr_scale": 1.0, "weight_decay": o.weight_decay, "until_epoch": limited[n]}
-               for n, p in named if n in limited]
-    cuda = device.type == "cuda"
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, fused=cuda or None)
-    optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    # capturable: the step may be recorded in a CUDA graph (TrainStep)
-    return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
-
-
-def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device) -> nn.Module:
-    """The configured model, seeded, initialised from training images where it needs them (FastNet's whitening
-    uses the first 5,000), in channels_last on `device`."""
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes)
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(normalize_(train_images[:5000].float() / 255))
-    return model.to(device, memory_format=CHANNELS_LAST)
-
-
-def learning_rate(cfg: Config, epoch_progress: float) -> float:
-    """The learning rate after `epoch_progress` epochs (fractional); a pure function, so resume needs no state."""
-    s, peak = cfg.scheduler, cfg.optimizer.lr
-    if epoch_progress < s.warmup_epochs:
-        return peak * (s.warmup_factor + (1 - s.warmup_factor) * epoch_progress / s.warmup_epochs)
-    if s.name == "constant":
-        return peak
-    length = (s.epochs or cfg.epochs) - s.warmup_epochs
-    t = min((epoch_progress - s.warmup_epochs) / length, 1.0) if length > 0 else 1.0
-    shape = 1 - t if s.name == "linear" else 0.5 * (1 + math.cos(math.pi * t))
-    return s.min_lr + (peak - s.min_lr) * shape
-
-
-class Lookahead:
-    """Every `every` steps the running average of the weights moves toward the model and the model is reset to
-    it (Zhang et al. 2019; the cubic decay schedule of Jordan 2024). At the end the model takes the average."""
-
-    def __init__(self, model: nn.Module, every: int):
-        self.every = every
-        live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        self._live = list(live.values())  # share storage with the model's parameters and buffers
-        self.average = {k: v.detach().clone() for k, v in live.items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, decay: float) -> None:
-        average = list(self.average.values())
-        torch._foreach_lerp_(average, self._live, 1 - decay)
-        torch._foreach_copy_(self._live, average)
-
-    def maybe_update(self, model: nn.Module, step: int, total_steps: int) -> None:
-        if step % self.every == 0:
-            self.update(model, 0.95**self.every * (step / total_steps) ** 3)
-
-
-@contextlib.contextmanager
-def restored_afterwards(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Warm-up steps run inside leave no trace: every model and optimizer tensor is put back in place (in place,
-    so captured CUDA graphs keep valid addresses), and optimizer state the warm-up created is zeroed, which
-    steps exactly like a fresh optimizer's (Adam: zero moments at step 0; SGD: a zero momentum buffer)."""
-    tensors = [*model.state_dict().values(),
-               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
-    saved = [t.detach().clone() for t in tensors]
-    fresh = not optimizer.state
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for tensor, value in zip(tensors, saved):
-                tensor.copy_(value)
-            if fresh:
-                for state in optimizer.state.values():
-                    for value in state.values():
-                        if isinstance(value, torch.Tensor):
-                            value.zero_()
-
-
-class TrainStep:
-    """One optimisation step on a batch; returns (loss, logits, gradient norm), all left on the device.
-
-    On a single CUDA device, each batch shape's step (forward, backward, gradient norm, optimizer; compiled or
-    not) is captured once as a CUDA graph and replayed: for small models the GPU otherwise waits on hundreds of
-    kernel launches per step. The outputs of a replayed step are overwritten by the next one.
-    Learning rates then live in device tensors: set them with `set_lr`.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device):
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.forward = torch.compile(model) if cfg.compile else model
-        self.label_smoothing = cfg.label_smoothing
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.use_graphs = device.type == "cuda" and not self.distributed
-        self.graphs: dict[tuple, tuple] = {}
-
-    def freeze(self, frozen: list[nn.Parameter]) -> None:
-        """Compute no gradient for `frozen` (the other parameters train), which also skips the backward only they
-        need: for FastNet's whitening bias, the first conv block's input gradient (3.8% of a step's FLOPs).
-        Under DistributedDataParallel, which waits for every parameter's gradient, this does nothing; the
-        trainer gives frozen parameters learning rate 0 either way."""
-        if self.distributed:
-            return
-        frozen_ids = {id(p) for p in frozen}
-        for p in self.params:
-            p.requires_grad_(id(p) not in frozen_ids)
-
-    def set_lr(self, group: dict, lr: float) -> None:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-    def _step(self, x: torch.Tensor, y: torch.Tensor, cache: bool = True):
-        with autocast(self.device, cache):
-            logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Measured on the fresh gradients, before the step (the original workflow read stale ones).
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.optimizer.step()
-        return loss.detach(), logits.detach(), grad_norm
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.use_graphs:
-            return self._step(x, y)
-        key = (tuple(x.shape), x.stride(), tuple(p.requires_grad for p in self.params))
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(x, y)
-            except Exception as e:  # an op or optimizer that cannot be captured: run eagerly instead
-                print(f"CUDA graph capture failed, continuing without graphs ({str(e).splitlines()[0]})")
-                self.use_graphs = False
-                for group in self.optimizer.param_groups:
-                    group["lr"] = float(group["lr"])
-                return self._step(x, y)
-        graph, static_x, static_y, outputs, _ = self.graphs[key]
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
-        return outputs
-
-    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """Warm up on a side stream (as CUDA graph capture requires), put every tensor the warm-up changed
-        back in place, then record one step."""
-        # Every graph reads the learning rates from the same device tensors, created once and kept alive here:
-        # a graph holds raw addresses, and a replaced tensor's memory would be reused for something else.
-        for group in self.optimizer.param_groups:
-            if not (isinstance(group["lr"], torch.Tensor) and group["lr"].is_cuda):
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
-        static_x, static_y = x.clone(), y.clone()
-        with restored_afterwards(self.model, self.optimizer):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            try:
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        self._step(static_x, static_y, cache=False)
-            finally:
-                torch.cuda.current_stream().wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self._step(static_x, static_y, cache=False)
-        return graph, static_x, static_y, outputs, [group["lr"] for group in self.optimizer.param_groups]
-
-
-def trains_in(group: dict, epoch: int) -> bool:
-    """Whether a parameter group still learns in epoch `epoch` (0-based): its `until_epoch`, if any, is not over."""
-    return group["until_epoch"] is None or epoch < group["until_epoch"]
-
-
-def frozen_at(optimizer: torch.optim.Optimizer, epoch: int) -> list[nn.Parameter]:
-    """The parameters whose training epochs are over in epoch `epoch` (0-based)."""
-    return [p for group in optimizer.param_groups if not trains_in(group, epoch) for p in group["params"]]
-
-
-def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int,
-            epochs: range = range(1)) -> None:
-    """Run every batch shape and set of frozen parameters that training over `epochs` and evaluation will meet
-    (torch.compile compiles, cuDNN autotunes, CUDA graphs are captured), then restore the state, so this
-    one-time work happens before the clock starts and does not change the run. Call it after any checkpoint is
-    loaded: graphs hold the optimizer state's addresses."""
-    model, training = step.model, step.model.training
-    trainable = [p.requires_grad for p in step.params]
-    phases = {tuple(map(id, frozen)): frozen for frozen in (frozen_at(step.optimizer, e) for e in epochs)}
-    with restored_afterwards(model, step.optimizer):
-        x, y = next(iter(train_loader))
-        model.train()
-        for frozen in phases.values():
-            step.freeze(frozen)
-            for size in _batch_sizes(train_loader):
-                for _ in range(2):
-                    step(x[:size], y[:size])
-        model.eval()
-        for loader in eval_loaders:
-            x, _ = next(iter(loader))
-            with torch.inference_mode(), autocast(loader.device):
-                for size in _batch_sizes(loader):
-                    tta_logits(step.forward, x[:size], tta)
-    model.train(training)
-    for p, requires_grad in zip(step.params, trainable):
-        p.requires_grad_(requires_grad)
-
-
-def _batch_sizes(loader: Loader) -> set[int]:
-    """The full batch size and that of the last, partial batch."""
-    return {loader.batch_size, len(loader.images) % loader.batch_size or loader.batch_size}
 
 
 class CheckpointWriter:
@@ -317,11 +100,6 @@ def default_run_dir(runs_dir: Path, name: str | None) -> Path:
     return Path(runs_dir) / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class DivergedError(UserError):
     """The loss (or the gradient norm) became NaN or infinite."""
 
@@ -351,8 +129,9 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
     lock = RunLock(run_dir)
     try:
-        state = _train(cfg, Path(run_dir), dist, torch_device, lock, data_dir=data_dir, device_arg=device,
-                       resume=resume, test=test, on_epoch_end=on_epoch_end)
+        trainer = Trainer(cfg, Path(run_dir), dist, torch_device, lock, data_dir=data_dir, device_arg=device,
+                          resume=resume, test=test)
+        state = trainer.run(on_epoch_end)
         dist.barrier()  # leave together: a rank tearing down its connections early can abort the others
         return state
     finally:
@@ -360,225 +139,328 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
         dist.close()
 
 
-def _train(cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: RunLock, *, data_dir, device_arg,
-           resume: bool, test: bool, on_epoch_end) -> dict:
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
+RESUMED_KEYS = ("epoch", "best_val_acc", "best_epoch", "epochs_since_best", "stopped_early", "history",
+                "train_seconds")
 
-    if dist.is_main and run_dir.is_dir():
-        lock.acquire()  # before reading last.pt: another process may be training there
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(run_dir / "last.pt")
-    elif (run_dir / "last.pt").exists():
-        raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                         f"or pick another --name")
 
-    data = load_cifar10(data_dir)
-    (train_x, train_y), held_out = training_split(data, cfg.data)
-    val_x, val_y = held_out or (None, None)
-    shard = {"rank": dist.rank, "world_size": dist.world_size}
-    if 0 < len(train_x) % cfg.batch_size < dist.world_size:
-        raise ConfigError(f"config key 'batch_size': the last batch of each epoch would hold "
-                          f"{len(train_x) % cfg.batch_size} images, fewer than the {dist.world_size} processes")
-    train_loader = Loader(train_x, train_y, cfg.batch_size, device=device, augment=cfg.augment, shuffle=True,
-                          seed=cfg.seed, memory_format=CHANNELS_LAST, **shard)
-    val_loader = val_x is not None and Loader(val_x, val_y, cfg.eval_batch_size, device=device,
-                                              memory_format=CHANNELS_LAST, **shard)
-    test_loader = test and Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
-                                  memory_format=CHANNELS_LAST, **shard)
+class Trainer:
+    """One training run, in the order a reader meets it.
 
-    model = make_model(cfg, len(data.classes), train_x, device)
-    trained = dist.wrap(model, cfg.sync_batchnorm)  # DistributedDataParallel under torchrun; shares parameters
-    optimizer = build_optimizer(cfg, model, device)
-    step = TrainStep(trained, optimizer, cfg, device)
-    lookahead = Lookahead(model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps else None
-    state = {
-        "format": FORMAT, "model": cfg.model, "num_classes": len(data.classes),
-        "classes": list(data.classes), "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0,
-        "epochs_since_best": 0, "stopped_early": False, "history": [], "train_seconds": 0.0,
-    }
-    start_step, start_order = 0, None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model_state"])
-        optimizer.load_state_dict(checkpoint["optimizer_state"])
-        restore_rng(checkpoint, device, dist)
-        if lookahead is not None:
+    Setting up (`__init__`): the run folder (lock, resume or refuse), the data and its loaders, the model,
+    optimizer and step, and the state a checkpoint restores. `run`: the warm-up before the clock, the outputs
+    (run folder files, TensorBoard), then epoch after epoch: its steps (`_train_epoch`, with `_check_in` at
+    logging intervals: divergence, progress, mid-epoch checkpoints, signals) and its end (`_end_epoch`:
+    validation, best model and early stopping, checkpoint, logs). `state` is what checkpoints hold besides the
+    tensors; `start_step`/`start_order` the position a mid-epoch checkpoint resumes from.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: RunLock, *,
+                 data_dir: str | Path | None, device_arg: str | None, resume: bool, test: bool):
+        self.cfg, self.run_dir, self.dist, self.device, self.lock = cfg, run_dir, dist, device, lock
+        self.data_dir, self.device_arg, self.resume = data_dir, device_arg, resume
+        self.checkpoint = self._open_run()
+        train_images = self._load_data(test)
+        self._build_model(train_images)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.state = {
+            "format": FORMAT, "model": cfg.model, "num_classes": len(self.classes), "classes": list(self.classes),
+            "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
+            "history": [], "train_seconds": 0.0,
+        }
+        self.start_step, self.start_order = 0, None
+        self.last_good = "no checkpoint was saved yet"
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+        self.writer = _NoWriter()  # TensorBoard's SummaryWriter on rank 0, once the run folder is set up
+
+    # -- setting up ------------------------------------------------------------------------------------------
+
+    def _open_run(self) -> dict | None:
+        """Lock the run folder (before reading last.pt: another process may be training there); the checkpoint
+        to resume from, or None for a new run, which must not overwrite an earlier one."""
+        if self.dist.is_main and self.run_dir.is_dir():
+            self.lock.acquire()
+        if self.resume:
+            return load_checkpoint(self.run_dir / "last.pt")
+        if (self.run_dir / "last.pt").exists():
+            raise UsageError(f"run folder {self.run_dir} already holds a run: continue it with --resume "
+                             f"{self.run_dir}, or pick another --name")
+        return None
+
+    def _load_data(self, test: bool) -> torch.Tensor:
+        """The train, validation and (with `test`) test loaders, each rank on its shard; returns the training
+        images (some models initialise from them)."""
+        cfg, dist = self.cfg, self.dist
+        data = load_cifar10(self.data_dir)
+        (train_x, train_y), held_out = training_split(data, cfg.data)
+        shard = {"rank": dist.rank, "world_size": dist.world_size, "device": self.device,
+                 "memory_format": CHANNELS_LAST}
+        if 0 < len(train_x) % cfg.batch_size < dist.world_size:
+            raise ConfigError(f"config key 'batch_size': the last batch of each epoch would hold "
+                              f"{len(train_x) % cfg.batch_size} images, fewer than the {dist.world_size} processes")
+        self.classes = list(data.classes)
+        self.train_loader = Loader(train_x, train_y, cfg.batch_size, augment=cfg.augment, shuffle=True,
+                                   seed=cfg.seed, **shard)
+        self.val_loader = Loader(*held_out, cfg.eval_batch_size, **shard) if held_out else None
+        self.test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, **shard) if test else None
+        return train_x
+
+    def _build_model(self, train_images: torch.Tensor) -> None:
+        cfg = self.cfg
+        self.model = make_model(cfg, len(self.classes), train_images, self.device)
+        # DistributedDataParallel under torchrun, else the model itself; the parameters are shared
+        trained = self.dist.wrap(self.model, cfg.sync_batchnorm)
+        self.optimizer = build_optimizer(cfg, self.model, self.device)
+        self.step = TrainStep(trained, self.optimizer, cfg, self.device)
+        self.lookahead = Lookahead(self.model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps \
+            else None
+
+    def _restore(self, checkpoint: dict) -> None:
+        """Continue from `checkpoint`: weights, optimizer, RNG, lookahead average, progress and position."""
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        restore_rng(checkpoint, self.device, self.dist)
+        if self.lookahead is not None:
             for name, value in checkpoint["lookahead"].items():
-                lookahead.average[name].copy_(value)
-        state.update({k: checkpoint[k] for k in ("epoch", "best_val_acc", "best_epoch", "epochs_since_best",
-                                                 "stopped_early", "history", "train_seconds")})
-        start_step, start_order = checkpoint.get("step", 0), checkpoint.get("order")
-    if state["stopped_early"] or state["epoch"] >= cfg.epochs:
-        if dist.is_main:
-            print(f"{run_dir}: training already finished after {state['epoch']} epochs; nothing to do")
-        return state
+                self.lookahead.average[name].copy_(value)
+        self.state.update({k: checkpoint[k] for k in RESUMED_KEYS})
+        self.start_step, self.start_order = checkpoint.get("step", 0), checkpoint.get("order")
+        self.last_good = self._checkpoint_note(self.state["epoch"], self.start_step)
 
-    if cfg.compile or step.use_graphs:
-        started = time.perf_counter()
-        warm_up(step, train_loader, [loader for loader in (val_loader, test_loader) if loader], cfg.tta,
-                range(state["epoch"], cfg.epochs))
-        _sync(device)
-        if dist.is_main:
-            work = ", ".join(name for name, done in (("torch.compile", cfg.compile),
-                                                     ("cuDNN autotuning and CUDA graph capture", step.use_graphs))
-                             if done)
-            print(f"warm-up before the clock ({work}): {time.perf_counter() - started:.1f}s")
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    if dist.is_main:
-        ensure_writable_dir(run_dir)  # an unwritable folder fails here, before any training
-        if not lock.held:
-            lock.acquire()
-        remove_stale_temp_files(run_dir)  # from a killed run; the lock makes them surely no one else's
-        save_config(cfg, run_dir / "config.yaml")
-        record_session(run_dir, device, state["epoch"] + 1, dist.world_size)
-        # On resume, drop events an interrupted run logged after its last checkpoint.
-        writer = SummaryWriter(str(run_dir / "tensorboard"),
-                               purge_step=state["epoch"] * steps_per_epoch + start_step if resume else None)
-    else:
-        writer = _NoWriter()
-    checkpoints = CheckpointWriter(device)
-    last_good = f"the last good checkpoint is {run_dir / 'last.pt'} ({_position(state['epoch'], start_step)})" \
-        if checkpoint is not None else "no checkpoint was saved yet"
-    val_desc = f"{len(val_x)} val" if val_x is not None else "no validation"
-    processes = f", {dist.world_size} processes" if dist.active else ""
-    if dist.is_main:
-        print(f"training {cfg.model} on {device} for {cfg.epochs} epochs ({len(train_x)} train / {val_desc} "
-              f"images, {steps_per_epoch} steps per epoch{processes}) -> {run_dir}")
-    _sync(device)
-    session_started, seconds_before = time.perf_counter(), state["train_seconds"]
+    @property
+    def finished(self) -> bool:
+        return self.state["stopped_early"] or self.state["epoch"] >= self.cfg.epochs
 
-    def save(epoch_done: int, steps_done: int, totals: EpochTotals | None, order: torch.Tensor | None,
-             best: bool) -> None:
-        """Checkpoint after `steps_done` steps of epoch `epoch_done` + 1 (0: at the end of epoch `epoch_done`).
-        Collective under torchrun: every rank calls it, rank 0 writes."""
-        nonlocal last_good
-        rng = dist.gather(rng_state(device))
-        sums = dist.gather(_to_cpu(totals.local())) if totals is not None else None
-        if not dist.is_main:
-            return
-        state["train_seconds"] = seconds_before + time.perf_counter() - session_started
-        state.update(config=cfg.to_dict(), model_state=model.state_dict(),
-                     optimizer_state=optimizer.state_dict(), rng=rng[0], rng_ranks=rng if dist.active else [],
-                     lookahead=lookahead.average if lookahead is not None else {},
-                     step=steps_done, order=order, totals=sums)
-        checkpoints.write(run_dir, state, best=best)
-        last_good = f"the last good checkpoint is {run_dir / 'last.pt'} ({_position(epoch_done, steps_done)})"
+    # -- the run ---------------------------------------------------------------------------------------------
 
-    def interrupted(stop: StopRequest, epoch_done: int, steps_done: int) -> Interrupted:
-        checkpoints.wait()
-        dist.barrier()  # every rank stops here; none tears down while rank 0 still writes
-        name = signal.Signals(stop.signum).name if stop.signum else "a signal"
-        command = resume_command(run_dir, data_dir, device_arg, dist.active)
-        return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
-                           f"{run_dir / 'last.pt'}; resume with: {command}", stop.signum or signal.SIGTERM)
-
-    try:
-        with StopRequest() as stop:
-            for epoch in range(state["epoch"], cfg.epochs):
-                started = time.perf_counter()
-                model.train()
-                lr_at_start = learning_rate(cfg, epoch)
-                order = start_order if start_order is not None else train_loader.order(epoch)
-                step.freeze(frozen_at(optimizer, epoch))
-                totals = EpochTotals(device, saved_totals(checkpoint, dist) if start_step else None)
-                # Refreshed every log_every batches (maxinterval: tqdm's monitor would otherwise lower miniters).
-                bar = tqdm(train_loader.epoch(epoch, start_step, order), total=steps_per_epoch, initial=start_step,
-                           leave=False, dynamic_ncols=True, miniters=cfg.log_every, mininterval=0,
-                           maxinterval=float("inf"), desc=f"epoch {epoch + 1}/{cfg.epochs} train",
-                           disable=not dist.is_main)
-                for i, (x, y) in enumerate(bar, start=start_step):
-                    lr = learning_rate(cfg, epoch + i / steps_per_epoch)
-                    for group in optimizer.param_groups:
-                        step.set_lr(group, lr * group["lr_scale"] if trains_in(group, epoch) else 0.0)
-                    loss, logits, grad_norm = step(x, y)
-                    done = i + 1
-                    global_step = epoch * steps_per_epoch + done
-                    if lookahead is not None:
-                        lookahead.maybe_update(model, global_step, total_steps)
-                    totals.add(loss, logits, y, grad_norm)
-                    at_log = done % cfg.log_every == 0 or done == steps_per_epoch
-                    at_checkpoint = (cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
-                                     and done < steps_per_epoch)
-                    # The ranks must agree on stopping, so under torchrun they compare notes at logging intervals.
-                    if not (at_log or at_checkpoint or (stop.requested and not dist.active)):
-                        continue
-                    stopping, diverged = dist.any(stop.requested, not totals.finite())
-                    if diverged:
-                        bar.close()
-                        checkpoints.wait()
-                        dist.barrier()
-                        raise DivergedError(
-                            f"training diverged: the loss or gradient norm is NaN or infinite by epoch {epoch + 1}, "
-                            f"step {done} (checked every log_every={cfg.log_every} steps); {last_good}, and "
-                            f"best.pt is unchanged. Lower optimizer.lr, or resume with --resume {run_dir} "
-                            f"optimizer.lr=...")
-                    if at_log and dist.is_main:
-                        writer.add_scalar("Loss/train_step", loss.item(), global_step)
-                        seen = totals.seen.item()
-                        bar.set_postfix(loss=f"{totals.loss.item() / seen:.4f}",
-                                        acc=f"{totals.correct.item() / seen:.2%}", refresh=False)
-                    if done < steps_per_epoch and (at_checkpoint or stopping):
-                        save(epoch, done, totals, order, best=False)
-                        if stopping:
-                            bar.close()
-                            raise interrupted(stop, epoch, done)
-                bar.close()
-                start_step, start_order = 0, None
-                last_epoch = epoch + 1 == cfg.epochs
-                if lookahead is not None and last_epoch:
-                    lookahead.update(model, 1.0)  # finish on the averaged weights
-                sums = totals.global_sums(dist)
-                seen = sums["seen"].item()
-                metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,
-                           "train_acc": sums["correct"].item() / seen, "val_loss": None, "val_acc": None,
-                           "lr": lr_at_start, "grad_norm": sums["grad_norm"].item() / steps_per_epoch}
-                dist.share_buffers(model)  # every rank evaluates (and rank 0 saves) the same model
-                if val_loader:
-                    metrics["val_loss"], metrics["val_acc"] = evaluate_split(
-                        step.forward, val_loader, dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta)
-                if test_loader and last_epoch:
-                    _, metrics["test_acc"] = evaluate_split(step.forward, test_loader, dist, "test", cfg.tta)
-                _sync(device)
-                metrics["seconds"] = time.perf_counter() - started
-                state["history"].append(metrics)
-                state["epoch"] = epoch + 1
-                if val_loader:
-                    improved = metrics["val_acc"] > state["best_val_acc"]
-                    if improved:
-                        state.update(best_val_acc=metrics["val_acc"], best_epoch=epoch + 1, epochs_since_best=0)
-                    else:
-                        state["epochs_since_best"] += 1
-                    state["stopped_early"] = bool(cfg.patience) and state["epochs_since_best"] >= cfg.patience
-                else:  # without a validation set, the latest model counts as the best one
-                    improved = True
-                    state["best_epoch"] = epoch + 1
-                save(epoch + 1, 0, None, None, best=improved)
-                writer_step = (epoch + 1) * steps_per_epoch
-                _log_epoch(writer, metrics, writer_step)
-                if dist.is_main:
-                    tqdm.write(_summary(cfg, metrics) + ("  *best*" if improved and val_loader else ""))
-                if state["stopped_early"]:
-                    if dist.is_main:
-                        tqdm.write(f"early stopping: no validation improvement for {cfg.patience} epochs "
-                                   f"(best {state['best_val_acc']:.2%} at epoch {state['best_epoch']})")
-                    break
-                if on_epoch_end is not None:
-                    checkpoints.wait()
-                    if on_epoch_end(metrics):
+    def run(self, on_epoch_end: Callable[[dict], bool] | None = None) -> dict:
+        """Train the remaining epochs; returns the state of the last checkpoint."""
+        if self.finished:
+            if self.dist.is_main:
+                print(f"{self.run_dir}: training already finished after {self.state['epoch']} epochs; nothing to do")
+            return self.state
+        self._warm_up()
+        self._open_outputs()
+        self.checkpoints = CheckpointWriter(self.device)
+        self._announce()
+        sync(self.device)
+        self.session_started, self.seconds_before = time.perf_counter(), self.state["train_seconds"]
+        try:
+            with StopRequest() as self.stop:
+                for epoch in range(self.state["epoch"], self.cfg.epochs):
+                    started = time.perf_counter()
+                    self._train_epoch(epoch)
+                    if self._end_epoch(epoch, started, on_epoch_end):
                         break
-                if not last_epoch and dist.any(stop.requested)[0]:
-                    raise interrupted(stop, epoch + 1, 0)
-    finally:
-        writer.close()
-        checkpoints.close()
-    if dist.is_main:
-        if val_loader:
-            print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ",
+        finally:
+            self.writer.close()
+            self.checkpoints.close()
+        self._farewell()
+        return self.state
+
+    def _warm_up(self) -> None:
+        """Compile, autotune and capture CUDA graphs before the clock starts (when compiling or on one GPU)."""
+        if not (self.cfg.compile or self.step.use_graphs):
+            return
+        started = time.perf_counter()
+        evaluated = [loader for loader in (self.val_loader, self.test_loader) if loader is not None]
+        warm_up(self.step, self.train_loader, evaluated, self.cfg.tta, range(self.state["epoch"], self.cfg.epochs))
+        sync(self.device)
+        if self.dist.is_main:
+            work = ", ".join(name for name, done in (("torch.compile", self.cfg.compile),
+                                                     ("cuDNN autotuning and CUDA graph capture",
+                                                      self.step.use_graphs)) if done)
+            print(f"warm-up before the clock ({work}): {time.perf_counter() - started:.1f}s")
+
+    def _open_outputs(self) -> None:
+        """On rank 0: a writable, locked run folder without stale temp files, its config.yaml, the session in
+        environment.json and the TensorBoard writer."""
+        if not self.dist.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only needed here
+
+        ensure_writable_dir(self.run_dir)  # an unwritable folder fails here, before any training
+        if not self.lock.held:
+            self.lock.acquire()
+        remove_stale_temp_files(self.run_dir)  # from a killed run; the lock makes them surely no one else's
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        record_session(self.run_dir, self.device, self.state["epoch"] + 1, self.dist.world_size)
+        # On resume, drop events an interrupted run logged after its last checkpoint.
+        purge_step = self.state["epoch"] * self.steps_per_epoch + self.start_step if self.resume else None
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+
+    def _announce(self) -> None:
+        if not self.dist.is_main:
+            return
+        val = f"{len(self.val_loader.images)} val" if self.val_loader is not None else "no validation"
+        processes = f", {self.dist.world_size} processes" if self.dist.active else ""
+        print(f"training {self.cfg.model} on {self.device} for {self.cfg.epochs} epochs "
+              f"({len(self.train_loader.images)} train / {val} images, {self.steps_per_epoch} steps per epoch"
+              f"{processes}) -> {self.run_dir}")
+
+    def _farewell(self) -> None:
+        if not self.dist.is_main:
+            return
+        if self.val_loader is not None:
+            print(f"best validation accuracy {self.state['best_val_acc']:.2%} at epoch {self.state['best_epoch']}; ",
                   end="")
-        print(f"trained {state['train_seconds']:.1f}s; checkpoints in {run_dir} "
-              f"(evaluate with: cifarcnn evaluate {run_dir})")
-    return state
+        print(f"trained {self.state['train_seconds']:.1f}s; checkpoints in {self.run_dir} "
+              f"(evaluate with: cifarcnn evaluate {self.run_dir})")
+
+    # -- one epoch of steps ----------------------------------------------------------------------------------
+
+    def _train_epoch(self, epoch: int) -> None:
+        """The epoch's steps from `start_step` on; its running sums end in `self.totals`."""
+        cfg, start = self.cfg, self.start_step
+        self.model.train()
+        self.order = self.start_order if self.start_order is not None else self.train_loader.order(epoch)
+        self.step.freeze(frozen_at(self.optimizer, epoch))
+        self.totals = EpochTotals(self.device, saved_totals(self.checkpoint, self.dist) if start else None)
+        self.progress = Progress(self.train_loader.epoch(epoch, start, self.order), total=self.steps_per_epoch,
+                                 initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs} train",
+                                 refresh_every=cfg.log_every, enabled=self.dist.is_main)
+        try:
+            for i, (x, y) in enumerate(self.progress, start=start):
+                loss = self._step(epoch, i, x, y)
+                done = i + 1
+                at_log = done % cfg.log_every == 0 or done == self.steps_per_epoch
+                global_step = epoch * self.steps_per_epoch + done
+                at_checkpoint = (cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
+                                 and done < self.steps_per_epoch)
+                # The ranks must agree on stopping, so under torchrun they compare notes at logging intervals.
+                if at_log or at_checkpoint or (self.stop.requested and not self.dist.active):
+                    self._check_in(epoch, done, loss, at_log, at_checkpoint)
+        finally:
+            self.progress.close()
+        self.start_step, self.start_order = 0, None
+
+    def _step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Step `i` of epoch `epoch` (0-based): learning rates, the optimisation step, lookahead, running sums."""
+        lr = learning_rate(self.cfg, epoch + i / self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            self.step.set_lr(group, lr * group["lr_scale"] if trains_in(group, epoch) else 0.0)
+        loss, logits, grad_norm = self.step(x, y)
+        if self.lookahead is not None:
+            self.lookahead.maybe_update(self.model, epoch * self.steps_per_epoch + i + 1, self.total_steps)
+        self.totals.add(loss, logits, y, grad_norm)
+        return loss
+
+    def _check_in(self, epoch: int, done: int, loss: torch.Tensor, at_log: bool, at_checkpoint: bool) -> None:
+        """After `done` steps of epoch `epoch`: stop on a NaN, log progress, save a mid-epoch checkpoint when one
+        is due or a signal came, and stop after saving on a signal (every rank takes the same branch)."""
+        stopping, diverged = self.dist.any(self.stop.requested, not self.totals.finite())
+        if diverged:
+            self.progress.close()
+            self.checkpoints.wait()
+            self.dist.barrier()
+            raise DivergedError(
+                f"training diverged: the loss or gradient norm is NaN or infinite by epoch {epoch + 1}, step "
+                f"{done} (checked every log_every={self.cfg.log_every} steps); {self.last_good}, and best.pt is "
+                f"unchanged. Lower optimizer.lr, or resume with --resume {self.run_dir} optimizer.lr=...")
+        if at_log and self.dist.is_main:
+            self.writer.add_scalar("Loss/train_step", loss.item(), epoch * self.steps_per_epoch + done)
+            seen = self.totals.seen.item()
+            self.progress.show(done, loss=f"{self.totals.loss.item() / seen:.4f}",
+                               acc=f"{self.totals.correct.item() / seen:.2%}")
+        if done < self.steps_per_epoch and (at_checkpoint or stopping):
+            self._save(epoch, done, self.totals, self.order, best=False)
+            if stopping:
+                self.progress.close()
+                raise self._interrupted(epoch, done)
+
+    # -- the end of an epoch ---------------------------------------------------------------------------------
+
+    def _end_epoch(self, epoch: int, started: float, on_epoch_end: Callable[[dict], bool] | None) -> bool:
+        """Validate, track the best model, save, log; whether the run stops here (early stopping or
+        `on_epoch_end`); raises `Interrupted` when a signal came during the epoch."""
+        metrics = self._epoch_metrics(epoch, started)
+        improved = self._track_best(metrics)
+        self._save(epoch + 1, 0, None, None, best=improved)
+        _log_epoch(self.writer, metrics, (epoch + 1) * self.steps_per_epoch)
+        if self.dist.is_main:
+            tqdm.write(_summary(self.cfg, metrics) + ("  *best*" if improved and self.val_loader is not None else ""))
+        if self.state["stopped_early"]:
+            if self.dist.is_main:
+                tqdm.write(f"early stopping: no validation improvement for {self.cfg.patience} epochs "
+                           f"(best {self.state['best_val_acc']:.2%} at epoch {self.state['best_epoch']})")
+            return True
+        if on_epoch_end is not None:
+            self.checkpoints.wait()
+            if on_epoch_end(metrics):
+                return True
+        if epoch + 1 < self.cfg.epochs and self.dist.any(self.stop.requested)[0]:
+            raise self._interrupted(epoch + 1, 0)
+        return False
+
+    def _epoch_metrics(self, epoch: int, started: float) -> dict:
+        """The epoch's training sums over all ranks, validation (and after the last epoch, with --test, test)
+        results and seconds; appended to the history."""
+        cfg, last_epoch = self.cfg, epoch + 1 == self.cfg.epochs
+        if self.lookahead is not None and last_epoch:
+            self.lookahead.update(self.model, 1.0)  # finish on the averaged weights
+        sums = self.totals.global_sums(self.dist)
+        seen = sums["seen"].item()
+        metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,
+                   "train_acc": sums["correct"].item() / seen, "val_loss": None, "val_acc": None,
+                   "lr": learning_rate(cfg, epoch), "grad_norm": sums["grad_norm"].item() / self.steps_per_epoch}
+        self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
+        if self.val_loader is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate_split(
+                self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta)
+        if self.test_loader is not None and last_epoch:
+            _, metrics["test_acc"] = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", cfg.tta)
+        sync(self.device)
+        metrics["seconds"] = time.perf_counter() - started
+        self.state["history"].append(metrics)
+        self.state["epoch"] = epoch + 1
+        return metrics
+
+    def _track_best(self, metrics: dict) -> bool:
+        """Whether this epoch's model is the best so far; updates the early-stopping count."""
+        state = self.state
+        if self.val_loader is None:  # without a validation set, the latest model counts as the best one
+            state["best_epoch"] = metrics["epoch"]
+            return True
+        improved = metrics["val_acc"] > state["best_val_acc"]
+        if improved:
+            state.update(best_val_acc=metrics["val_acc"], best_epoch=metrics["epoch"], epochs_since_best=0)
+        else:
+            state["epochs_since_best"] += 1
+        state["stopped_early"] = bool(self.cfg.patience) and state["epochs_since_best"] >= self.cfg.patience
+        return improved
+
+    # -- checkpoints and stopping ----------------------------------------------------------------------------
+
+    def _save(self, epoch_done: int, steps_done: int, totals: EpochTotals | None, order: torch.Tensor | None,
+              best: bool) -> None:
+        """Checkpoint after `steps_done` steps of epoch `epoch_done` + 1 (0: at the end of epoch `epoch_done`).
+        Collective under torchrun: every rank calls it, rank 0 writes (on a background thread)."""
+        rng = self.dist.gather(rng_state(self.device))
+        sums = self.dist.gather(_to_cpu(totals.local())) if totals is not None else None
+        if not self.dist.is_main:
+            return
+        state = self.state
+        state["train_seconds"] = self.seconds_before + time.perf_counter() - self.session_started
+        state.update(config=self.cfg.to_dict(), model_state=self.model.state_dict(),
+                     optimizer_state=self.optimizer.state_dict(), rng=rng[0],
+                     rng_ranks=rng if self.dist.active else [],
+                     lookahead=self.lookahead.average if self.lookahead is not None else {},
+                     step=steps_done, order=order, totals=sums)
+        self.checkpoints.write(self.run_dir, state, best=best)
+        self.last_good = self._checkpoint_note(epoch_done, steps_done)
+
+    def _checkpoint_note(self, epoch_done: int, steps_done: int) -> str:
+        return f"the last good checkpoint is {self.run_dir / 'last.pt'} ({_position(epoch_done, steps_done)})"
+
+    def _interrupted(self, epoch_done: int, steps_done: int) -> Interrupted:
+        """The error that ends a run stopped by a signal, once its checkpoint is on disk."""
+        self.checkpoints.wait()
+        self.dist.barrier()  # every rank stops here; none tears down while rank 0 still writes
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal"
+        command = resume_command(self.run_dir, self.data_dir, self.device_arg, self.dist.active)
+        return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
+                           f"{self.run_dir / 'last.pt'}; resume with: {command}", self.stop.signum or signal.SIGTERM)
 
 
 def _position(epoch_done: int, steps_done: int) -> str:

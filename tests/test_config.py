@@ -1,20 +1,120 @@
+"""Config files, presets, overrides and validation; where the command line takes its config from."""
+
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cifarcnn.cli import main
-from cifarcnn.config import Config, apply_overrides, load_config, make_config
-from cifarcnn.errors import ConfigError
+import cifarcnn
+from cifarcnn.cli import build_parser, config_from_args, main
+from cifarcnn.config import (
+    Config,
+    apply_overrides,
+    load_config,
+    load_preset,
+    make_config,
+    parse_yaml,
+    preset_description,
+    preset_names,
+    preset_text,
+)
+from cifarcnn.errors import ConfigError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_root_config_matches_the_defaults_and_every_key_is_known():
-    values = yaml.safe_load((ROOT / "config.yaml").read_text())
+def test_seed_preset_matches_the_defaults_and_every_key_is_known():
+    values = yaml.safe_load(preset_text("seed"))
     cfg = make_config(values)
-    assert cfg == Config()
+    assert cfg == Config() == load_preset("seed")
     assert cfg.optimizer.lr == 1e-3 and cfg.batch_size == 128 and cfg.epochs == 50 and cfg.patience == 10
+
+
+def test_root_config_is_the_packaged_seed_preset():
+    root_config = ROOT / "config.yaml"
+    assert root_config.is_symlink()
+    assert root_config.resolve() == ROOT / "cifarcnn" / "presets" / "seed.yaml"
+    assert root_config.read_text() == preset_text("seed")
+
+
+def test_every_preset_loads_and_starts_with_its_one_line_description():
+    assert preset_names() == sorted(p.stem for p in (ROOT / "cifarcnn" / "presets").glob("*.yaml"))
+    for name in preset_names():
+        assert preset_text(name).startswith(f"# {name}: "), name
+        description = preset_description(name)
+        assert description and "\n" not in description and not description.startswith(name)
+        assert isinstance(load_preset(name), Config)
+    assert load_preset("fast", ["epochs=3"]).epochs == 3 and load_preset("fast").model == "fastnet"
+
+
+def test_an_unknown_preset_is_a_usage_error_naming_the_presets(capsys):
+    with pytest.raises(UsageError, match="fast, seed"):
+        load_preset("nope")
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "'nope'" in capsys.readouterr().err
+
+
+def test_presets_command_lists_each_preset_with_its_description(capsys):
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == preset_names()
+    for name, line in zip(preset_names(), lines):
+        assert line.split(None, 1)[1] == preset_description(name)
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "check", "show-batch"])
+def test_help_of_every_config_command_lists_the_presets(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in preset_names():
+        assert f"  {name}  " in out and preset_description(name) in out
+    assert "cifarcnn presets" in out  # the --preset help
+
+
+def test_version_comes_from_the_installed_metadata(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"cifarcnn {metadata.version('cifarcnn')}\n"
+    assert cifarcnn.__version__ == metadata.version("cifarcnn")
+
+
+def resolved(*argv: str) -> Config:
+    """The config `cifarcnn check ARGV` would use."""
+    return config_from_args(build_parser().parse_args(["check", *argv]))
+
+
+def test_config_comes_from_config_then_preset_then_the_current_folder_then_seed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert resolved() == load_preset("seed")  # no ./config.yaml: the packaged seed
+    local = preset_text("seed").replace("epochs: 50", "epochs: 7").replace("model: simple_cnn", "model: fastnet")
+    (tmp_path / "config.yaml").write_text(local)
+    assert (resolved().epochs, resolved().model) == (7, "fastnet")  # ./config.yaml
+    assert main(["check"]) == 0 and "fastnet" in capsys.readouterr().out
+    (tmp_path / "other.yaml").write_text("epochs: 3\n")
+    assert (resolved("--config", "other.yaml").epochs, resolved("--config", "other.yaml").model) == (3, "simple_cnn")
+    assert resolved("--preset", "seed") == load_preset("seed")  # the packaged seed, not ./config.yaml
+    assert resolved("--preset", "seed", "epochs=2").epochs == 2
+
+
+def test_config_and_preset_errors_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--config", "missing.yaml"]) == 2
+    assert "file not found" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("epochs: 2\n")
+    assert main(["check", "--config", "c.yaml", "--preset", "fast"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_yaml_errors_name_their_source():
+    with pytest.raises(ConfigError, match="preset x is not valid YAML"):
+        parse_yaml("epochs: [1, 2\n", "preset x")
+    with pytest.raises(ConfigError, match="preset x must hold a mapping"):
+        parse_yaml("- a list\n", "preset x")
+    assert parse_yaml("", "preset x") == {}
 
 
 def test_overrides_are_typed_and_nested():

@@ -1,22 +1,26 @@
 """Presets, the fast recipe's pieces (FastNet, lookahead, schedules, TTA) and the bench command."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarcnn.cli import main, preset_names
-from cifarcnn.config import Config, make_config
+from cifarcnn.cli import main
+from cifarcnn.config import Config, make_config, preset_names, preset_text
 from cifarcnn.evaluate import tta_logits
 from cifarcnn.model import build_model
-from cifarcnn.train import Lookahead, build_optimizer, learning_rate
+from cifarcnn.step import Lookahead, build_optimizer, learning_rate
 
 TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]
 
 
 def test_presets_are_listed_and_seed_is_the_root_config(tmp_path, capsys, monkeypatch):
     assert {"seed", "fast"} <= set(preset_names())
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "config.yaml").read_text() == preset_text("seed")  # the root file links to the packaged one
+    monkeypatch.chdir(tmp_path)  # the packaged presets do not depend on the current folder
     assert main(["check", "--preset", "seed"]) == 0
     assert "simple_cnn" in capsys.readouterr().out
     assert main(["check", "--preset", "fast"]) == 0
@@ -197,7 +201,7 @@ def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_
 def _fresh_cpu_step(cfg, train_epochs=None):
     """A seeded SimpleCNN and its TrainStep on the CPU: two calls give identical starting points.
     `train_epochs` (parameter name -> epochs) limits how long some parameters train."""
-    from cifarcnn.train import TrainStep
+    from cifarcnn.step import TrainStep
 
     torch.manual_seed(0)
     model = build_model("simple_cnn")
@@ -214,7 +218,7 @@ def _assert_same_state(reference, other):
 def test_warm_up_steps_leave_no_trace(optimizer_name):
     """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go on
     exactly as if they never happened, from a fresh optimizer and from one mid-training."""
-    from cifarcnn.train import restored_afterwards
+    from cifarcnn.step import restored_afterwards
 
     cfg = make_config({}, [f"optimizer.name={optimizer_name}", "optimizer.nesterov=true", "optimizer.lr=0.01",
                            "optimizer.weight_decay=0.001"])
@@ -235,7 +239,7 @@ def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
     """warm_up runs every train and eval batch shape and set of frozen parameters (as compile and CUDA graphs
     need); the run must not notice."""
     from cifarcnn.data import Loader, load_cifar10
-    from cifarcnn.train import warm_up
+    from cifarcnn.step import warm_up
 
     cfg = make_config({}, ["optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.01", "tta=2"])
     data = load_cifar10(cifar_root)
@@ -264,7 +268,7 @@ def test_freezing_the_whitening_bias_skips_its_backward_and_changes_no_update():
     skipped: the same weights as giving it learning rate 0, for fewer FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cifarcnn.train import TrainStep, frozen_at
+    from cifarcnn.step import TrainStep, frozen_at
 
     cfg = make_config({}, ["model=fastnet", "optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.05",
                            "optimizer.weight_decay=0.001"])

@@ -1,4 +1,7 @@
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,8 @@ from cifarcnn.cli import main
 from cifarcnn.config import Config, make_config
 from cifarcnn.errors import UserError
 from cifarcnn.evaluate import evaluate
-from cifarcnn.train import learning_rate, train
+from cifarcnn.step import learning_rate
+from cifarcnn.train import train
 
 TAGS = {"Loss/train", "Loss/val", "Accuracy/train", "Accuracy/val", "LearningRate", "GradientNorm"}
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
@@ -207,3 +211,46 @@ def test_a_checkpoint_for_another_architecture_names_the_mismatch(trained_run, t
     assert main(["evaluate", str(tmp_path / "other.pt")]) == 1
     err = capsys.readouterr().err
     assert "7 classes" in err and "fc2" in err
+
+
+def test_output_redirected_to_a_file_holds_plain_lines_and_every_epoch_summary(tmp_path, cifar_root, small_overrides):
+    from tests.helpers import child_env
+
+    args = ["train", *small_overrides, "epochs=3", "--data-dir", str(cifar_root), "--runs-dir", str(tmp_path),
+            "--name", "r", "--device", "cpu"]
+    # stdout and stderr are pipes, not terminals; read as bytes, since text mode would turn \r into \n
+    done = subprocess.run([sys.executable, "-m", "cifarcnn", *args], cwd=tmp_path, env=child_env(),
+                          capture_output=True, timeout=240)
+    out = (done.stdout + done.stderr).decode()
+    assert done.returncode == 0, out
+    assert "\r" not in out  # no progress-bar frames
+    for epoch in (1, 2, 3):
+        summary = rf"^epoch +{epoch}/3  train loss [\d.]+ acc [\d.]+%  val loss [\d.]+ acc [\d.]+%  lr \S+  [\d.]+s"
+        assert re.search(summary, out, re.M), out
+    assert "it/s" not in out and "train:" not in out  # neither the training nor the validation bar
+
+
+def test_a_log_gets_one_progress_line_per_interval_at_most(tmp_path, cifar_root, small_overrides, capsys,
+                                                           monkeypatch):
+    from cifarcnn import progress
+
+    monkeypatch.setattr(progress, "PLAIN_LINE_SECONDS", 0.0)  # every logging interval is due
+    train(make_config({}, [*small_overrides, "epochs=1"]), tmp_path / "r", data_dir=cifar_root, device="cpu")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    # 500 training images in batches of 64: 8 steps, logged every 2
+    assert re.findall(r"^epoch 1/1 train (\d)/8  loss \d\.\d{4}  acc [\d.]+%$", err, re.M) == ["2", "4", "6", "8"]
+    monkeypatch.setattr(progress, "PLAIN_LINE_SECONDS", 3600.0)
+    train(make_config({}, [*small_overrides, "epochs=1"]), tmp_path / "r2", data_dir=cifar_root, device="cpu")
+    assert "train 2/8" not in capsys.readouterr().err
+
+
+def test_a_terminal_gets_a_live_bar(monkeypatch, capsys):
+    from cifarcnn import progress
+
+    monkeypatch.setattr(progress, "on_terminal", lambda: True)
+    bar = progress.Progress(range(4), total=4, desc="epoch 1/1 train")
+    for i in bar:
+        bar.show(i + 1, loss="0.5")
+    bar.close()
+    assert "\r" in capsys.readouterr().err
