@@ -25,6 +25,7 @@ from cifarcnn.data import Loader, load_cifar10
 from cifarcnn.device import select_device
 from cifarcnn.distributed import Dist
 from cifarcnn.evaluate import evaluate_split
+from cifarcnn.precision import choose
 from cifarcnn.storage import atomic_write_json
 from cifarcnn.train import train
 
@@ -50,7 +51,8 @@ def main() -> int:
             started = time.perf_counter()
             checkpoint = load_checkpoint(run_dir / "last.pt")
             model = model_from_checkpoint(checkpoint, run_dir / "last.pt").to(device, memory_format=torch.channels_last)
-            _, point["test_acc"] = evaluate_split(model, test_loader, Dist(), None, cfg.tta)
+            precision = choose(cfg.precision, device).name
+            _, point["test_acc"] = evaluate_split(model, test_loader, Dist(), None, cfg.tta, precision)
             point["eval_seconds"] = time.perf_counter() - started
         curve.append(point)
         print(json.dumps(point), flush=True)

@@ -9,6 +9,7 @@ in the same process, and the median round counts, so their ratio is fair even on
 
 from __future__ import annotations
 
+import functools
 import itertools
 import platform
 import statistics
@@ -23,6 +24,7 @@ from .data import Loader, load_cifar10, training_split
 from .device import select_device
 from .errors import ConfigError
 from .evaluate import predict_logits
+from .precision import choose
 from .step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync, warm_up
 from .storage import atomic_write_json
 
@@ -52,6 +54,7 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
                          memory_format=CHANNELS_LAST)
     model = make_model(cfg, len(data.classes), train_x, device)
     step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device)
+    precision = choose(cfg.precision, device)
     if cfg.compile:
         warm_up(step, loader, [test_loader], cfg.tta)
     model.train()
@@ -71,13 +74,14 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
     for _ in range(rounds):
         pipeline.append(_rate(one_epoch, 1, images, device))
         compute.append(_rate(lambda: step(fixed_x, fixed_y), steps, cfg.batch_size, device))
-    predict_logits(step.forward, test_loader, tta=cfg.tta)  # warm-up
-    evaluation = _rate(lambda: predict_logits(step.forward, test_loader, tta=cfg.tta), 1, len(data.test_images),
-                       device)
+    evaluate = functools.partial(predict_logits, step.forward, test_loader, tta=cfg.tta, precision=precision.name)
+    evaluate()  # warm-up
+    evaluation = _rate(evaluate, 1, len(data.test_images), device)
     result = {
         "model": cfg.model, "device": str(device), "device_name": _device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
         "eval_batch_size": cfg.eval_batch_size, "tta": cfg.tta, "compile": cfg.compile,
+        "precision": precision.name, "precision_reason": precision.reason,
         "steps_per_round": steps, "rounds": rounds,
         "train_images_per_s": statistics.median(pipeline),
         "compute_only_images_per_s": statistics.median(compute),
@@ -97,6 +101,7 @@ def _device_name(device: torch.device) -> str:
 def report(result: dict, out: Path | None) -> None:
     print(f"bench {result['model']} on {result['device']} ({result['device_name']}, torch {result['torch']}, "
           f"{result['threads']} threads), batch {result['batch_size']}")
+    print(f"  precision: {result['precision']} ({result['precision_reason']})")
     print(f"  training, full pipeline:  {result['train_images_per_s']:>10,.0f} images/s")
     print(f"  training, compute only:   {result['compute_only_images_per_s']:>10,.0f} images/s")
     print(f"  pipeline / compute only:  {result['pipeline_over_compute']:>10.1%}")

@@ -50,9 +50,10 @@ def read_sessions(run_dir: Path) -> list[dict]:
     return [s for s in sessions if isinstance(s, dict)]
 
 
-def record_session(run_dir: Path, device: torch.device, first_epoch: int, processes: int = 1) -> None:
-    """Append this training session (a fresh start or a resume; `processes` under torchrun) to
-    RUN/environment.json."""
+def record_session(run_dir: Path, device: torch.device, first_epoch: int, processes: int = 1,
+                   extra: dict | None = None) -> None:
+    """Append this training session (a fresh start or a resume; `processes` under torchrun; `extra`, e.g. the
+    precision chosen and why) to RUN/environment.json."""
     entry = {"started": datetime.now().astimezone().isoformat(timespec="seconds"), "first_epoch": first_epoch,
-             "processes": processes, **describe(device)}
+             "processes": processes, **describe(device), **(extra or {})}
     atomic_write_json(Path(run_dir) / FILE, {"sessions": [*read_sessions(run_dir), entry]})

@@ -30,6 +30,18 @@ class ConvBlock(nn.Module):
         return F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
 
 
+class ClassifierHead(nn.Linear):
+    """The last linear layer, computed in fp32 even under bf16 autocast: bf16 logits carry about three significant
+    digits, so two close classes would often tie, and the loss would see rounded logits. (Under no autocast,
+    e.g. in an ONNX export, it is a plain Linear.)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
 class SimpleCNN(nn.Module):
     """Three conv blocks (32/64/128 channels), then FC 2048 -> 512 -> classes."""
 
@@ -40,7 +52,7 @@ class SimpleCNN(nn.Module):
         self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(widths, widths[1:])))
         side = config.image_size // 2 ** len(config.channels)
         self.fc1 = nn.Linear(config.channels[-1] * side * side, config.hidden)
-        self.fc2 = nn.Linear(config.hidden, config.num_classes)
+        self.fc2 = ClassifierHead(config.hidden, config.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(x).flatten(1)
@@ -102,7 +114,7 @@ class FastNet(nn.Module):
         self.whiten.weight.requires_grad = False
         widths = (config.whiten_width, *config.widths)
         self.blocks = nn.Sequential(*(FastBlock(a, b, config.bn_momentum) for a, b in zip(widths, widths[1:])))
-        self.head = nn.Linear(widths[-1], config.num_classes, bias=False)
+        self.head = ClassifierHead(widths[-1], config.num_classes, bias=False)
         # The whitening bias learns in the first epochs only, then stays (the trainer reads this).
         self.train_epochs = {"whiten.bias": config.whiten_bias_epochs}
 

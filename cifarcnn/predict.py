@@ -21,6 +21,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoi
 from .device import select_device
 from .errors import UsageError
 from .images import ImageReadError, find_images, load_image, to_model_input
+from .precision import autocast, choose
 from .progress import bar_disabled
 from .storage import atomic_write_json, atomic_write_text
 
@@ -55,8 +56,8 @@ def _decoded(files: Sequence[Path], workers: int) -> Iterator[np.ndarray | str]:
 
 @torch.inference_mode()
 def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
-                  batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False
-                  ) -> list[FileResult]:
+                  batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False,
+                  precision: str = "fp32") -> list[FileResult]:
     """One FileResult per file, in order: its top-k classes, or why it could not be read."""
     model.eval()
     results = [FileResult(path) for path in files]
@@ -64,8 +65,11 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
     arrays: list[np.ndarray] = []
 
     def flush() -> None:
-        probabilities = model(to_model_input(np.stack(arrays), device)).float().softmax(1)
-        values, indices = probabilities.topk(top_k, dim=1)
+        with autocast(device, precision):
+            logits = model(to_model_input(np.stack(arrays), device).contiguous(memory_format=torch.channels_last))
+        probabilities = logits.float().softmax(1)
+        # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
+        values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
         for i, vals, idx in zip(pending, values.tolist(), indices.tolist()):
             results[i].top = [(classes[c], p) for c, p in zip(idx, vals)]
         pending.clear()
@@ -178,12 +182,13 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     if not 1 <= top_k <= len(classes):
         raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
     torch_device = select_device(device)
-    model = model_from_checkpoint(checkpoint, ckpt_path).to(torch_device)
+    model = model_from_checkpoint(checkpoint, ckpt_path).to(torch_device, memory_format=torch.channels_last)
+    precision = choose(checkpoint["config"].get("precision", "auto"), torch_device).name  # as evaluate
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
     results = predict_files(model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
-                            workers=workers, progress=not quiet and sys.stderr.isatty())
+                            workers=workers, progress=not quiet and sys.stderr.isatty(), precision=precision)
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import Loader, normalize_
-from .evaluate import autocast, tta_logits
+from .evaluate import tta_logits
 from .model import build_model
+from .precision import autocast, choose
 
 CHANNELS_LAST = torch.channels_last
 
@@ -128,6 +129,8 @@ class TrainStep:
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.use_graphs = device.type == "cuda" and not self.distributed
         self.graphs: dict[tuple, tuple] = {}
+        choice = choose(cfg.precision, device)  # "bf16": autocast (precision.py)
+        self.precision, self.precision_reason = choice.name, choice.reason
 
     def freeze(self, frozen: list[nn.Parameter]) -> None:
         """Compute no gradient for `frozen` (the other parameters train), which also skips the backward only they
@@ -147,7 +150,7 @@ class TrainStep:
             group["lr"] = lr
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, cache: bool = True):
-        with autocast(self.device, cache):
+        with autocast(self.device, self.precision, cache):
             logits = self.forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -160,7 +163,7 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
             return self._step(x, y)
-        key = (tuple(x.shape), x.stride(), tuple(p.requires_grad for p in self.params))
+        key = (tuple(x.shape), x.stride(), tuple(p.requires_grad for p in self.params), self.precision)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(x, y)
@@ -231,7 +234,7 @@ def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], t
         model.eval()
         for loader in eval_loaders:
             x, _ = next(iter(loader))
-            with torch.inference_mode(), autocast(loader.device):
+            with torch.inference_mode(), autocast(loader.device, step.precision):
                 for size in _batch_sizes(loader):
                     tta_logits(step.forward, x[:size], tta)
     model.train(training)

@@ -285,7 +285,8 @@ class Trainer:
             self.lock.acquire()
         remove_stale_temp_files(self.run_dir)  # from a killed run; the lock makes them surely no one else's
         save_config(self.cfg, self.run_dir / "config.yaml")
-        record_session(self.run_dir, self.device, self.state["epoch"] + 1, self.dist.world_size)
+        record_session(self.run_dir, self.device, self.state["epoch"] + 1, self.dist.world_size,
+                       {"precision": self.step.precision, "precision_reason": self.step.precision_reason})
         # On resume, drop events an interrupted run logged after its last checkpoint.
         purge_step = self.state["epoch"] * self.steps_per_epoch + self.start_step if self.resume else None
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
@@ -298,6 +299,7 @@ class Trainer:
         print(f"training {self.cfg.model} on {self.device} for {self.cfg.epochs} epochs "
               f"({len(self.train_loader.images)} train / {val} images, {self.steps_per_epoch} steps per epoch"
               f"{processes}) -> {self.run_dir}")
+        print(f"precision: {self.step.precision} ({self.step.precision_reason})")
 
     def _farewell(self) -> None:
         if not self.dist.is_main:
@@ -407,9 +409,11 @@ class Trainer:
         self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
         if self.val_loader is not None:
             metrics["val_loss"], metrics["val_acc"] = evaluate_split(
-                self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta)
+                self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
+                self.step.precision)
         if self.test_loader is not None and last_epoch:
-            _, metrics["test_acc"] = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", cfg.tta)
+            _, metrics["test_acc"] = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", cfg.tta,
+                                                    self.step.precision)
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)

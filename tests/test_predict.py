@@ -12,6 +12,7 @@ from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.cli import main
 from cifarcnn.data import CLASSES, Loader, load_cifar10
 from cifarcnn.evaluate import evaluate, predict_logits
+from cifarcnn.precision import choose
 
 
 def write_pngs(images: torch.Tensor, labels: torch.Tensor, root):
@@ -48,8 +49,10 @@ def test_folder_labels_give_the_same_accuracy_and_probabilities_as_evaluate(trai
 
     # every file's probabilities are what the model gives the same image through the test loader
     checkpoint = load_checkpoint(trained_run_dir / "best.pt")
-    logits, _ = predict_logits(model_from_checkpoint(checkpoint), Loader(data.test_images, data.test_labels, 50,
-                                                                         device="cpu"))
+    precision = choose(checkpoint["config"]["precision"], torch.device("cpu")).name  # the run's, as evaluate
+    model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
+    loader = Loader(data.test_images, data.test_labels, 50, device="cpu", memory_format=torch.channels_last)
+    logits, _ = predict_logits(model, loader, precision=precision)
     probabilities = logits.softmax(1)
     assert len(saved["results"]) == len(data.test_labels)
     for record in saved["results"]:
