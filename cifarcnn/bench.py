@@ -9,6 +9,7 @@ in the same process, and the median round counts, so their ratio is fair even on
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import platform
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
 from .data import Loader, load_cifar10, training_split
@@ -36,6 +38,27 @@ def _rate(fn: Callable[[], object], calls: int, images_per_call: int, device: to
         fn()
     sync(device)
     return calls * images_per_call / (time.perf_counter() - started)
+
+
+def train_flops_per_image(model: torch.nn.Module, image_size: int = 32, batch: int = 8) -> float:
+    """FLOPs of one training step's forward and backward per image (convolutions and matmuls, as
+    torch.utils.flop_counter counts them), on a CPU copy of `model` in fp32: the count does not depend on the
+    precision or the device."""
+    replica = copy.deepcopy(model).float().cpu().train()
+    x = torch.randn(batch, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter:
+        replica(x).float().logsumexp(1).sum().backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_flops_per_s(device: torch.device, precision: str, size: int = 2048, repeats: int = 5) -> float:
+    """The device's dense matmul rate (size x size, in `precision`), the ceiling model FLOPs utilisation is
+    measured against: the median of `repeats` timed products after one warm-up."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    rates = [_rate(lambda: a @ b, 1, 1, device) * 2 * size**3 for _ in range(repeats)]
+    return statistics.median(rates)
 
 
 def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None = None, steps: int = 30,
@@ -89,7 +112,18 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
         "train_rounds": pipeline, "compute_only_rounds": compute,
     }
     result["pipeline_over_compute"] = result["train_images_per_s"] / result["compute_only_images_per_s"]
+    result.update(utilisation(model, device, precision.name, result["train_images_per_s"]))
     return result
+
+
+def utilisation(model: torch.nn.Module, device: torch.device, precision: str, images_per_s: float) -> dict:
+    """FLOPs per training image, the training FLOP/s they make at `images_per_s`, the device's matmul FLOP/s in
+    the same precision, and their ratio: model FLOPs utilisation (MFU)."""
+    flops = train_flops_per_image(model)
+    peak = matmul_flops_per_s(device, precision)
+    achieved = flops * images_per_s
+    return {"train_flops_per_image": flops, "train_flops_per_s": achieved, "matmul_flops_per_s": peak,
+            "matmul_precision": precision, "mfu": achieved / peak}
 
 
 def _device_name(device: torch.device) -> str:
@@ -107,6 +141,10 @@ def report(result: dict, out: Path | None) -> None:
     print(f"  pipeline / compute only:  {result['pipeline_over_compute']:>10.1%}")
     print(f"  evaluation (batch {result['eval_batch_size']}, tta {result['tta']}): "
           f"{result['eval_images_per_s']:,.0f} images/s")
+    print(f"  model FLOPs per training image: {result['train_flops_per_image'] / 1e6:,.1f} MFLOP (forward + backward)")
+    print(f"  training, full pipeline: {result['train_flops_per_s'] / 1e9:,.1f} GFLOP/s of "
+          f"{result['matmul_flops_per_s'] / 1e9:,.1f} GFLOP/s ({result['matmul_precision']} dense matmul here): "
+          f"MFU {result['mfu']:.1%}")
     if out is not None:
         atomic_write_json(out, result)
         print(f"wrote {out}")

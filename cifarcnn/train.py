@@ -139,6 +139,8 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
         dist.close()
 
 
+LONG_RUN_SECONDS = 600  # a CPU run estimated to take longer gets a hint at the quick preset
+QUICK_MODEL = "quicknet"  # the quick preset's model: no hint for runs that already use it
 RESUMED_KEYS = ("epoch", "best_val_acc", "best_epoch", "epochs_since_best", "stopped_early", "history",
                 "train_seconds")
 
@@ -166,7 +168,7 @@ class Trainer:
         self.state = {
             "format": FORMAT, "model": cfg.model, "num_classes": len(self.classes), "classes": list(self.classes),
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
-            "history": [], "train_seconds": 0.0,
+            "history": [], "train_seconds": 0.0, "precision": self.step.precision,
         }
         self.start_step, self.start_order = 0, None
         self.last_good = "no checkpoint was saved yet"
@@ -246,6 +248,8 @@ class Trainer:
         self._announce()
         sync(self.device)
         self.session_started, self.seconds_before = time.perf_counter(), self.state["train_seconds"]
+        self.session_first_step = self.state["epoch"] * self.steps_per_epoch + self.start_step
+        self.estimated = self.device.type != "cpu"  # the time estimate is for CPU runs only
         try:
             with StopRequest() as self.stop:
                 for epoch in range(self.state["epoch"], self.cfg.epochs):
@@ -360,6 +364,8 @@ class Trainer:
                 f"training diverged: the loss or gradient norm is NaN or infinite by epoch {epoch + 1}, step "
                 f"{done} (checked every log_every={self.cfg.log_every} steps); {self.last_good}, and best.pt is "
                 f"unchanged. Lower optimizer.lr, or resume with --resume {self.run_dir} optimizer.lr=...")
+        if at_log and not self.estimated:
+            self._estimate_time(epoch * self.steps_per_epoch + done)
         if at_log and self.dist.is_main:
             self.writer.add_scalar("Loss/train_step", loss.item(), epoch * self.steps_per_epoch + done)
             seen = self.totals.seen.item()
@@ -370,6 +376,18 @@ class Trainer:
             if stopping:
                 self.progress.close()
                 raise self._interrupted(epoch, done)
+
+    def _estimate_time(self, global_step: int) -> None:
+        """Once per session on a CPU, at the first logging interval: when the rest of the run looks longer than
+        LONG_RUN_SECONDS, say how long, and how to get a good model in minutes instead."""
+        self.estimated = True
+        elapsed = time.perf_counter() - self.session_started
+        remaining = (self.total_steps - global_step) * elapsed / (global_step - self.session_first_step)
+        if remaining < LONG_RUN_SECONDS or not self.dist.is_main:
+            return
+        hint = "" if self.cfg.model == QUICK_MODEL else "; `cifarcnn train --preset quick` trains one in minutes"
+        tqdm.write(f"estimated time on this CPU: about {remaining / 60:.0f} more minutes for {self.cfg.epochs} epochs "
+                   f"(from the first {global_step - self.session_first_step} steps){hint}")
 
     # -- the end of an epoch ---------------------------------------------------------------------------------
 

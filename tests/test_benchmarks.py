@@ -47,3 +47,17 @@ def test_time_to_accuracy_stops_at_the_target_or_reports_it_missed(cifar_root, t
     else:  # unreachable: every epoch is evaluated and no time is claimed
         assert [p["epoch"] for p in curve] == [1, 2]
         assert summary["seconds_to_target"] is None and "never reached" in printed
+
+
+def test_time_to_accuracy_reports_each_target_and_can_run_the_whole_schedule(cifar_root, tmp_path):
+    out = tmp_path / "tta.json"
+    printed = run_script("time_to_accuracy.py", *TINY, "--target", "1.01", "--target", "0.0", "--whole-schedule",
+                         "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+                         "--out", str(out))
+    summary = json.loads(out.read_text())
+    assert [p["epoch"] for p in summary["curve"]] == [1, 2]  # past the reached target: the whole schedule
+    low, high = summary["reached"]
+    assert low["target"] == 0.0 and low["epoch"] == 1 and low["seconds"] == summary["curve"][0]["train_seconds"]
+    assert high["target"] == 1.01 and high["epoch"] is None and summary["seconds_to_target"] is None
+    assert ">= 0.0% after epoch 1" in printed and "never reached 101.0%" in printed
+    assert summary["precision"] in ("fp32", "bf16")

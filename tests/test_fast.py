@@ -156,6 +156,21 @@ def test_bench_prints_both_throughputs_and_their_ratio(tmp_path, cifar_root, cap
     assert len(result["train_rounds"]) == 2
     assert result["pipeline_over_compute"] == pytest.approx(
         result["train_images_per_s"] / result["compute_only_images_per_s"])
+    assert "MFU" in printed and result["matmul_flops_per_s"] > 0 and result["matmul_precision"] == result["precision"]
+    assert result["train_flops_per_s"] == pytest.approx(result["train_flops_per_image"] * result["train_images_per_s"])
+    assert result["mfu"] == pytest.approx(result["train_flops_per_s"] / result["matmul_flops_per_s"])
+
+
+def test_training_flops_are_counted_for_forward_and_backward():
+    from cifarcnn.bench import train_flops_per_image
+
+    def conv(size, c_in, c_out):
+        return 2 * size * size * c_in * c_out * 9
+
+    first = conv(32, 3, 32)
+    forward = first + conv(16, 32, 64) + conv(8, 64, 128) + 2 * 2048 * 512 + 2 * 512 * 10
+    # backward: weight gradients of every layer, input gradients of all but the first (its input needs none)
+    assert train_flops_per_image(build_model("simple_cnn")) == 3 * forward - first == 66_484_224
 
 
 def test_bench_rejects_zero_steps(capsys):

@@ -254,3 +254,18 @@ def test_a_terminal_gets_a_live_bar(monkeypatch, capsys):
         bar.show(i + 1, loss="0.5")
     bar.close()
     assert "\r" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold, shown", [(0, True), (10**9, False)])
+def test_a_long_cpu_run_says_how_long_and_points_at_the_quick_preset(tmp_path, cifar_root, small_overrides, capsys,
+                                                                     monkeypatch, threshold, shown):
+    from cifarcnn import train as train_module
+
+    monkeypatch.setattr(train_module, "LONG_RUN_SECONDS", threshold)
+    train(make_config({}, small_overrides), tmp_path / "r", data_dir=cifar_root, device="cpu")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("estimated time")]
+    if shown:  # once per session, at the first logging interval (2 of 16 steps)
+        assert len(lines) == 1 and "for 2 epochs (from the first 2 steps)" in lines[0]
+        assert "cifarcnn train --preset quick" in lines[0]
+    else:
+        assert lines == []
