@@ -47,7 +47,7 @@ class AugmentConfig:
 class OptimizerConfig:
     name: str = _field("adam", choices=("adam", "adamw", "sgd"))
     lr: float = _field(1e-3, lo=0, lo_open=True)
-    weight_decay: float = _field(0.0, lo=0)
+    weight_decay: float = _field(1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
     momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd only
     nesterov: bool = False  # sgd only
     bias_lr_scale: float = _field(1.0, lo=0, lo_open=True)  # BatchNorm parameters: lr x this, decay / this
