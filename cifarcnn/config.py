@@ -41,6 +41,7 @@ class AugmentConfig:
     padding_mode: str = _field("zeros", choices=("zeros", "reflect"))
     brightness: float = _field(0.2, lo=0, hi=1)
     contrast: float = _field(0.2, lo=0, hi=1)
+    cutout: int = _field(0, lo=0, hi=32)  # side of the square set to the mean colour, one per image; 0: off
 
 
 @dataclass
