@@ -11,7 +11,6 @@ whitening bias, frozen after its first epochs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

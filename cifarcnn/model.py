@@ -180,9 +180,14 @@ class FastResBlock(nn.Module):
 
 class FastNet96(FastNet):
     """FastNet with residual blocks (`--preset best`): the same whitening layer, initialisation, frozen BatchNorm
-    scales, global max-pool and scaled head; blocks of conv, pool, BN, GELU and residual pairs."""
+    scales and scaled head; blocks of conv, pool, BN, GELU and residual pairs. As in FastNet, the last pool is a
+    global max over the 4x4 map (the published net's MaxPool2d(3) reads only its top-left 3x3 window)."""
 
     config: FastNet96Config
+
+    def __init__(self, config: FastNet96Config):
+        super().__init__(config)
+        nn.init.zeros_(self.whiten.bias)  # the published method starts the whitening bias at zero
 
     def make_blocks(self, widths: tuple[int, ...]) -> nn.Sequential:
         pairs, momentum = self.config.residual_pairs, self.config.bn_momentum

@@ -104,7 +104,7 @@ def test_fastnet96_is_a_wider_fastnet_with_residual_pairs():
     assert isinstance(model, FastNet) and model.train_epochs == {"whiten.bias": 3}
     assert count_parameters(model) == fastnet96_parameters() == (9_918_776, 9_915_416)
     assert [b.conv.out_channels for b in model.blocks] == [128, 384, 512]
-    assert [len(b.pairs) for b in model.blocks] == [1, 1, 1]
+    assert [len(b.pairs) for b in model.blocks] == [1, 1, 1] and not model.whiten.bias.any()
     assert not model.whiten.weight.requires_grad and not model.blocks[0].pairs[0].norm1.weight.requires_grad
     images = torch.randn(64, 3, 32, 32)
     model.init_from_data(images)  # FastNet's whitening, reused
