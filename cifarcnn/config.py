@@ -41,13 +41,14 @@ class AugmentConfig:
     padding_mode: str = _field("zeros", choices=("zeros", "reflect"))
     brightness: float = _field(0.2, lo=0, hi=1)
     contrast: float = _field(0.2, lo=0, hi=1)
+    cutout: int = _field(0, lo=0, hi=32)  # side of the square set to the mean colour, one per image; 0: off
 
 
 @dataclass
 class OptimizerConfig:
     name: str = _field("adam", choices=("adam", "adamw", "sgd"))
     lr: float = _field(1e-3, lo=0, lo_open=True)
-    weight_decay: float = _field(0.0, lo=0)
+    weight_decay: float = _field(1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
     momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd only
     nesterov: bool = False  # sgd only
     bias_lr_scale: float = _field(1.0, lo=0, lo_open=True)  # BatchNorm parameters: lr x this, decay / this

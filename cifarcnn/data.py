@@ -1,7 +1,7 @@
 """CIFAR-10: find or download the official python-format files, read them safely, split, and serve batches.
 
 The whole dataset lives as one uint8 tensor on the training device. Batches are picked, augmented
-(flip, padded crop, brightness/contrast jitter, independent parameters per image) and normalised there
+(flip, padded crop, brightness/contrast jitter, cutout, independent parameters per image) and normalised there
 with a few vectorised ops, a whole epoch at a time. Randomness is keyed by (seed, epoch), so any batch of
 any epoch can be reproduced without replaying the epochs before it.
 """
@@ -304,10 +304,24 @@ def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator
     return x
 
 
+def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Floats in [0, 1] with one `size` x `size` square per image, at a random position wholly inside it, set to
+    the dataset's mean colour, which normalisation maps to zero (as the published method zeroes normalised
+    pixels)."""
+    n, c, h, w = x.shape
+    size = min(size, h, w)
+    top = torch.randint(0, h - size + 1, (n, 1, 1), device=x.device, generator=generator)
+    left = torch.randint(0, w - size + 1, (n, 1, 1), device=x.device, generator=generator)
+    rows = torch.arange(h, device=x.device)[None, :, None]
+    cols = torch.arange(w, device=x.device)[None, None, :]
+    square = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)  # (n, h, w)
+    return torch.where(square[:, None], x.new_tensor(MEAN)[None, :, None, None], x)
+
+
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
             flips: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 images -> augmented floats in [0, 1]: padded crop, horizontal flip, brightness, contrast, each
-    image with its own random parameters.
+    """uint8 images -> augmented floats in [0, 1]: padded crop, horizontal flip, brightness, contrast, cutout,
+    each image with its own random parameters.
 
     `flips` (bool per image) overrides the coin toss, for alternating flips; otherwise each image has a 50%
     chance of being mirrored.
@@ -318,7 +332,8 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
         flips = None
     if cfg.crop_padding or flips is not None:
         images = crop_and_flip(images, cfg.crop_padding, cfg.padding_mode, flips, generator)
-    return color_jitter_(images.float().div_(255), cfg.brightness, cfg.contrast, generator)
+    x = color_jitter_(images.float().div_(255), cfg.brightness, cfg.contrast, generator)
+    return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
 def normalize_(x: torch.Tensor) -> torch.Tensor:

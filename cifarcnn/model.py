@@ -112,11 +112,14 @@ class FastNet(nn.Module):
         self.config = config
         self.whiten = nn.Conv2d(3, config.whiten_width, kernel_size=2, bias=True)
         self.whiten.weight.requires_grad = False
-        widths = (config.whiten_width, *config.widths)
-        self.blocks = nn.Sequential(*(FastBlock(a, b, config.bn_momentum) for a, b in zip(widths, widths[1:])))
-        self.head = ClassifierHead(widths[-1], config.num_classes, bias=False)
+        self.blocks = self.make_blocks((config.whiten_width, *config.widths))
+        self.head = ClassifierHead(config.widths[-1], config.num_classes, bias=False)
         # The whitening bias learns in the first epochs only, then stays (the trainer reads this).
         self.train_epochs = {"whiten.bias": config.whiten_bias_epochs}
+
+    def make_blocks(self, widths: tuple[int, ...]) -> nn.Sequential:
+        """One block per step from widths[i] to widths[i + 1] channels, each halving the image side."""
+        return nn.Sequential(*(FastBlock(a, b, self.config.bn_momentum) for a, b in zip(widths, widths[1:])))
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -137,9 +140,114 @@ class FastNet(nn.Module):
         return self.head(x) * self.config.logit_scale
 
 
+@dataclass
+class FastNet96Config(FastNetConfig):
+    """FastNet scaled up as in the published 96% method (Jordan 2024, airbench96): wider blocks, each with
+    residual pairs of convs, and PyTorch's default BatchNorm momentum (the method dropped its custom one)."""
+    widths: tuple[int, int, int] = (128, 384, 512)
+    residual_pairs: int = 1  # per block; the published net has one (10 convs in all, the whitening included)
+    bn_momentum: float = 0.1
+
+
+class ResidualPair(nn.Module):
+    """GELU(x + BN(conv(GELU(BN(conv(x)))))): two identity-initialised convs around a skip connection, the last
+    activation after the sum."""
+
+    def __init__(self, width: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = IdentityInitConv(width, width)
+        self.norm1 = FastBatchNorm(width, bn_momentum)
+        self.conv2 = IdentityInitConv(width, width)
+        self.norm2 = FastBatchNorm(width, bn_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(x + self.norm2(self.conv2(y)))
+
+
+class FastResBlock(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU, then `pairs` residual pairs at the new width."""
+
+    def __init__(self, c_in: int, c_out: int, pairs: int, bn_momentum: float):
+        super().__init__()
+        self.conv = IdentityInitConv(c_in, c_out)
+        self.norm = FastBatchNorm(c_out, bn_momentum)
+        self.pairs = nn.Sequential(*(ResidualPair(c_out, bn_momentum) for _ in range(pairs)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pairs(F.gelu(self.norm(F.max_pool2d(self.conv(x), 2))))
+
+
+class FastNet96(FastNet):
+    """FastNet with residual blocks (`--preset best`): the same whitening layer, initialisation, frozen BatchNorm
+    scales and scaled head; blocks of conv, pool, BN, GELU and residual pairs. As in FastNet, the last pool is a
+    global max over the 4x4 map (the published net's MaxPool2d(3) reads only its top-left 3x3 window)."""
+
+    config: FastNet96Config
+
+    def __init__(self, config: FastNet96Config):
+        super().__init__(config)
+        nn.init.zeros_(self.whiten.bias)  # the published method starts the whitening bias at zero
+
+    def make_blocks(self, widths: tuple[int, ...]) -> nn.Sequential:
+        pairs, momentum = self.config.residual_pairs, self.config.bn_momentum
+        return nn.Sequential(*(FastResBlock(a, b, pairs, momentum) for a, b in zip(widths, widths[1:])))
+
+
+@dataclass
+class ResNetConfig:
+    """The CIFAR ResNet-18 (He et al. 2016, as popularised by pytorch-cifar): a 3x3 stem conv, no max-pool, four
+    stages of BasicBlocks, the first at stride 1 and the others halving the side."""
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    blocks: tuple[int, ...] = (2, 2, 2, 2)
+    num_classes: int = 10
+
+
+class BasicBlock(nn.Module):
+    """ReLU(BN(conv(ReLU(BN(conv(x))))) + shortcut(x)); the shortcut is a 1x1 conv + BN where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """stem (conv3x3 + BN + ReLU) -> stages of BasicBlocks -> global average pool -> linear head."""
+
+    def __init__(self, config: ResNetConfig):
+        super().__init__()
+        self.config = config
+        self.stem = nn.Sequential(nn.Conv2d(3, config.widths[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(config.widths[0]), nn.ReLU())
+        stages, c_in = [], config.widths[0]
+        for i, (width, count) in enumerate(zip(config.widths, config.blocks)):
+            strides = [1 if i == 0 else 2] + [1] * (count - 1)
+            stages.append(nn.Sequential(*(BasicBlock(c_in if j == 0 else width, width, s)
+                                          for j, s in enumerate(strides))))
+            c_in = width
+        self.stages = nn.Sequential(*stages)
+        self.head = ClassifierHead(config.widths[-1], config.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "simple_cnn": lambda num_classes: SimpleCNN(SimpleCNNConfig(num_classes=num_classes)),
     "fastnet": lambda num_classes: FastNet(FastNetConfig(num_classes=num_classes)),
+    "fastnet96": lambda num_classes: FastNet96(FastNet96Config(num_classes=num_classes)),
+    "resnet18": lambda num_classes: ResNet(ResNetConfig(num_classes=num_classes)),
 }
 
 

@@ -61,3 +61,26 @@ def test_time_to_accuracy_reports_each_target_and_can_run_the_whole_schedule(cif
     assert high["target"] == 1.01 and high["epoch"] is None and summary["seconds_to_target"] is None
     assert ">= 0.0% after epoch 1" in printed and "never reached 101.0%" in printed
     assert summary["precision"] in ("fp32", "bf16")
+
+
+def test_flops_counts_forward_and_backward_per_training_image(tmp_path):
+    out = tmp_path / "flops.json"
+    printed = run_script("flops.py", "--batch", "2", "--out", str(out))
+    rows = {r["model"]: r for r in json.loads(out.read_text())["models"]}
+    assert {"simple_cnn", "fastnet", "fastnet96", "resnet18"} <= set(rows) and "fastnet96" in printed
+    for r in rows.values():  # the backward costs about twice the forward
+        assert 2.5 < r["train_gflops_per_image"] / r["forward_gflops_per_image"] < 3.5
+    # ResNet-18 for CIFAR: 0.56 G multiply-adds forward, the figure usually quoted
+    assert rows["resnet18"]["forward_gflops_per_image"] == pytest.approx(1.11, abs=0.01)
+    assert rows["fastnet96"]["train_gflops_per_image"] > 3 * rows["fastnet"]["train_gflops_per_image"]
+
+
+def test_gpu_suite_parses_and_runs_every_recipe_within_its_budget():
+    suite = ROOT / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(suite)], capture_output=True).returncode == 0
+    text = suite.read_text()
+    commands = ["fast_preset.py --seeds 5", "fast_preset.py --preset best --seeds 3", "compile=true --data-dir",
+                "fast_preset.py --preset resnet18 --seeds 1"]
+    assert all(c in text for c in commands)
+    assert sorted(commands, key=text.index) == commands  # best before the optional steps, resnet18 last
+    assert text.count('timeout "$(limit ') == 7  # every step has its own timeout, cut to the time left

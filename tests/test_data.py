@@ -386,3 +386,51 @@ def test_alternating_flip_mirrors_each_image_every_other_epoch(cifar_root):
     e0, e1, e2 = mirrored(0), mirrored(1), mirrored(2)
     assert 0.3 < e0.float().mean() < 0.7
     assert torch.equal(e1, ~e0) and torch.equal(e2, e0)
+
+
+
+def no_augment() -> dict:
+    return {"flip": "none", "crop_padding": 0, "brightness": 0, "contrast": 0}
+
+
+def test_cutout_sets_one_square_per_image_to_the_mean_colour():
+    batch = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = augment(batch, AugmentConfig(cutout=12, **no_augment()), torch.Generator().manual_seed(3))
+    plain = batch.float() / 255
+    mean = torch.tensor(MEAN)[:, None]
+    corners = set()
+    for image, original in zip(out, plain):
+        changed = (image != original).any(0)  # (h, w); a uint8 level k/255 never equals the mean colour
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        top, left = rows.min().item(), cols.min().item()
+        square = torch.zeros(32, 32, dtype=torch.bool)
+        square[top:top + 12, left:left + 12] = True
+        assert torch.equal(changed, square)  # exactly one 12x12 square, wholly inside the image
+        assert torch.allclose(image[:, square], mean.expand(3, 144))
+        corners.add((top, left))
+    assert len(corners) > 30  # each image has its own square
+    normalised = normalize_(out.clone())
+    assert normalised.abs().flatten(1).lt(1e-6).sum(1).min() >= 3 * 144  # the mean colour normalises to zero
+
+
+def test_cutout_comes_after_flip_and_crop_and_leaves_their_randomness_alone():
+    batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    geometry = {"flip": "random", "crop_padding": 4, "padding_mode": "reflect", "brightness": 0, "contrast": 0}
+    without = augment(batch, AugmentConfig(**geometry), torch.Generator().manual_seed(4))
+    with_cutout = augment(batch, AugmentConfig(cutout=8, **geometry), torch.Generator().manual_seed(4))
+    differs = (with_cutout != without).any(1).flatten(1).sum(1)
+    assert (differs == 64).all()  # the same flips and crops, then one 8x8 square each
+    whole = augment(batch, AugmentConfig(cutout=40, **no_augment()), torch.Generator().manual_seed(0))
+    assert torch.allclose(whole, torch.tensor(MEAN)[None, :, None, None].expand_as(whole))  # clamped to the image
+
+
+def test_cutout_reaches_training_batches_only(cifar_root):
+    data = load_cifar10(cifar_root)
+    cfg = AugmentConfig(cutout=12, **no_augment())
+    train = Loader(data.train_images, data.train_labels, 600, device="cpu", augment=cfg, shuffle=False)
+    test = Loader(data.test_images, data.test_labels, 200, device="cpu")
+    x_train, _ = next(iter(train))
+    x_test, _ = next(iter(test))
+    zero_pixels = (x_train.abs() < 1e-6).all(1).flatten(1).sum(1)
+    assert (zero_pixels >= 144).all()  # every training image has its 12x12 square at the mean (0 normalised)
+    assert torch.equal(x_test, normalize_(data.test_images.float() / 255))

@@ -52,3 +52,65 @@ def test_check_command_fails_when_a_parameter_gets_no_gradient(capsys, tmp_path,
     monkeypatch.setitem(MODELS, "simple_cnn", with_dead_layer)
     assert main(["check"]) == 1
     assert "unused.weight" in capsys.readouterr().out
+
+
+def resnet18_parameters(num_classes: int) -> int:
+    """ResNet-18 for CIFAR counted by hand: convs have no bias, each BatchNorm has a weight and a bias."""
+    def conv(c_in, c_out, k=3):
+        return c_in * c_out * k * k
+
+    def block(c_in, c_out):  # two 3x3 convs + BN, and a 1x1 conv + BN shortcut where the shape changes
+        shortcut = conv(c_in, c_out, 1) + 2 * c_out if c_in != c_out else 0
+        return conv(c_in, c_out) + conv(c_out, c_out) + 4 * c_out + shortcut
+
+    stem = conv(3, 64) + 2 * 64
+    stages = sum(block(a, b) + block(b, b) for a, b in [(64, 64), (64, 128), (128, 256), (256, 512)])
+    return stem + stages + 512 * num_classes + num_classes
+
+
+def test_resnet18_is_the_cifar_variant_with_11_2m_parameters():
+    model = build_model("resnet18")
+    assert count_parameters(model) == (11_173_962, 11_173_962) == (resnet18_parameters(10),) * 2
+    assert abs(count_parameters(model)[0] - 11.2e6) <= 0.05e6
+    assert model.stem[0].kernel_size == (3, 3) and model.stem[0].stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    sides = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, out: sides.append((out.shape[1], out.shape[2])))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert sides == [(64, 32), (128, 16), (256, 8), (512, 4)]
+    assert [len(stage) for stage in model.stages] == [2, 2, 2, 2]
+    assert count_parameters(build_model("resnet18", num_classes=100))[0] == resnet18_parameters(100)
+
+
+def fastnet96_parameters(widths=(128, 384, 512), whiten=24, num_classes=10) -> tuple[int, int]:
+    """(total, trainable) for fastnet96 by hand: the whitening conv (weight frozen, bias trained), per block a conv
+    and a BatchNorm then one residual pair of two convs and two BatchNorms (BN scales frozen), a bias-free head."""
+    total = trainable = 0
+    for c_in, c_out in zip((whiten, *widths), widths):
+        convs = c_in * c_out * 9 + 2 * c_out * c_out * 9
+        total += convs + 3 * 2 * c_out
+        trainable += convs + 3 * c_out
+    whiten_weight = whiten * 3 * 2 * 2
+    head = widths[-1] * num_classes
+    return total + whiten_weight + whiten + head, trainable + whiten + head
+
+
+def test_fastnet96_is_a_wider_fastnet_with_residual_pairs():
+    from cifarcnn.model import FastNet, ResidualPair
+
+    torch.manual_seed(0)
+    model = build_model("fastnet96")
+    assert isinstance(model, FastNet) and model.train_epochs == {"whiten.bias": 3}
+    assert count_parameters(model) == fastnet96_parameters() == (9_918_776, 9_915_416)
+    assert [b.conv.out_channels for b in model.blocks] == [128, 384, 512]
+    assert [len(b.pairs) for b in model.blocks] == [1, 1, 1] and not model.whiten.bias.any()
+    assert not model.whiten.weight.requires_grad and not model.blocks[0].pairs[0].norm1.weight.requires_grad
+    images = torch.randn(64, 3, 32, 32)
+    model.init_from_data(images)  # FastNet's whitening, reused
+    assert model(images[:4]).shape == (4, 10)
+    assert build_model("fastnet96", num_classes=3)(images[:2]).shape == (2, 3)
+    pair = ResidualPair(8, 0.1).eval()  # identity convs and fresh BatchNorms: GELU(x + GELU(x))
+    x = torch.randn(2, 8, 6, 6)
+    gelu = torch.nn.functional.gelu
+    assert torch.allclose(pair(x), gelu(x + gelu(x)), atol=1e-5)

@@ -115,6 +115,35 @@ def test_cosine_schedule_length_defaults_to_epochs():
     assert learning_rate(make_config({}, ["scheduler.name=constant"]), 30) == pytest.approx(1e-3)
 
 
+def test_the_default_recipe_trains_with_its_declared_l2_decay_in_adam(trained_run):
+    """The original workflow's config declared weight_decay 1e-4 for Adam (and its code ignored it); the default
+    recipe now applies it, as L2 added to the gradient (torch.optim.Adam), to every parameter."""
+    run_dir, state = trained_run
+    assert Config().optimizer.weight_decay == 1e-4 and Config().optimizer.name == "adam"
+    groups = load_checkpoint(run_dir / "last.pt")["optimizer_state"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 1e-4] and not any(g["decoupled_weight_decay"] for g in groups)
+    first, last = state["history"]
+    assert last["val_acc"] > 0.2 and last["train_loss"] < first["train_loss"]
+
+
+def test_l2_in_adam_moves_a_weight_without_loss_gradient_by_about_the_learning_rate():
+    """Adam normalises the decay term with the gradient (L2); AdamW would shrink by lr x decay x weight only."""
+    from cifarcnn.step import build_optimizer
+
+    model = torch.nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, -1.0, 0.5, 0.0]]))
+    l2 = [2 - 1e-3, -1 + 1e-3, 0.5 - 1e-3, 0.0]  # lr 1e-3 against the sign of each weight
+    decoupled = [2 * (1 - 1e-7), -1 * (1 - 1e-7), 0.5 * (1 - 1e-7), 0.0]  # x (1 - lr x decay)
+    for name, expected in (("adam", l2), ("adamw", decoupled)):
+        moved = torch.nn.Linear(4, 1, bias=False)
+        moved.load_state_dict(model.state_dict())
+        optimizer = build_optimizer(make_config({}, [f"optimizer.name={name}"]), moved, torch.device("cpu"))
+        (0 * moved(torch.ones(1, 4))).sum().backward()  # a zero loss gradient: only the decay acts
+        optimizer.step()
+        assert torch.allclose(moved.weight, torch.tensor([expected]), atol=1e-9, rtol=1e-6), name
+
+
 def test_weight_decay_from_the_config_is_applied(cifar_root, tmp_path):
     base = ["epochs=1", "batch_size=200", "data.val_size=100", "augment.flip=none"]
     plain = train(make_config({}, base), tmp_path / "a", data_dir=cifar_root, device="cpu")
@@ -122,7 +151,7 @@ def test_weight_decay_from_the_config_is_applied(cifar_root, tmp_path):
                     device="cpu")
     wa = load_checkpoint(tmp_path / "a" / "last.pt")["optimizer_state"]["param_groups"][0]["weight_decay"]
     wb = load_checkpoint(tmp_path / "b" / "last.pt")["optimizer_state"]["param_groups"][0]["weight_decay"]
-    assert (wa, wb) == (0.0, 0.5)
+    assert (wa, wb) == (1e-4, 0.5)  # the default recipe's declared decay, and the override
     assert plain["history"][0]["train_loss"] != decayed["history"][0]["train_loss"]
 
 

@@ -1,0 +1,93 @@
+"""The rungs above `fast`: the `resnet18` and `best` presets end to end on a tiny synthetic CIFAR-10 (train, every
+artifact, evaluate and report on the checkpoint), and the recipes they declare."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifarcnn.checkpoint import load_checkpoint
+from cifarcnn.cli import main
+from cifarcnn.config import load_preset
+from cifarcnn.step import build_optimizer, learning_rate
+
+from .conftest import write_cifar
+
+# 120 training images (20 held out for validation) and 40 test images: a few seconds per step for these wide
+# nets on a 2-core CPU, one training step of 64 and one of 36.
+TINY = ["epochs=1", "batch_size=64", "eval_batch_size=100", "data.val_size=20", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-cifar")
+    write_cifar(root, per_batch=24, num_test=40)
+    return root
+
+
+@pytest.mark.parametrize("preset, model, tta", [("resnet18", "resnet18", 0), ("best", "fastnet96", 2)])
+def test_preset_trains_evaluates_and_reports_with_every_artifact(preset, model, tta, tiny_root, tmp_path, capsys):
+    common = ["--data-dir", str(tiny_root), "--device", "cpu"]
+    assert main(["train", "--preset", preset, *TINY, "--runs-dir", str(tmp_path), "--name", "r", *common]) == 0
+    run = tmp_path / "r"
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl", "environment.json"):
+        assert (run / name).is_file(), name
+    checkpoint = load_checkpoint(run / "best.pt")
+    assert checkpoint["model"] == model and checkpoint["config"]["model"] == model and checkpoint["epoch"] == 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and 0 <= rows[0]["val_acc"] <= 1 and rows[0]["train_loss"] == rows[0]["train_loss"]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"Loss/train", "Accuracy/val", "LearningRate", "GradientNorm"} <= set(events.Tags()["scalars"])
+
+    assert main(["evaluate", str(run), *common]) == 0
+    for name in ("test_metrics.json", "confusion_matrix.png", "misclassified.png"):
+        assert (run / "eval" / name).is_file(), name
+    metrics = json.loads((run / "eval" / "test_metrics.json").read_text())
+    assert metrics["num_images"] == 40 and metrics["tta"] == tta and 0 <= metrics["test_accuracy"] <= 1
+
+    assert main(["report", str(run), "--no-evaluate"]) == 0
+    page = (run / "report.html").read_text()
+    assert f"{metrics['test_accuracy']:.2%}" in page and model in page
+
+
+def test_check_builds_each_preset_model(capsys):
+    for preset, parameters in (("best", "9,918,776 total, 9,915,416 trainable"),
+                               ("resnet18", "11,173,962 total, 11,173,962 trainable")):
+        assert main(["check", "--preset", preset]) == 0
+        out = capsys.readouterr().out
+        assert "(4, 10)" in out and parameters in out and "every trainable parameter received a gradient" in out
+
+
+def test_resnet18_preset_is_the_classic_recipe():
+    cfg = load_preset("resnet18")
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.eval_batch_size, cfg.patience) == ("resnet18", 200, 128, 1000, 0)
+    o = cfg.optimizer
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.bias_lr_scale) == ("sgd", 0.1, 0.9, False, 5e-4, 1)
+    assert (cfg.scheduler.name, cfg.scheduler.warmup_epochs, cfg.label_smoothing, cfg.tta) == ("cosine", 0, 0, 0)
+    a = cfg.augment
+    assert (a.flip, a.crop_padding, a.padding_mode, a.brightness, a.contrast, a.cutout) == ("random", 4, "zeros", 0,
+                                                                                            0, 0)
+    assert learning_rate(cfg, 100) == pytest.approx(0.05) and learning_rate(cfg, 200) == 0
+    groups = build_optimizer(cfg, torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+                             torch.device("cpu")).param_groups
+    assert [g["weight_decay"] for g in groups] == [5e-4, 5e-4]  # BatchNorm parameters decay too
+
+
+def test_best_preset_follows_the_published_96_percent_method():
+    cfg = load_preset("best")
+    assert (cfg.model, cfg.batch_size, cfg.label_smoothing, cfg.tta, cfg.patience) == ("fastnet96", 1024, 0.2, 2, 0)
+    assert 30 <= cfg.epochs <= 46
+    a = cfg.augment
+    assert (a.flip, a.crop_padding, a.padding_mode, a.cutout, a.brightness, a.contrast) == ("alternate", 4,
+                                                                                            "reflect", 12, 0, 0)
+    o = cfg.optimizer
+    assert (o.name, o.nesterov, o.momentum, o.bias_lr_scale, o.lookahead_steps) == ("sgd", True, 0.85, 64, 5)
+    # the method's decoupled lr 9.0 and decay 0.012 per 1024 images of summed loss, for the mean loss in PyTorch
+    assert o.lr == pytest.approx(9.0 / (1 + 1 / (1 - 0.85)), rel=1e-3)
+    assert o.weight_decay == pytest.approx(0.012 / 9.0, rel=1e-3)
+    # warm-up from 0.2x over the first 10% of training, then linear decay to zero
+    assert learning_rate(cfg, 0) == pytest.approx(0.2 * o.lr)
+    assert learning_rate(cfg, 0.1 * cfg.epochs) == pytest.approx(o.lr)
+    assert learning_rate(cfg, cfg.epochs) == 0
