@@ -408,12 +408,12 @@ class Trainer:
                    "lr": learning_rate(cfg, epoch), "grad_norm": sums["grad_norm"].item() / self.steps_per_epoch}
         self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
         if self.val_loader is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate_split(
+            metrics["val_loss"], metrics["val_acc"], _ = evaluate_split(
                 self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
                 self.step.precision)
         if self.test_loader is not None and last_epoch:
-            _, metrics["test_acc"] = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", cfg.tta,
-                                                    self.step.precision)
+            _, metrics["test_acc"], _ = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
+                                                       cfg.tta, self.step.precision)
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)

@@ -69,7 +69,8 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
-    _, val_acc = evaluate_split(model, loader, Dist(), "val", tta=0, precision=choose("auto", torch.device("cpu")).name)
+    precision = choose("auto", torch.device("cpu")).name
+    _, val_acc, _ = evaluate_split(model, loader, Dist(), "val", tta=0, precision=precision)
     assert history[-1]["val_acc"] == val_acc
 
     # The configured batch is the global one: as many optimizer steps per epoch as a single process takes.

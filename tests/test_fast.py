@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarcnn.cli import main
 from cifarcnn.config import Config, make_config, preset_names, preset_text
-from cifarcnn.evaluate import tta_logits
+from cifarcnn.inference import tta_logits
 from cifarcnn.model import build_model
 from cifarcnn.step import Lookahead, build_optimizer, learning_rate
 
