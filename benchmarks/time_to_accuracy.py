@@ -54,7 +54,7 @@ def main() -> int:
             checkpoint = load_checkpoint(run_dir / "last.pt")
             model = model_from_checkpoint(checkpoint, run_dir / "last.pt").to(device, memory_format=torch.channels_last)
             precision = choose(cfg.precision, device).name
-            _, point["test_acc"] = evaluate_split(model, test_loader, Dist(), None, cfg.tta, precision)
+            _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, cfg.tta, precision)
             point["eval_seconds"] = time.perf_counter() - started
         curve.append(point)
         print(json.dumps(point), flush=True)

@@ -92,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     return predict(args.target, args.paths, device=args.device, batch_size=args.batch_size, top_k=args.top_k,
                    output=args.output, labels_from_folders=args.labels_from_folders, quiet=args.quiet,
-                   workers=args.workers)
+                   workers=args.workers, tta=args.tta)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -206,6 +206,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, help="threads decoding images (default: CPU cores, at most 8)")
+    p.add_argument("--tta", type=int, metavar="LEVEL",
+                   help="test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts (default: the "
+                        "checkpoint's tta, as evaluate uses)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-file table, only errors and the summary")
     p.set_defaults(func=cmd_predict)
 

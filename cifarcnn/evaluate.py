@@ -14,50 +14,37 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoi
 from .data import Loader, load_cifar10
 from .device import select_device
 from .distributed import Dist
+from .inference import Settings, infer, settings_for
 from .plots import save_confusion_matrix, save_image_grid
-from .precision import autocast, choose
 from .progress import bar_disabled
 from .storage import atomic_write_json
-
-
-def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
-    """Logits averaged over test-time augmentations: 1 adds the mirror image, 2 also 1-pixel shifts."""
-    logits = model(x)
-    if level >= 1:
-        logits = (logits + model(x.flip(3))) / 2
-    if level >= 2:
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
-        shifted_logits = sum(model(s) + model(s.flip(3)) for s in shifted) / 4
-        logits = (logits + shifted_logits) / 2
-    return logits
 
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, loader: Loader, desc: str | None = None, tta: int = 0,
                    precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits and labels for every image the loader yields, in order, on the loader's device."""
+    """Float32 logits (`inference.infer`, batch by batch) and labels for every image the loader yields, in order,
+    on the loader's device."""
     model.eval()
     logits, labels = [], []
-    with autocast(loader.device, precision):
-        for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
-                         dynamic_ncols=True):
-            logits.append(tta_logits(model, x, tta).float())
-            labels.append(y)
+    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
+                     dynamic_ncols=True):
+        logits.append(infer(model, x, tta, precision))
+        labels.append(y)
     return torch.cat(logits), torch.cat(labels)
 
 
 @torch.inference_mode()
 def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str, tta: int,
-                   precision: str) -> tuple[float, float]:
-    """(mean loss, accuracy) over a validation or test set; under torchrun each rank evaluates its shard and
-    the sums are reduced, so every image counts exactly once."""
+                   precision: str) -> tuple[float, float, int]:
+    """(mean loss, accuracy, number of images) over a validation or test set; under torchrun each rank evaluates
+    its shard and the sums are reduced, so every image counts exactly once."""
     logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta, precision=precision)
     loss = F.cross_entropy(logits, labels, reduction="sum")
     correct = (logits.argmax(1) == labels).sum()
     count = torch.tensor(len(labels), device=labels.device)
     dist.sum_(loss, correct, count)
-    return loss.item() / count.item(), correct.item() / count.item()
+    return loss.item() / count.item(), correct.item() / count.item(), int(count.item())
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -79,23 +66,15 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
 
     loader = Loader(data.test_images, data.test_labels, batch_size, device=device,
                     memory_format=torch.channels_last)
-    tta = checkpoint["config"].get("tta", 0)
-    precision = choose(checkpoint["config"].get("precision", "auto"), device).name
+    settings = settings_for(checkpoint["config"], device)
     logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, desc="test",
-                                    tta=tta, precision=precision)
+                                    tta=settings.tta, precision=settings.precision)
     probabilities = logits.softmax(1)
     confidence, predictions = probabilities.max(1)
     matrix = confusion_matrix(labels, predictions, len(classes))
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     accuracy = float(matrix.diagonal().sum() / matrix.sum())
-
-    best_val = checkpoint.get("best_val_acc", -1.0)
-    val_text = f"validation accuracy {best_val:.2%}" if best_val >= 0 else "trained without a validation set"
-    print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, {val_text})")
-    print(f"test accuracy: {accuracy:.2%} on {int(matrix.sum())} images\n")
-    print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
-    for name, acc, row, hit in zip(classes, per_class, matrix, matrix.diagonal()):
-        print(f"{name:<12}{acc:>10.2%}{int(hit):>10}{int(row.sum()):>8}")
+    _print_results(path, checkpoint, settings, accuracy, classes, matrix)
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"CIFAR-10 test confusion matrix (accuracy {accuracy:.2%})")
@@ -108,8 +87,9 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
                     title=f"{len(shown)} most confident of {len(wrong)} misclassified test images")
     results = {
         "checkpoint": str(path), "epoch": checkpoint.get("epoch"), "test_accuracy": accuracy,
-        "test_loss": float(F.cross_entropy(logits, labels)), "tta": tta, "precision": precision,
-        "num_images": int(matrix.sum()), "num_misclassified": len(wrong),
+        "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta, "precision": settings.precision,
+        "precision_reason": settings.precision_reason, "num_images": int(matrix.sum()),
+        "num_misclassified": len(wrong),
         "per_class_accuracy": {name: float(acc) for name, acc in zip(classes, per_class)},
         "confusion_matrix": matrix.tolist(), "classes": classes,
     }
@@ -117,3 +97,15 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     print(f"\nwrote {out_dir / 'confusion_matrix.png'}, {out_dir / 'misclassified.png'}, "
           f"{out_dir / 'test_metrics.json'}")
     return results
+
+
+def _print_results(path: Path, checkpoint: dict, settings: Settings, accuracy: float, classes: list[str],
+                   matrix: np.ndarray) -> None:
+    best_val = checkpoint.get("best_val_acc", -1.0)
+    val_text = f"validation accuracy {best_val:.2%}" if best_val >= 0 else "trained without a validation set"
+    print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, {val_text})")
+    print(f"inference: {settings.describe()}")
+    print(f"test accuracy: {accuracy:.2%} on {int(matrix.sum())} images\n")
+    print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
+    for name, row, hit in zip(classes, matrix, matrix.diagonal()):
+        print(f"{name:<12}{hit / max(row.sum(), 1):>10.2%}{int(hit):>10}{int(row.sum()):>8}")

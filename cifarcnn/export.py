@@ -18,6 +18,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .data import MEAN, STD, DataError, load_cifar10, normalize_
 from .errors import UserError
+from .inference import TTA_LEVELS, TTA_RECIPE, infer
 from .storage import atomic_write
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
@@ -46,6 +47,7 @@ def _onnx_modules():
 
 def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
     """What a consumer needs to feed the model and read its output, as ONNX metadata_props strings."""
+    tta = int(checkpoint["config"].get("tta", 0))
     return {
         "classes": json.dumps(list(checkpoint["classes"])),
         "mean": json.dumps(list(MEAN)),
@@ -54,6 +56,8 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
         "output": "logits: float32 (batch, num_classes); softmax over axis 1 gives probabilities, index i is "
                   "classes[i]",
         "preprocessing": PREPROCESSING,
+        "test_time_augmentation": f"this graph is the bare network, one view in fp32; cifarcnn evaluates this "
+                                  f"checkpoint with tta {tta} ({TTA_LEVELS[tta]}). {TTA_RECIPE}",
         "architecture": str(checkpoint["model"]),
         "num_classes": str(checkpoint["num_classes"]),
         "epoch": str(checkpoint.get("epoch")),
@@ -109,7 +113,9 @@ def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor,
 
     def both(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = normalize_(images.float().div_(255))
-        return model(x).float().numpy(), session.run(["logits"], {"input": x.numpy()})[0]
+        # the file holds the bare network: one view (tta 0), in fp32
+        reference = infer(model, x, tta=0, precision="fp32").numpy()
+        return reference, session.run(["logits"], {"input": x.numpy()})[0]
 
     reference, onnx_out = both(test_images[:CHECK_BATCH])
     max_diff = float(np.abs(reference - onnx_out).max())

@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoi
 from .device import select_device
 from .errors import UsageError
 from .images import ImageReadError, find_images, load_image, to_model_input
-from .precision import autocast, choose
+from .inference import infer, settings_for
 from .progress import bar_disabled
 from .storage import atomic_write_json, atomic_write_text
 
@@ -56,18 +56,18 @@ def _decoded(files: Sequence[Path], workers: int) -> Iterator[np.ndarray | str]:
 
 @torch.inference_mode()
 def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
-                  batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False,
+                  batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False, tta: int = 0,
                   precision: str = "fp32") -> list[FileResult]:
-    """One FileResult per file, in order: its top-k classes, or why it could not be read."""
+    """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
+    could not be read."""
     model.eval()
     results = [FileResult(path) for path in files]
     pending: list[int] = []
     arrays: list[np.ndarray] = []
 
     def flush() -> None:
-        with autocast(device, precision):
-            logits = model(to_model_input(np.stack(arrays), device).contiguous(memory_format=torch.channels_last))
-        probabilities = logits.float().softmax(1)
+        x = to_model_input(np.stack(arrays), device).contiguous(memory_format=torch.channels_last)
+        probabilities = infer(model, x, tta, precision).softmax(1)
         # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
         values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
         for i, vals, idx in zip(pending, values.tolist(), indices.tolist()):
@@ -169,8 +169,9 @@ def _check_output(output: Path | None) -> None:
 
 def predict(target: str | Path, paths: Sequence[str], *, device: str | None = None, batch_size: int = 256,
             top_k: int = 1, output: Path | None = None, labels_from_folders: bool = False, quiet: bool = False,
-            workers: int | None = None) -> int:
-    """The `predict` command; returns the exit code (1 when any file could not be read)."""
+            workers: int | None = None, tta: int | None = None) -> int:
+    """The `predict` command; returns the exit code (1 when any file could not be read). `tta` overrides the
+    checkpoint's test-time augmentation level."""
     _check_output(output)
     files, skipped = find_images(paths)
     if not files:
@@ -183,12 +184,13 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
         raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
     torch_device = select_device(device)
     model = model_from_checkpoint(checkpoint, ckpt_path).to(torch_device, memory_format=torch.channels_last)
-    precision = choose(checkpoint["config"].get("precision", "auto"), torch_device).name  # as evaluate
+    settings = settings_for(checkpoint["config"], torch_device, tta)  # as evaluate, unless --tta says otherwise
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
     results = predict_files(model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
-                            workers=workers, progress=not quiet and sys.stderr.isatty(), precision=precision)
+                            workers=workers, progress=not quiet and sys.stderr.isatty(), tta=settings.tta,
+                            precision=settings.precision)
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:
@@ -201,27 +203,34 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
         print(f"error: {r.path}: {r.error}", file=sys.stderr)
     print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ckpt_path} on {torch_device} "
           f"in {seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
+    print(f"inference: {settings.describe()}")
     if skipped:
         print(f"skipped {skipped} file(s) in the folders without an image extension")
 
-    summary: dict = {"checkpoint": str(ckpt_path), "classes": classes, "top_k": top_k,
-                     "num_files": len(results), "num_failed": len(failed)}
+    summary: dict = {"checkpoint": str(ckpt_path), "classes": classes, "top_k": top_k, "tta": settings.tta,
+                     "precision": settings.precision, "num_files": len(results), "num_failed": len(failed)}
     if labels_from_folders:
-        scores = accuracy_by_class(results, classes)
-        left_out = len(results) - (scores["num_images"] if scores else 0)
-        if scores is None:
-            print(f"--labels-from-folders: no readable file lies in a folder named after a class "
-                  f"({', '.join(classes)}), so there is no accuracy to report")
-        else:
-            print(f"accuracy: {scores['accuracy']:.2%} on {scores['num_images']} labelled images"
-                  + (f" ({left_out} unreadable file(s) or file(s) outside class folders left out)"
-                     if left_out else ""))
-            print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
-            for name, row in scores["per_class"].items():
-                acc = f"{row['accuracy']:.2%}" if row["accuracy"] is not None else "-"
-                print(f"{name:<12}{acc:>10}{row['correct']:>10}{row['total']:>8}")
+        scores = _report_accuracy(results, classes)
+        if scores is not None:
             summary["accuracy"] = scores
     if output is not None:
         write_results(output, results, top_k, summary)
         print(f"wrote {output}")
     return 1 if failed else 0
+
+
+def _report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> dict | None:
+    """Print the accuracy over the files in class folders and its per-class table; returns it (None: no such file)."""
+    scores = accuracy_by_class(results, classes)
+    if scores is None:
+        print(f"--labels-from-folders: no readable file lies in a folder named after a class "
+              f"({', '.join(classes)}), so there is no accuracy to report")
+        return None
+    left_out = len(results) - scores["num_images"]
+    print(f"accuracy: {scores['accuracy']:.2%} on {scores['num_images']} labelled images"
+          + (f" ({left_out} unreadable file(s) or file(s) outside class folders left out)" if left_out else ""))
+    print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
+    for name, row in scores["per_class"].items():
+        acc = f"{row['accuracy']:.2%}" if row["accuracy"] is not None else "-"
+        print(f"{name:<12}{acc:>10}{row['correct']:>10}{row['total']:>8}")
+    return scores

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .data import Loader, normalize_
-from .evaluate import tta_logits
+from .inference import infer
 from .model import build_model
 from .precision import autocast, choose
 
@@ -234,9 +234,8 @@ def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], t
         model.eval()
         for loader in eval_loaders:
             x, _ = next(iter(loader))
-            with torch.inference_mode(), autocast(loader.device, step.precision):
-                for size in _batch_sizes(loader):
-                    tta_logits(step.forward, x[:size], tta)
+            for size in _batch_sizes(loader):
+                infer(step.forward, x[:size], tta, step.precision)
     model.train(training)
     for p, requires_grad in zip(step.params, trainable):
         p.requires_grad_(requires_grad)

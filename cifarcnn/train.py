@@ -304,6 +304,8 @@ class Trainer:
               f"({len(self.train_loader.images)} train / {val} images, {self.steps_per_epoch} steps per epoch"
               f"{processes}) -> {self.run_dir}")
         print(f"precision: {self.step.precision} ({self.step.precision_reason})")
+        if self.checkpoint is not None:
+            print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}")
 
     def _farewell(self) -> None:
         if not self.dist.is_main:
@@ -422,16 +424,17 @@ class Trainer:
         sums = self.totals.global_sums(self.dist)
         seen = sums["seen"].item()
         metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,
-                   "train_acc": sums["correct"].item() / seen, "val_loss": None, "val_acc": None,
-                   "lr": learning_rate(cfg, epoch), "grad_norm": sums["grad_norm"].item() / self.steps_per_epoch}
+                   "train_acc": sums["correct"].item() / seen, "train_images": seen, "val_loss": None,
+                   "val_acc": None, "val_images": None, "lr": learning_rate(cfg, epoch),
+                   "grad_norm": sums["grad_norm"].item() / self.steps_per_epoch}
         self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
         if self.val_loader is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate_split(
+            metrics["val_loss"], metrics["val_acc"], metrics["val_images"] = evaluate_split(
                 self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
                 self.step.precision)
         if self.test_loader is not None and last_epoch:
-            _, metrics["test_acc"] = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", cfg.tta,
-                                                    self.step.precision)
+            _, metrics["test_acc"], _ = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
+                                                       cfg.tta, self.step.precision)
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)

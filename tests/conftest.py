@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import shutil
+from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -71,3 +74,20 @@ def trained_run_dir(cifar_root, tmp_path_factory) -> Path:
     cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2"])
     train(cfg, run_dir, data_dir=cifar_root, device="cpu")
     return run_dir
+
+
+@pytest.fixture
+def edited_seed_preset(tmp_path_factory, monkeypatch):
+    """`edit(old, new)`: from then on the package reads its presets from a copy whose seed.yaml has the text `old`
+    replaced by `new`, so a command shows whether it really read the packaged seed preset."""
+    import cifarcnn.config
+
+    def edit(old: str, new: str) -> None:
+        package = tmp_path_factory.mktemp("package")
+        shutil.copytree(Path(str(resources.files("cifarcnn") / "presets")), package / "presets")
+        seed = package / "presets" / "seed.yaml"
+        assert old in seed.read_text()
+        seed.write_text(seed.read_text().replace(old, new))
+        monkeypatch.setattr(cifarcnn.config, "resources", SimpleNamespace(files=lambda name: package))
+
+    return edit

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
+DETERMINISTIC = ("epoch", "train_loss", "train_acc", "train_images", "val_loss", "val_acc", "val_images", "lr",
+                 "grad_norm")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -47,6 +48,30 @@ def position(checkpoint_path: Path) -> tuple[int, int] | None:
     except (FileNotFoundError, RuntimeError, EOFError):
         return None
     return state["epoch"], state.get("step", 0)
+
+
+def position_text(where: tuple[int, int]) -> str:
+    """How the trainer names a checkpoint position (epochs done, steps done in the next epoch) in its messages."""
+    epochs, steps = where
+    return f"at epoch {epochs + 1}, step {steps}" if steps else f"at the end of epoch {epochs}"
+
+
+def settled_position(checkpoint_path: Path, quiet_for: float = 1.0, timeout: float = 30) -> tuple[int, int] | None:
+    """The checkpoint's position once the file has stopped changing for `quiet_for` seconds (a write already
+    under way when a process was killed lands first)."""
+    deadline, last, seen, since = time.monotonic() + timeout, None, None, time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            stat = checkpoint_path.stat()
+            current = stat.st_ino, stat.st_mtime_ns
+        except FileNotFoundError:
+            current = None
+        if current != last:
+            last, seen, since = current, position(checkpoint_path), time.monotonic()
+        elif time.monotonic() - since >= quiet_for:
+            return seen
+        time.sleep(0.01)
+    raise AssertionError(f"{checkpoint_path} kept changing for {timeout}s")
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, reached: Callable[[tuple[int, int]], bool],

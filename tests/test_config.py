@@ -87,16 +87,23 @@ def resolved(*argv: str) -> Config:
     return config_from_args(build_parser().parse_args(["check", *argv]))
 
 
-def test_config_comes_from_config_then_preset_then_the_current_folder_then_seed(tmp_path, monkeypatch, capsys):
+def test_config_comes_from_config_then_preset_then_the_current_folder_then_seed(tmp_path, monkeypatch, capsys,
+                                                                                edited_seed_preset):
+    # Each source sets its own number of epochs: the packaged seed (a changed copy) 11, ./config.yaml 7,
+    # --config other.yaml 3; only ./config.yaml sets model: fastnet.
+    edited_seed_preset("epochs: 50", "epochs: 11")
     monkeypatch.chdir(tmp_path)
-    assert resolved() == load_preset("seed")  # no ./config.yaml: the packaged seed
-    local = preset_text("seed").replace("epochs: 50", "epochs: 7").replace("model: simple_cnn", "model: fastnet")
+    assert resolved() == load_preset("seed") and resolved().epochs == 11  # no ./config.yaml: the packaged seed
+    local = preset_text("seed").replace("epochs: 11", "epochs: 7").replace("model: simple_cnn", "model: fastnet")
     (tmp_path / "config.yaml").write_text(local)
     assert (resolved().epochs, resolved().model) == (7, "fastnet")  # ./config.yaml
-    assert main(["check"]) == 0 and "fastnet" in capsys.readouterr().out
+    assert main(["check"]) == 0 and "model:      fastnet" in capsys.readouterr().out
     (tmp_path / "other.yaml").write_text("epochs: 3\n")
+    # --config wins over ./config.yaml, and nothing of ./config.yaml leaks in
     assert (resolved("--config", "other.yaml").epochs, resolved("--config", "other.yaml").model) == (3, "simple_cnn")
-    assert resolved("--preset", "seed") == load_preset("seed")  # the packaged seed, not ./config.yaml
+    assert main(["check", "--config", "other.yaml"]) == 0 and "model:      simple_cnn" in capsys.readouterr().out
+    assert resolved("--preset", "seed").epochs == 11  # the packaged seed, not ./config.yaml
+    assert resolved("--preset", "fast") == load_preset("fast")
     assert resolved("--preset", "seed", "epochs=2").epochs == 2
 
 

@@ -14,6 +14,7 @@ import torch
 
 from cifarcnn.config import AugmentConfig
 from cifarcnn.data import (
+    MD5,
     MEAN,
     STD,
     DataError,
@@ -300,6 +301,34 @@ def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
     assert 0 < changed.sum()
     if not cfg.brightness and not cfg.contrast:  # geometry only moves pixels: values are a subset of originals
         assert set(torch.unique(out * 255).round().tolist()) <= set(torch.unique(batch.float()).tolist()) | {0.0}
+
+
+@pytest.mark.parametrize("kind", ["brightness", "contrast"])
+def test_brightness_and_contrast_factors_stay_within_their_range(kind):
+    """Images built so that each image's factor can be read back: brightness scales a flat grey image, contrast
+    moves a two-tone image (all channels alike, so its grey level is its mean) toward or away from its mean."""
+    spread, n = 0.3, 2000
+    image = torch.full((n, 3, 32, 32), 64, dtype=torch.uint8)
+    if kind == "contrast":
+        image[:, :, :, 16:] = 192
+    cfg = AugmentConfig(flip="none", crop_padding=0, **{"brightness": 0, "contrast": 0, kind: spread})
+    out = augment(image, cfg, torch.Generator().manual_seed(0))
+    x = image.float() / 255
+    centre = x.mean((1, 2, 3), keepdim=True) if kind == "contrast" else torch.zeros(n, 1, 1, 1)
+    factors = (out - centre)[:, 0, 0, 0] / (x - centre)[:, 0, 0, 0]
+    assert torch.allclose(out, centre + factors[:, None, None, None] * (x - centre), atol=1e-5)  # one per image
+    assert factors.min() >= 1 - spread - 1e-5 and factors.max() <= 1 + spread + 1e-5
+    assert factors.min() < 1 - 0.95 * spread and factors.max() > 1 + 0.95 * spread  # and the whole range is used
+
+
+def test_normalisation_constants_and_archive_md5_are_the_official_ones(tmp_path):
+    # The CIFAR-10 training set's per-channel mean and std (tests/test_integration.py measures them on the real
+    # copy), and the MD5 of cifar-10-python.tar.gz published on https://www.cs.toronto.edu/~kriz/cifar.html.
+    assert MEAN == (0.4914, 0.4822, 0.4465) and STD == (0.2470, 0.2435, 0.2616)
+    assert MD5 == "c58f30108f718f92721af3b95e74349a"
+    make_archive(tmp_path)  # not the official archive: refused by default
+    with pytest.raises(DataError, match=f"MD5 does not match the official archive \\({MD5}\\)"):
+        locate_cifar10(tmp_path, download=False)
 
 
 def test_flip_is_a_mirror_and_crop_is_a_shift():

@@ -1,5 +1,6 @@
 """Scale-out under torchrun: DistributedDataParallel over 2 CPU processes (gloo) on 127.0.0.1."""
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -16,13 +17,25 @@ from cifarcnn.evaluate import evaluate_split
 from cifarcnn.precision import choose
 from cifarcnn.train import train
 
-from .helpers import finish, free_port, read_metrics, start, wait_for_checkpoint
+from .helpers import (
+    finish,
+    free_port,
+    position_text,
+    read_metrics,
+    settled_position,
+    start,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.distributed
 
 RECIPE = ["epochs=2", "batch_size=50", "eval_batch_size=30", "data.val_size=100", "log_every=2",
           "checkpoint_every_steps=3"]
 STEPS_PER_EPOCH = 10  # 500 training images in global batches of 50
+
+
+def global_step(where: tuple[int, int]) -> int:
+    return where[0] * STEPS_PER_EPOCH + where[1]
 
 
 def torchrun(restarts: int = 0) -> list[str]:
@@ -62,6 +75,9 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     assert output.count("epoch   2/2") == 1
     history = read_metrics(run_dir)
     assert [m["epoch"] for m in history] == [1, 2]
+    # Over the two ranks, each epoch trained on each of the 500 training images once and validated each of the
+    # 100 validation images once (a rank working through the whole set would double the counts).
+    assert [(m["train_images"], m["val_images"]) for m in history] == [(500, 100), (500, 100)]
 
     # Validation accuracy as reduced over the ranks == one process evaluating the saved model on the whole set.
     checkpoint = load_checkpoint(run_dir / "last.pt")
@@ -69,7 +85,8 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
-    _, val_acc = evaluate_split(model, loader, Dist(), "val", tta=0, precision=choose("auto", torch.device("cpu")).name)
+    precision = choose("auto", torch.device("cpu")).name
+    _, val_acc, _ = evaluate_split(model, loader, Dist(), "val", tta=0, precision=precision)
     assert history[-1]["val_acc"] == val_acc
 
     # The configured batch is the global one: as many optimizer steps per epoch as a single process takes.
@@ -93,13 +110,18 @@ def test_the_ranks_shards_are_disjoint_and_cover_each_batch():
 def test_an_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(ddp_run, cifar_root, tmp_path):
     proc = start(train_args(cifar_root, tmp_path, "run"), tmp_path, torchrun(restarts=1))
     run_dir = tmp_path / "run"
-    reached = wait_for_checkpoint(proc, run_dir / "last.pt", lambda where: where[0] * STEPS_PER_EPOCH + where[1] >= 6)
+    reached = wait_for_checkpoint(proc, run_dir / "last.pt", lambda where: global_step(where) >= 6)
     os.kill(workers(proc.pid)[1], signal.SIGKILL)
+    # What the restarted group will find: rank 0 cannot save again without its peer, and the restart saves its
+    # first checkpoint only after starting two new processes and training checkpoint_every_steps steps.
+    saved = settled_position(run_dir / "last.pt")
     code, output = finish(proc)
     assert code == 0, output
     assert "torchrun restart 1: resuming" in output
-    sessions = (run_dir / "environment.json").read_text().count('"first_epoch"')
-    assert sessions == 2, f"resumed from {reached}"
+    assert global_step(saved) >= global_step(reached) and saved != (0, 0)
+    assert f"resuming from {run_dir / 'last.pt'} {position_text(saved)}" in output, output
+    sessions = json.loads((run_dir / "environment.json").read_text())["sessions"]
+    assert [s["first_epoch"] for s in sessions] == [1, saved[0] + 1]
     assert read_metrics(run_dir) == read_metrics(ddp_run[0])
 
 
@@ -110,6 +132,10 @@ def test_sigterm_to_torchrun_saves_a_checkpoint_and_resume_finishes_the_run(ddp_
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker
     code, output = finish(proc)
     assert code != 0 and "interrupted by SIGTERM" in output and "resume with: torchrun" in output, output
+    line = next(line for line in output.splitlines() if "interrupted by SIGTERM" in line)
+    saved = load_checkpoint(run_dir / "last.pt")
+    assert 0 < global_step((saved["epoch"], saved["step"])) < 2 * STEPS_PER_EPOCH
+    assert f"interrupted by SIGTERM {position_text((saved['epoch'], saved['step']))}; saved" in line
     resume = ["train", "--resume", str(run_dir), "--data-dir", str(cifar_root), "--device", "cpu"]
     code, output = finish(start(resume, tmp_path, torchrun()))
     assert code == 0, output

@@ -11,6 +11,7 @@ from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.cli import main
 from cifarcnn.data import CLASSES, MEAN, STD, load_cifar10, normalize_
 from cifarcnn.export import check_export
+from cifarcnn.inference import infer
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -58,6 +59,7 @@ def test_metadata_documents_classes_and_preprocessing(exported):
     assert json.loads(meta["mean"]) == list(MEAN) and json.loads(meta["std"]) == list(STD)
     assert "32x32" in meta["preprocessing"] and "/ 255" in meta["preprocessing"]
     assert meta["architecture"] == "simple_cnn"
+    assert "bare network" in meta["test_time_augmentation"] and "tta 0" in meta["test_time_augmentation"]
     assert "normalised" in model.doc_string
     onnx.checker.check_model(model)
 
@@ -69,6 +71,70 @@ def test_the_check_catches_a_model_that_does_not_match(exported, trained_run_dir
         model.fc2.bias[3] += 0.5  # PyTorch side now differs from what was exported
     report = check_export(out.read_bytes(), model, load_cifar10(cifar_root).test_images)
     assert not report["passed"] and report["max_abs_diff"] > 0.4
+
+
+def readme_tta(session, x: np.ndarray, level: int) -> np.ndarray:
+    """The README's recipe for the TTA logits from the ONNX model, written with numpy only."""
+    def logits(v):
+        return session.run(["logits"], {"input": np.ascontiguousarray(v, dtype=np.float32)})[0]
+
+    def mirror(v):
+        return v[..., ::-1]
+
+    tta1 = (logits(x) + logits(mirror(x))) / 2
+    if level == 1:
+        return tta1
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    shifted = [padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    return (tta1 + sum(logits(s) + logits(mirror(s)) for s in shifted) / 4) / 2
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(exported, trained_run_dir, cifar_root,
+                                                                           level):
+    out, _ = exported
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model = model_from_checkpoint(load_checkpoint(trained_run_dir / "best.pt")).eval()
+    x = normalize_(load_cifar10(cifar_root).test_images[:64].float() / 255)
+    want = infer(model, x, level, "fp32").numpy()
+    assert np.abs(want - infer(model, x, 0, "fp32").numpy()).max() > 1e-3  # the views do change the logits
+    np.testing.assert_allclose(readme_tta(session, x.numpy(), level), want, atol=1e-4, rtol=0)
+
+
+def perturbed_export(monkeypatch):
+    """Make `export` write a model whose classifier bias differs from the checkpoint's, so its check must fail."""
+    import cifarcnn.export
+
+    real = cifarcnn.export.to_onnx_bytes
+
+    def to_onnx_bytes(model, meta):
+        with torch.no_grad():
+            model.fc2.bias[3] += 0.5
+        onnx_bytes = real(model, meta)
+        with torch.no_grad():
+            model.fc2.bias[3] -= 0.5
+        return onnx_bytes
+
+    monkeypatch.setattr(cifarcnn.export, "to_onnx_bytes", to_onnx_bytes)
+
+
+def test_a_failing_check_exits_1_and_writes_nothing(trained_run_dir, cifar_root, tmp_path, capsys, monkeypatch):
+    perturbed_export(monkeypatch)
+    target = tmp_path / "m.onnx"
+    assert main(["export", str(trained_run_dir), "--output", str(target), "--data-dir", str(cifar_root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match PyTorch" in err[0] and "was not written" in err[0]
+    assert list(tmp_path.iterdir()) == []  # no model, no temp file
+
+
+def test_no_check_writes_the_model_unchecked(trained_run_dir, cifar_root, tmp_path, capsys, monkeypatch):
+    perturbed_export(monkeypatch)  # the check would fail
+    target = tmp_path / "m.onnx"
+    assert main(["export", str(trained_run_dir), "--output", str(target), "--data-dir", str(cifar_root),
+                 "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "check:" not in out and f"wrote {target}" in out
+    assert onnx.load(str(target)).graph.output[0].name == "logits"
 
 
 def test_missing_extra_is_one_clear_error(trained_run_dir, tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """Presets, the fast recipe's pieces (FastNet, lookahead, schedules, TTA) and the bench command."""
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -8,21 +9,28 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarcnn.cli import main
-from cifarcnn.config import Config, make_config, preset_names, preset_text
-from cifarcnn.evaluate import tta_logits
+from cifarcnn.config import Config, make_config, preset_names
+from cifarcnn.inference import infer, tta_logits
 from cifarcnn.model import build_model
 from cifarcnn.step import Lookahead, build_optimizer, learning_rate
 
 TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]
 
 
-def test_presets_are_listed_and_seed_is_the_root_config(tmp_path, capsys, monkeypatch):
+def test_presets_are_listed_and_preset_seed_reads_the_file_the_root_config_links_to(tmp_path, capsys, monkeypatch,
+                                                                                     edited_seed_preset):
     assert {"seed", "fast"} <= set(preset_names())
     root = Path(__file__).resolve().parents[1]
-    assert (root / "config.yaml").read_text() == preset_text("seed")  # the root file links to the packaged one
-    monkeypatch.chdir(tmp_path)  # the packaged presets do not depend on the current folder
+    packaged_seed = Path(str(resources.files("cifarcnn") / "presets" / "seed.yaml"))
+    assert (root / "config.yaml").resolve() == packaged_seed.resolve()
+    monkeypatch.chdir(tmp_path)  # the packaged presets do not depend on the current folder...
+    (tmp_path / "config.yaml").write_text("model: fastnet\n")  # ...nor on a ./config.yaml there
     assert main(["check", "--preset", "seed"]) == 0
-    assert "simple_cnn" in capsys.readouterr().out
+    assert "model:      simple_cnn" in capsys.readouterr().out
+    edited_seed_preset("model: simple_cnn", "model: fastnet")  # a changed copy of the file --preset seed reads
+    (tmp_path / "config.yaml").write_text("model: simple_cnn\n")
+    assert main(["check", "--preset", "seed"]) == 0
+    assert "model:      fastnet" in capsys.readouterr().out
     assert main(["check", "--preset", "fast"]) == 0
     out = capsys.readouterr().out
     assert "fastnet" in out and "(4, 10)" in out
@@ -130,17 +138,48 @@ def test_lookahead_pulls_weights_toward_their_average():
     assert torch.allclose(model.weight, torch.full((1, 2), 2.0))  # decay 1: the model takes the average
 
 
-def test_tta_levels():
+def test_tta_levels_1_and_0():
     model = build_model("simple_cnn").eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(tta_logits(model, x, 0), model(x))
         assert torch.allclose(tta_logits(model, x, 1), (model(x) + model(x.flip(3))) / 2, atol=1e-6)
-        level2 = tta_logits(model, x, 2)
-    assert level2.shape == (3, 10) and not torch.allclose(level2, tta_logits(model, x, 1))
     mirror_symmetric = x + x.flip(3)  # for a mirror-symmetric image, flipping changes nothing
     with torch.no_grad():
         assert torch.allclose(tta_logits(model, mirror_symmetric, 1), model(mirror_symmetric), atol=1e-5)
+
+
+def test_tta_level_2_is_the_mirror_and_one_pixel_shifts_in_both_directions():
+    model = build_model("simple_cnn").eval()
+    x = torch.randn(3, 3, 32, 32)
+    # The image moved one pixel down and right, and one pixel up and left, along both axes, the row or column that
+    # comes in taken from the reflection: rows (and columns) of x in the order each shifted image reads them.
+    down, up = [1, *range(31)], [*range(1, 32), 30]
+    shifted = [x[:, :, down][:, :, :, down], x[:, :, up][:, :, :, up]]
+    assert torch.equal(shifted[0][:, :, 5, 7], x[:, :, 4, 6]) and torch.equal(shifted[1][:, :, 5, 7], x[:, :, 6, 8])
+    views = [(x, 1 / 4), (x.flip(3), 1 / 4), *((v, 1 / 8) for s in shifted for v in (s, s.flip(3)))]
+    with torch.no_grad():
+        expected = sum(weight * model(view) for view, weight in views)
+        assert torch.allclose(tta_logits(model, x, 2), expected, atol=1e-5)
+        assert not torch.allclose(tta_logits(model, x, 1), expected, atol=1e-3)
+
+
+class BF16Logits(torch.nn.Module):
+    """A model whose logits come out in bf16, as a model without an fp32 head gives them under autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = x.flatten(1)
+        return (256 + pixels[:, :10] + 0.01 * pixels[:, -10:]).to(torch.bfloat16)
+
+
+def test_tta_views_are_averaged_in_fp32():
+    model, x = BF16Logits(), torch.randn(4, 3, 32, 32)
+    logits = infer(model, x, 2, "bf16")
+    assert logits.dtype == torch.float32
+    # the same views from a model that hands its bf16 logits over in fp32: summed in fp32 whatever tta_logits does
+    expected = tta_logits(lambda v: model(v).float(), x, 2)
+    # (near 256, bf16 steps by 2: summed in bf16, the six views would be rounded again at every addition)
+    assert torch.allclose(logits, expected, atol=1e-5)
 
 
 def test_bench_prints_both_throughputs_and_their_ratio(tmp_path, cifar_root, capsys):

@@ -1,5 +1,6 @@
 """Runs that survive: SIGKILL at random moments, SIGINT/SIGTERM, a diverging loss, a full disk, a second writer."""
 
+import contextlib
 import errno
 import os
 import random
@@ -169,27 +170,70 @@ def test_an_unwritable_run_folder_fails_before_training(cifar_root, tmp_path, ca
     assert "training simple_cnn" not in captured.out
 
 
-def test_a_second_training_on_a_folder_in_use_is_refused(cifar_root, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+@contextlib.contextmanager
+def lock_held_by_another_process(run_dir):
+    """A child process holding RUN/.lock, as a training there would; killed (without releasing it) on exit."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from cifarcnn.runlock import RunLock; "
          "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run_dir)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        args = ["train", "epochs=1", "batch_size=100", "data.val_size=100", "--runs-dir", str(tmp_path), "--name",
-                "run", "--data-dir", str(cifar_root), "--device", "cpu"]
-        assert main(args) == 2
-        err = capsys.readouterr().err
-        assert str(run_dir) in err and f"PID {holder.pid}" in err and "in use" in err
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def quick_run(cifar_root, runs, name="run"):
+    return ["train", "epochs=1", "batch_size=100", "data.val_size=100", "--runs-dir", str(runs), "--name", name,
+            "--data-dir", str(cifar_root), "--device", "cpu"]
+
+
+def test_a_second_training_on_a_folder_in_use_is_refused(cifar_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = quick_run(cifar_root, tmp_path)
+    with lock_held_by_another_process(run_dir) as holder:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert str(run_dir) in err and f"PID {holder.pid}" in err and "in use" in err
     # The holder died without releasing anything: its lock file is still there, and is taken over.
     assert (run_dir / ".lock").read_text().split()[0] == str(holder.pid)
     assert main(args) == 0
     assert not (run_dir / ".lock").exists()
+
+
+def test_a_resume_of_a_folder_in_use_is_refused(cifar_root, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(quick_run(cifar_root, tmp_path)) == 0
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    resume = ["train", "--resume", str(run_dir), "epochs=2", "--data-dir", str(cifar_root), "--device", "cpu"]
+    capsys.readouterr()
+    with lock_held_by_another_process(run_dir) as holder:
+        assert main(resume) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(run_dir) in err[0] and f"PID {holder.pid}" in err[0] and "in use" in err[0]
+        after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+        assert after == before  # nothing written, nothing removed
+    assert main(resume) == 0
+    assert position(run_dir / "last.pt") == (2, 0)
+
+
+def test_stale_temp_files_are_removed_on_resume(cifar_root, tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(quick_run(cifar_root, tmp_path)) == 0
+    # what atomic writes killed half way leave behind (storage.atomic_write's temp names)
+    stale = [run_dir / ".last.pt.k2x9q1.tmp", run_dir / ".metrics.jsonl.0p3c7a.tmp", run_dir / ".best.pt.zz.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    other = run_dir / ".notes"  # not a temp file: left alone
+    other.write_text("mine")
+    assert main(["train", "--resume", str(run_dir), "epochs=2", "--data-dir", str(cifar_root), "--device",
+                 "cpu"]) == 0
+    assert [path.name for path in stale if path.exists()] == []
+    assert other.read_text() == "mine"
+    assert position(run_dir / "last.pt") == (2, 0)
 
 
 def test_checkpoints_load_with_weights_only(cifar_root, tmp_path, monkeypatch):

@@ -10,9 +10,11 @@ from PIL import Image
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.cli import main
+from cifarcnn.config import make_config
 from cifarcnn.data import CLASSES, Loader, load_cifar10
 from cifarcnn.evaluate import evaluate, predict_logits
 from cifarcnn.precision import choose
+from cifarcnn.train import train
 
 
 def write_pngs(images: torch.Tensor, labels: torch.Tensor, root):
@@ -31,6 +33,29 @@ def png_test_set(cifar_root, tmp_path_factory):
     return root, data
 
 
+def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
+    """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's own
+    precision, as evaluate computes them."""
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    precision = choose(checkpoint["config"]["precision"], torch.device("cpu")).name
+    model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
+    loader = Loader(data.test_images, data.test_labels, 50, device="cpu", memory_format=torch.channels_last)
+    logits, _ = predict_logits(model, loader, tta=tta, precision=precision)
+    return logits.softmax(1)
+
+
+def assert_records_match(records: list[dict], data, probabilities: torch.Tensor) -> None:
+    """Each file's label and top-1 class and probability are those of the same test image's `probabilities`."""
+    assert len(records) == len(data.test_labels)
+    for record in records:
+        n = int(record["path"].rsplit("/", 1)[1].split(".")[0])
+        assert record["label"] == CLASSES[data.test_labels[n]] and record["error"] is None
+        top = record["predictions"]
+        assert all(a["probability"] >= b["probability"] for a, b in zip(top, top[1:]))
+        assert top[0]["class"] == CLASSES[int(probabilities[n].argmax())]
+        assert top[0]["probability"] == pytest.approx(float(probabilities[n].max()), abs=1e-6)
+
+
 def test_folder_labels_give_the_same_accuracy_and_probabilities_as_evaluate(trained_run_dir, png_test_set,
                                                                             cifar_root, tmp_path, capsys):
     root, data = png_test_set
@@ -46,22 +71,52 @@ def test_folder_labels_give_the_same_accuracy_and_probabilities_as_evaluate(trai
     for name, acc in expected["per_class_accuracy"].items():
         row = saved["accuracy"]["per_class"][name]
         assert (row["accuracy"] or 0.0) == pytest.approx(acc)
-
+    assert all(len(record["predictions"]) == 3 for record in saved["results"])
     # every file's probabilities are what the model gives the same image through the test loader
-    checkpoint = load_checkpoint(trained_run_dir / "best.pt")
-    precision = choose(checkpoint["config"]["precision"], torch.device("cpu")).name  # the run's, as evaluate
-    model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
-    loader = Loader(data.test_images, data.test_labels, 50, device="cpu", memory_format=torch.channels_last)
-    logits, _ = predict_logits(model, loader, precision=precision)
-    probabilities = logits.softmax(1)
-    assert len(saved["results"]) == len(data.test_labels)
-    for record in saved["results"]:
-        n = int(record["path"].rsplit("/", 1)[1].split(".")[0])
-        assert record["label"] == CLASSES[data.test_labels[n]] and record["error"] is None
-        top = record["predictions"]
-        assert len(top) == 3 and top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
-        assert top[0]["class"] == CLASSES[int(probabilities[n].argmax())]
-        assert top[0]["probability"] == pytest.approx(float(probabilities[n].max()), abs=1e-6)
+    assert_records_match(saved["results"], data, loader_probabilities(trained_run_dir, data, tta=0))
+
+
+@pytest.fixture(scope="module")
+def tta_run_dir(cifar_root, tmp_path_factory):
+    """The shared recipe trained with test-time augmentation level 2 (mirror + 1-pixel shifts)."""
+    run_dir = tmp_path_factory.mktemp("tta-run") / "run"
+    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2",
+                           "tta=2"])
+    train(cfg, run_dir, data_dir=cifar_root, device="cpu")
+    return run_dir
+
+
+def test_a_tta_2_checkpoint_gives_exactly_evaluates_accuracy_and_per_class_counts(tta_run_dir, png_test_set,
+                                                                                  cifar_root, tmp_path, capsys):
+    root, data = png_test_set
+    out = tmp_path / "results.json"
+    assert main(["predict", str(tta_run_dir), str(root), "--labels-from-folders", "--output", str(out), "--device",
+                 "cpu", "--batch-size", "64", "-q"]) == 0
+    printed = capsys.readouterr().out
+    expected = evaluate(tta_run_dir, data_dir=cifar_root, device="cpu", out_dir=tmp_path / "eval")
+    saved = json.loads(out.read_text())
+    assert expected["tta"] == saved["tta"] == 2 and saved["precision"] == expected["precision"]
+    assert "inference: tta 2 (mirror + 1-pixel shifts)" in printed
+    scores, matrix = saved["accuracy"], np.array(expected["confusion_matrix"])
+    assert scores["num_images"] == int(matrix.sum()) == len(data.test_labels)
+    assert [scores["per_class"][c]["correct"] for c in CLASSES] == matrix.diagonal().tolist()
+    assert [scores["per_class"][c]["total"] for c in CLASSES] == matrix.sum(1).tolist()
+    assert scores["accuracy"] == expected["test_accuracy"]
+    # TTA changes this checkpoint's probabilities, and predict gives the TTA ones
+    with_tta, bare = (loader_probabilities(tta_run_dir, data, tta) for tta in (2, 0))
+    assert (with_tta - bare).abs().max() > 1e-3
+    assert_records_match(saved["results"], data, with_tta)
+
+
+def test_tta_override_gives_the_bare_networks_probabilities(tta_run_dir, png_test_set, tmp_path, capsys):
+    root, data = png_test_set
+    out = tmp_path / "results.json"
+    assert main(["predict", str(tta_run_dir), str(root), "--labels-from-folders", "--tta", "0", "--output", str(out),
+                 "--device", "cpu", "-q"]) == 0
+    assert "inference: tta 0 (none)" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["tta"] == 0
+    assert_records_match(saved["results"], data, loader_probabilities(tta_run_dir, data, tta=0))
 
 
 def make_mixed_folder(folder):
@@ -152,13 +207,19 @@ def test_all_good_files_exit_0_and_print_top_k(trained_run_dir, tmp_path, capsys
 
 
 def test_files_outside_class_folders_are_left_out_of_the_accuracy(trained_run_dir, tmp_path, capsys):
-    for rel in ("cat/a.png", "dog/b.png", "misc/c.png"):
+    # One picture in every class folder: whatever the model predicts for it, exactly one of the ten is right.
+    for rel in (*(f"{name}/a.png" for name in CLASSES), "misc/c.png"):
         (tmp_path / rel).parent.mkdir(exist_ok=True)
         Image.new("RGB", (32, 32), (90, 90, 90)).save(tmp_path / rel)
-    assert main(["predict", str(trained_run_dir), str(tmp_path), "--labels-from-folders", "-q"]) == 0
+    out_file = tmp_path / "results.json"
+    assert main(["predict", str(trained_run_dir), str(tmp_path), "--labels-from-folders", "-q", "--output",
+                 str(out_file)]) == 0
     out = capsys.readouterr().out
-    assert "on 2 labelled images" in out and "1 unreadable file(s) or file(s) outside class folders" in out
-    assert "accuracy: 50.00%" in out  # the same grey picture cannot be both cat and dog
+    assert "on 10 labelled images" in out and "1 unreadable file(s) or file(s) outside class folders" in out
+    assert "accuracy: 10.00%" in out
+    scores = json.loads(out_file.read_text())["accuracy"]
+    assert [row["total"] for row in scores["per_class"].values()] == [1] * 10
+    assert sum(row["correct"] for row in scores["per_class"].values()) == 1
 
 
 @pytest.mark.parametrize("args, words", [
@@ -170,6 +231,7 @@ def test_files_outside_class_folders_are_left_out_of_the_accuracy(trained_run_di
     (["{run}", "{tmp}/a.png", "--top-k", "11"], "--top-k"),
     (["{run}", "{tmp}/a.png", "--top-k", "0"], "--top-k"),
     (["{run}", "{tmp}/a.png", "--workers", "0"], "--workers"),
+    (["{run}", "{tmp}/a.png", "--tta", "3"], "--tta"),
     (["{tmp}/no-run", "{tmp}/a.png"], "no such run folder"),
 ])
 def test_usage_errors_exit_2_with_one_line(trained_run_dir, tmp_path, capsys, args, words):

@@ -1,0 +1,72 @@
+"""The one inference path: `evaluate`, `predict`, the trainer's validation, `bench` and the ONNX export's check all
+turn a batch of normalised images into logits here.
+
+A checkpoint is run with its config's test-time augmentation (`tta`) and the precision its config resolves to on
+this machine (bf16 autocast or fp32, `precision.choose`). Each TTA view's logits are cast to fp32 before the views
+are averaged, so the average is the same whatever precision the views were computed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UsageError
+from .precision import autocast, choose
+
+TTA_LEVELS = {0: "none", 1: "mirror", 2: "mirror + 1-pixel shifts"}
+TTA_RECIPE = (
+    "tta 1: average the logits of x and of x mirrored (reversed along the width axis). tta 2: pad x by 1 pixel on "
+    "each side by reflection (numpy.pad mode 'reflect'), take the 32x32 windows of the padded image at rows and "
+    "columns 0..31 and 2..33, and average the logits with weights 1/4 for x and its mirror and 1/8 for each window "
+    "and each window's mirror"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a checkpoint is run: its TTA level and precision ("fp32" or "bf16", and why)."""
+
+    tta: int
+    precision: str
+    precision_reason: str
+
+    def describe(self) -> str:
+        arithmetic = "bf16 autocast" if self.precision == "bf16" else "fp32"
+        return f"tta {self.tta} ({TTA_LEVELS[self.tta]}), {arithmetic} ({self.precision_reason})"
+
+
+def settings_for(config: dict, device: torch.device, tta: int | None = None) -> Settings:
+    """The settings for a checkpoint's `config` on `device`; `tta` overrides the config's level."""
+    if tta is None:
+        tta = int(config.get("tta", 0))
+    elif tta not in TTA_LEVELS:
+        raise UsageError(f"--tta must be 0 (none), 1 (mirror) or 2 (mirror + 1-pixel shifts), got {tta}")
+    choice = choose(config.get("precision", "auto"), device)
+    return Settings(tta, choice.name, choice.reason)
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Float32 logits averaged over test-time views of `x` (N, C, H, W). Level 0: `x` alone. Level 1: `x` and its
+    mirror, 1/2 each. Level 2: `x` and its mirror 1/4 each, and 1/8 each for `x` shifted one pixel down and right,
+    `x` shifted one pixel up and left (the border reflected, as F.pad's "reflect"), and the mirrors of both."""
+    logits = model(x).float()
+    if level >= 1:
+        logits = (logits + model(x.flip(3)).float()) / 2
+    if level >= 2:
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]]
+        shifted_logits = sum(model(s).float() + model(s.flip(3)).float() for s in shifted) / 4
+        logits = (logits + shifted_logits) / 2
+    return logits
+
+
+@torch.inference_mode()
+def infer(model: nn.Module, x: torch.Tensor, tta: int, precision: str) -> torch.Tensor:
+    """Float32 logits of `model` (in eval mode) for a batch of normalised images, with `tta` views, under bf16
+    autocast when `precision` is "bf16"."""
+    with autocast(x.device, precision):
+        return tta_logits(model, x, tta)
