@@ -1,9 +1,10 @@
-"""Image files to model input: find them, decode any common format and mode, and shrink them to 32x32 RGB.
+"""Image files to model input: find them, decode any common format and mode, and shrink them to square RGB.
 
-Preprocessing (the same for every file): decode the first frame, apply the EXIF orientation, flatten
-transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not clipped), crop the largest
-centred square, resize it to 32x32 with Pillow's antialiased bicubic filter. Then `to_model_input` scales to
-[0, 1] and normalises with the CIFAR-10 mean/std exactly as the training and test loaders do.
+Preprocessing (the same for every file, in `predict` and for folder datasets): decode the first frame, apply the
+EXIF orientation, flatten transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not
+clipped), crop the largest centred square, resize it to the model's image size (32x32 for CIFAR) with Pillow's
+antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalises with the dataset's mean/std
+exactly as the training and test loaders do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import normalize_
+from .data import MEAN, STD, normalize_
 from .errors import UsageError
 
 SIZE = 32
@@ -132,7 +133,19 @@ def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32, the same arithmetic as `data.Loader`."""
+def read_image(path: str | Path, size: int = SIZE) -> np.ndarray | str:
+    """`load_image`, or the reason the file could not be read as a string (never raises for a bad file)."""
+    try:
+        return load_image(path, size)
+    except ImageReadError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug on a hostile file must not stop the other files
+        return f"cannot read the image ({type(e).__name__}: {e})"
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
+                   mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with `mean` and `std` (the checkpoint's dataset's;
+    default CIFAR-10's), the same arithmetic as `data.Loader`."""
     x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).contiguous()
-    return normalize_(x.float().div_(255))
+    return normalize_(x.float().div_(255), mean, std)
