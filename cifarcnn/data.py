@@ -298,7 +298,7 @@ def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, s
     n = len(images)
     if not 0 < val_size < n:
         raise ConfigError(f"config key 'data.val_size' is {val_size}, but it must be between 1 and the "
-                        f"{n} training images minus one")
+                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])

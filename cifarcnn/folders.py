@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .data import DataError, Dataset
 from .errors import ConfigError
-from .images import find_images, read_image
+from .images import read_image, walk_images
 from .progress import bar_disabled
 from .storage import StorageError, atomic_write
 
@@ -82,7 +82,7 @@ def _class_files(folder: Path, notes: list[str]) -> list[tuple[Path, str]]:
                      f"{folder}/<class>/")
     pairs, skipped = [], 0
     for class_dir in (p for p in entries if p.is_dir()):
-        files, others = find_images([class_dir])
+        files, others = walk_images(class_dir)
         skipped += others
         if not files:
             notes.append(f"class folder {class_dir} holds no image files: left out")
@@ -157,12 +157,14 @@ def _cache_dirs(root: Path) -> list[Path]:
 def _file_keys(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
     """(path relative to the root, size, modification time in ns) per file: what a cache entry must match."""
     keys = []
-    for path in files:
+    prefix = len(str(root)) + 1  # every file was found by walking the root
+    for path in map(str, files):
+        relative = path[prefix:].replace(os.sep, "/")
         try:
-            st = path.stat()
-            keys.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+            st = os.stat(path)
+            keys.append((relative, st.st_size, st.st_mtime_ns))
         except OSError:
-            keys.append((path.relative_to(root).as_posix(), -1, -1))  # never matches: decoding reports why
+            keys.append((relative, -1, -1))  # never matches: decoding reports why
     return keys
 
 
@@ -174,11 +176,14 @@ def _read_cache(root: Path, size: int) -> tuple[dict[tuple[str, int, int], int],
             continue
         try:
             with np.load(path, allow_pickle=False) as saved:
-                if int(saved["version"]) != CACHE_VERSION or saved["images"].shape[1:] != (size, size, 3):
+                if int(saved["version"]) != CACHE_VERSION:
                     continue
+                images = saved["images"]  # each access reads the file again
                 keys = zip(saved["paths"].tolist(), saved["sizes"].tolist(), saved["mtimes"].tolist())
                 rows = {key: i for i, key in enumerate(keys)}
-                return rows, saved["images"], saved["errors"].tolist()
+                if not rows or images.shape != (len(rows), size, size, 3):
+                    continue
+                return rows, images, saved["errors"].tolist()
         except Exception as e:  # a truncated or foreign file: decode again and overwrite it
             print(f"note: ignoring the unreadable cache {path} ({type(e).__name__}); decoding again", file=sys.stderr)
     return None
@@ -207,15 +212,16 @@ def decode_files(files: list[Path], root: Path, size: int, workers: int | None =
     the cache where a file's path, size and modification time match, the rest decoded in parallel with a progress
     bar. The cache is rewritten when anything changed."""
     keys = _file_keys(files, root)
-    images = np.zeros((len(files), size, size, 3), dtype=np.uint8)
-    errors = [""] * len(files)
     cached = _read_cache(root, size)
-    rows = np.array([cached[0].get(key, -1) for key in keys] if cached else [-1] * len(keys), dtype=np.int64)
+    if cached is None:
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        images, errors = np.zeros((len(files), size, size, 3), dtype=np.uint8), [""] * len(files)
+    else:
+        index, cached_images, cached_errors = cached
+        rows = np.fromiter((index.get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+        images = cached_images[np.maximum(rows, 0)]  # rows not in the cache are decoded over below
+        errors = [cached_errors[row] if row >= 0 else "" for row in rows.tolist()]
     hits = np.flatnonzero(rows >= 0)
-    if len(hits):
-        images[hits] = cached[1][rows[hits]]
-        for i in hits.tolist():
-            errors[i] = cached[2][rows[i]]
     missing = np.flatnonzero(rows < 0).tolist()
     if missing:
         workers = workers or min(8, os.cpu_count() or 1)
@@ -253,17 +259,17 @@ def _hold_out(labels: np.ndarray, num_classes: int, fraction: float, seed: int) 
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S) images."""
-    sums = torch.zeros(3, dtype=torch.float64)
-    squares = torch.zeros(3, dtype=torch.float64)
-    for chunk in images.split(1024):
-        x = chunk.double().div_(255)
-        sums += x.sum((0, 2, 3))
-        squares += x.square().sum((0, 2, 3))
-    count = images.numel() / 3
-    mean = sums / count
-    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
-    return tuple(round(v, 4) for v in mean.tolist()), tuple(max(round(v, 4), 1e-4) for v in std.tolist())
+    """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S) images,
+    exactly, from each channel's histogram of the 256 pixel values."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in range(3):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        m = float((counts * values).sum() / counts.sum())
+        variance = float((counts * values.square()).sum() / counts.sum()) - m * m
+        mean.append(round(m, 4))
+        std.append(max(round(max(variance, 0.0) ** 0.5, 4), 1e-4))  # a one-colour channel must not divide by 0
+    return tuple(mean), tuple(std)
 
 
 def _listed_errors(files: list[Path], errors: list[str]) -> list[str]:

@@ -31,6 +31,23 @@ class ImageReadError(Exception):
     """One file could not be turned into an image; the message says why, in a few words."""
 
 
+def walk_images(folder: Path) -> tuple[list[Path], int]:
+    """The image files under `folder` (recursively, by extension, any letter case; hidden files and folders left
+    out), sorted folder by folder, and how many other files were skipped."""
+    found: list[Path] = []
+    skipped = 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(root) / name)
+            else:
+                skipped += 1
+    return found, skipped
+
+
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
     """Expand files, folders (recursively, image extensions only) and globs into a sorted, de-duplicated list.
 
@@ -42,15 +59,9 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
 
     def walk(folder: Path) -> None:
         nonlocal skipped
-        for root, dirs, names in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if name.startswith("."):
-                    continue
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(Path(root) / name)
-                else:
-                    skipped += 1
+        files, others = walk_images(folder)
+        found.extend(files)
+        skipped += others
 
     for raw in paths:
         path = Path(raw)
