@@ -227,14 +227,18 @@ def decode_files(files: list[Path], root: Path, size: int, workers: int | None =
         workers = workers or min(8, os.cpu_count() or 1)
         print(f"decoding {len(missing):,} images of {root} to {size}x{size} with {workers} threads "
               f"({len(hits):,} from the cache)", flush=True)
-        with ThreadPoolExecutor(workers) as pool, tqdm(total=len(missing), desc="decoding images", unit="img",
-                                                       leave=False, disable=bar_disabled()) as bar:
-            for i, item in zip(missing, pool.map(lambda i: read_image(files[i], size), missing)):
-                if isinstance(item, str):
-                    errors[i] = item
-                else:
-                    images[i] = item
-                bar.update()
+        pool = ThreadPoolExecutor(workers)
+        try:
+            with tqdm(total=len(missing), desc="decoding images", unit="img", leave=False,
+                      disable=bar_disabled()) as bar:
+                for i, item in zip(missing, pool.map(lambda i: read_image(files[i], size), missing)):
+                    if isinstance(item, str):
+                        errors[i] = item
+                    else:
+                        images[i] = item
+                    bar.update()
+        finally:  # on Ctrl-C, drop the files not started yet instead of decoding them all first
+            pool.shutdown(cancel_futures=True)
     if missing or cached is None or len(cached[0]) != len(files):
         written = _write_cache(root, size, keys, images, errors)
         if written is None:

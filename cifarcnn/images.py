@@ -130,7 +130,7 @@ def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
         raise ImageReadError("permission denied") from None
     except OSError as e:
         message = str(e) or type(e).__name__
-        if "truncated" in message or "broken" in message or "incomplete" in message.lower():
+        if any(word in message.lower() for word in ("truncated", "broken", "incomplete")):
             raise ImageReadError(f"truncated or corrupt image ({message})") from None
         raise ImageReadError(f"cannot read the image ({message})") from None
     except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
