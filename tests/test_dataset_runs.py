@@ -2,6 +2,7 @@
 evaluate, predict, export and report use them without extra flags; checkpoints from before keep working."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -11,9 +12,11 @@ from PIL import Image
 
 from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from cifarcnn.cli import main
+from cifarcnn.config import data_config
 from cifarcnn.data import MEAN, STD, Loader
 from cifarcnn.datasets import checkpoint_dataset, load_dataset
 from cifarcnn.evaluate import predict_logits
+from cifarcnn.images import walk_images
 from cifarcnn.plots import save_confusion_matrix
 
 from .conftest import FOLDER_CLASSES, write_image_folder
@@ -36,18 +39,12 @@ def folder_run(tmp_path_factory):
 def test_the_checkpoint_carries_the_dataset(folder_run):
     run_dir, pictures = folder_run
     checkpoint = load_checkpoint(run_dir / "best.pt")
-    data = load_dataset(checkpoint_config_data(checkpoint))
+    data = load_dataset(data_config(checkpoint["config"]["data"]))
     assert checkpoint["classes"] == list(FOLDER_CLASSES) and checkpoint["num_classes"] == 3
     assert checkpoint["image_size"] == 16 and checkpoint["dataset"] == "pictures"
     assert tuple(checkpoint["mean"]) == data.mean and tuple(checkpoint["std"]) == data.std
     assert checkpoint["config"]["data"]["path"] == str(pictures.resolve())
     assert model_from_checkpoint(checkpoint)(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
-
-
-def checkpoint_config_data(checkpoint):
-    from cifarcnn.config import data_config
-
-    return data_config(checkpoint["config"]["data"])
 
 
 def test_evaluate_and_predict_use_the_checkpoints_dataset(folder_run, tmp_path, capsys):
@@ -72,14 +69,15 @@ def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
     checkpoint = load_checkpoint(run_dir / "best.pt")
     info = checkpoint_dataset(checkpoint)
     model = model_from_checkpoint(checkpoint).eval()
-    data = load_dataset(checkpoint_config_data(checkpoint))
+    data = load_dataset(data_config(checkpoint["config"]["data"]))
     loader = Loader(data.test_images[:8], data.test_labels[:8], 8, device="cpu", mean=info["mean"], std=info["std"])
     logits, _ = predict_logits(model, loader)
-    files = sorted((pictures / "test" / "cat").glob("*.*"))[:8]
+    files, _ = walk_images(pictures / "test" / "cat")  # the dataset's first 8 test images, in its order
     results = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), workers=1,
                             image_size=16, mean=info["mean"], std=info["std"])
-    order = [sorted((pictures / "test" / "cat").glob("*.*")).index(f) for f in files]
-    assert [r.top[0][1] for r in results] == pytest.approx(logits.softmax(1).max(1).values[order].tolist(), abs=1e-5)
+    assert [r.top[0][1] for r in results] == pytest.approx(logits.softmax(1).max(1).values.tolist(), abs=1e-5)
+    as_cifar = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), workers=1, image_size=16)
+    assert [r.top[0][1] for r in as_cifar] != pytest.approx([r.top[0][1] for r in results], abs=1e-5)
 
 
 def test_export_writes_the_datasets_size_mean_and_std(folder_run, tmp_path):
@@ -106,7 +104,7 @@ def test_report_names_the_dataset(folder_run, tmp_path):
     text = (copy / "report.html").read_text()
     assert "<h1>pictures run run</h1>" in text
     table = text.split('id="per-class-table"')[1].split("</table>")[0]
-    shown = [float(v) for v in __import__("re").findall(r'<td class="num">([\d.]+)%</td>', table)]
+    shown = [float(v) for v in re.findall(r'<td class="num">([\d.]+)%</td>', table)]
     assert len(shown) == 3 and shown == sorted(shown, reverse=True)
 
 
@@ -183,7 +181,7 @@ def test_cifar100_coarse_labels_train_20_classes(cifar100_root, tmp_path):
 
 # --------------------------------------------------------------------------- older checkpoints, big matrices
 
-def test_a_checkpoint_from_before_datasets_is_cifar10(trained_run_dir, tmp_path, capsys):
+def test_a_checkpoint_from_before_datasets_is_cifar10(trained_run_dir, cifar_root, tmp_path, capsys):
     checkpoint = load_checkpoint(trained_run_dir / "best.pt")
     for key in ("dataset", "mean", "std", "image_size"):
         checkpoint.pop(key)
@@ -194,6 +192,8 @@ def test_a_checkpoint_from_before_datasets_is_cifar10(trained_run_dir, tmp_path,
     assert (info["mean"], info["std"], info["image_size"], info["dataset"]) == (MEAN, STD, 32, "CIFAR-10")
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "x.png")
     assert main(["predict", str(old), str(tmp_path / "x.png"), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(old), "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["dataset"] == "CIFAR-10"
 
 
 def test_a_100_class_confusion_matrix_renders_without_cell_numbers(tmp_path):
