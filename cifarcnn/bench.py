@@ -22,7 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import Config
-from .data import Loader, load_cifar10, training_split
+from .data import Dataset, Loader, training_split
+from .datasets import load_dataset
 from .device import select_device
 from .errors import ConfigError
 from .evaluate import predict_logits
@@ -61,28 +62,35 @@ def matmul_flops_per_s(device: torch.device, precision: str, size: int = 2048, r
     return statistics.median(rates)
 
 
+def _loaders(cfg: Config, data: Dataset, train_x: torch.Tensor, train_y: torch.Tensor, device: torch.device,
+             steps: int) -> tuple[Loader, Loader]:
+    """The training loader over the first `steps` batches' worth of training images, and the test loader."""
+    images = steps * cfg.batch_size
+    normalised = {"device": device, "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
+    loader = Loader(train_x[:images], train_y[:images], cfg.batch_size, augment=cfg.augment, shuffle=True,
+                    seed=cfg.seed, **normalised)
+    return loader, Loader(data.test_images, data.test_labels, cfg.eval_batch_size, **normalised)
+
+
 def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None = None, steps: int = 30,
           warmup: int = 5, rounds: int = 3) -> dict:
     device = select_device(device)
-    data = load_cifar10(data_dir)
+    data = load_dataset(cfg.data, data_dir, device=device)
     (train_x, train_y), _ = training_split(data, cfg.data)
     steps = min(steps, len(train_x) // cfg.batch_size)
     if not steps:
         raise ConfigError(f"config key 'batch_size' is {cfg.batch_size}, more than the {len(train_x)} training "
                           f"images: bench needs at least one full batch")
-    images = steps * cfg.batch_size
-    loader = Loader(train_x[:images], train_y[:images], cfg.batch_size, device=device, augment=cfg.augment,
-                    shuffle=True, seed=cfg.seed, memory_format=CHANNELS_LAST)
-    test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
-                         memory_format=CHANNELS_LAST)
-    model = make_model(cfg, len(data.classes), train_x, device)
+    loader, test_loader = _loaders(cfg, data, train_x, train_y, device, steps)
+    model = make_model(cfg, len(data.classes), train_x, device, mean=data.mean, std=data.std)
     step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device)
     precision = choose(cfg.precision, device)
     if cfg.compile:
         warm_up(step, loader, [test_loader], cfg.tta)
     model.train()
 
-    fixed_x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=CHANNELS_LAST)
+    size = data.image_size
+    fixed_x = torch.randn(cfg.batch_size, 3, size, size, device=device).contiguous(memory_format=CHANNELS_LAST)
     fixed_y = torch.randint(0, len(data.classes), (cfg.batch_size,), device=device)
     for x, y in itertools.islice(loader.epoch(0), warmup):
         step(x, y)
@@ -95,15 +103,15 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
 
     pipeline, compute = [], []
     for _ in range(rounds):
-        pipeline.append(_rate(one_epoch, 1, images, device))
+        pipeline.append(_rate(one_epoch, 1, len(loader.images), device))
         compute.append(_rate(lambda: step(fixed_x, fixed_y), steps, cfg.batch_size, device))
     evaluate = functools.partial(predict_logits, step.forward, test_loader, tta=cfg.tta, precision=precision.name)
     evaluate()  # warm-up
     evaluation = _rate(evaluate, 1, len(data.test_images), device)
     result = {
-        "model": cfg.model, "device": str(device), "device_name": _device_name(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
-        "eval_batch_size": cfg.eval_batch_size, "tta": cfg.tta, "compile": cfg.compile,
+        "model": cfg.model, "dataset": data.name, "image_size": size, "device": str(device),
+        "device_name": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "tta": cfg.tta, "compile": cfg.compile,
         "precision": precision.name, "precision_reason": precision.reason,
         "steps_per_round": steps, "rounds": rounds,
         "train_images_per_s": statistics.median(pipeline),
@@ -112,14 +120,15 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
         "train_rounds": pipeline, "compute_only_rounds": compute,
     }
     result["pipeline_over_compute"] = result["train_images_per_s"] / result["compute_only_images_per_s"]
-    result.update(utilisation(model, device, precision.name, result["train_images_per_s"]))
+    result.update(utilisation(model, device, precision.name, result["train_images_per_s"], size))
     return result
 
 
-def utilisation(model: torch.nn.Module, device: torch.device, precision: str, images_per_s: float) -> dict:
+def utilisation(model: torch.nn.Module, device: torch.device, precision: str, images_per_s: float,
+                image_size: int = 32) -> dict:
     """FLOPs per training image, the training FLOP/s they make at `images_per_s`, the device's matmul FLOP/s in
     the same precision, and their ratio: model FLOPs utilisation (MFU)."""
-    flops = train_flops_per_image(model)
+    flops = train_flops_per_image(model, image_size)
     peak = matmul_flops_per_s(device, precision)
     achieved = flops * images_per_s
     return {"train_flops_per_image": flops, "train_flops_per_s": achieved, "matmul_flops_per_s": peak,
@@ -133,7 +142,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def report(result: dict, out: Path | None) -> None:
-    print(f"bench {result['model']} on {result['device']} ({result['device_name']}, torch {result['torch']}, "
+    print(f"bench {result['model']} on {result['dataset']} ({result['image_size']}x{result['image_size']}) on "
+          f"{result['device']} ({result['device_name']}, torch {result['torch']}, "
           f"{result['threads']} threads), batch {result['batch_size']}")
     print(f"  precision: {result['precision']} ({result['precision_reason']})")
     print(f"  training, full pipeline:  {result['train_images_per_s']:>10,.0f} images/s")

@@ -57,14 +57,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the architecture a checkpoint names and load its weights; a mismatch is a clear error."""
-    name, num_classes = checkpoint["model"], checkpoint["num_classes"]
+    """Rebuild the architecture a checkpoint names, for its classes and image size (32 in checkpoints from before
+    image sizes were recorded), and load its weights; a mismatch is a clear error."""
+    name, num_classes, image_size = checkpoint["model"], checkpoint["num_classes"], checkpoint.get("image_size", 32)
     if name not in MODELS:
         raise UserError(f"{path}: architecture {name!r} is not known here (known: {', '.join(sorted(MODELS))})")
-    model = build_model(name, num_classes)
+    model = build_model(name, num_classes, image_size)
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as e:
         detail = " ".join(str(e).split("\n", 1)[-1].split())[:300]
-        raise UserError(f"{path}: weights do not fit {name} with {num_classes} classes: {detail}") from None
+        raise UserError(f"{path}: weights do not fit {name} with {num_classes} classes at {image_size}x{image_size}:"
+                        f" {detail}") from None
     return model

@@ -110,18 +110,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_show_batch(args: argparse.Namespace) -> int:
-    from .data import Loader, denormalize, load_cifar10, training_split
+    from .data import Loader, denormalize, training_split
+    from .datasets import load_dataset
     from .device import select_device
     from .plots import save_image_grid
 
     cfg = config_from_args(args)
-    data = load_cifar10(args.data_dir)
+    device = select_device(args.device)
+    data = load_dataset(cfg.data, args.data_dir, device=device)
     (train_x, train_y), _ = training_split(data, cfg.data)
-    loader = Loader(train_x, train_y, args.count, device=select_device(args.device), augment=cfg.augment,
-                    shuffle=True, seed=cfg.seed)
+    loader = Loader(train_x, train_y, args.count, device=device, augment=cfg.augment, shuffle=True, seed=cfg.seed,
+                    mean=data.mean, std=data.std)
     x, y = next(loader.epoch(0))
-    save_image_grid(denormalize(x), [data.classes[i] for i in y.tolist()], args.out,
-                    title="augmented training batch (epoch 1)")
+    save_image_grid(denormalize(x, data.mean, data.std), [data.classes[i] for i in y.tolist()], args.out,
+                    title=f"augmented {data.name} training batch (epoch 1)")
     print(f"wrote {args.out} ({len(y)} augmented training images)")
     return 0
 
@@ -129,15 +131,18 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
+    from .datasets import dataset_shape
     from .model import build_model, count_parameters
 
     cfg = config_from_args(args)
+    num_classes, image_size = dataset_shape(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
-    x = torch.randn(4, 3, 32, 32)
+    model = build_model(cfg.model, num_classes, image_size)
+    x = torch.randn(4, 3, image_size, image_size)
     out = model(x)
     total, trainable = count_parameters(model)
     print(f"model:      {cfg.model}")
+    print(f"dataset:    {cfg.data.dataset}: {num_classes} classes, {image_size}x{image_size} images")
     print(f"input:      {tuple(x.shape)}")
     print(f"output:     {tuple(out.shape)}")
     print(f"parameters: {total:,} total, {trainable:,} trainable")
@@ -152,7 +157,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _with_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="CIFAR-10 folder (default: $CIFAR10_DIR, else ./data)")
+    p.add_argument("--data-dir", help="CIFAR-10/100 folder (default: $CIFAR10_DIR or $CIFAR100_DIR, else ./data); "
+                                      "a folder dataset is data.path=DIR")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
 
 
@@ -216,7 +222,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: onnx)")
     p.add_argument("--output", type=Path, help="output file (default: the checkpoint's name with .onnx)")
-    p.add_argument("--data-dir", help="CIFAR-10 folder for the check (default: $CIFAR10_DIR, else ./data)")
+    p.add_argument("--data-dir", help="CIFAR-10/100 folder for the check (default: $CIFAR10_DIR or $CIFAR100_DIR, "
+                                      "else ./data)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing ONNX Runtime with PyTorch on the test set")
     p.set_defaults(func=cmd_export)
@@ -243,7 +250,8 @@ def _add_inspection_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `cifarcnn` argument parser: --version and every subcommand."""
-    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and inspect CIFAR-10 CNNs.")
+    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and inspect CNN image classifiers "
+                                                                  "on CIFAR-10, CIFAR-100 or your own image folders.")
     parser.add_argument("--version", action="version", version=f"cifarcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)

@@ -16,7 +16,8 @@ import yaml
 from .errors import ConfigError, UsageError
 from .storage import atomic_write_text
 
-CIFAR10_TRAIN_SIZE = 50_000
+CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
+DATASETS = ("cifar10", "cifar100", "folder")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -30,7 +31,12 @@ def _field(default: Any, **limits: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    val_size: int = _field(5000, lo=0, hi=CIFAR10_TRAIN_SIZE, hi_open=True)  # 0: train on all, no validation
+    dataset: str = _field("cifar10", choices=DATASETS)
+    path: str | None = None  # the folder of a folder dataset (DIR/train/<class>/..., DIR/test/<class>/...)
+    labels: str = _field("fine", choices=("fine", "coarse"))  # cifar100: 100 fine classes or 20 superclasses
+    image_size: int = _field(32, lo=16, hi=512)  # folder datasets: side of the square images decoded
+    test_fraction: float = _field(0.2, lo=0, hi=1, lo_open=True, hi_open=True)  # folder without test/: held out
+    val_size: int = _field(5000, lo=0)  # 0: train on all, no validation
     split_seed: int = _field(0, lo=0)
 
 
@@ -237,7 +243,34 @@ def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config
     cfg = _build(Config, apply_overrides(values or {}, list(overrides)))
     if cfg.model not in MODELS:
         raise ConfigError(f"config key 'model' must be one of {', '.join(sorted(MODELS))}; got {cfg.model!r}")
+    _check_data(cfg.data)
     return cfg
+
+
+def data_config(values: dict) -> DataConfig:
+    """The `data` section of a config (e.g. a checkpoint's), validated."""
+    data = _build(DataConfig, values, "data.")
+    _check_data(data)
+    return data
+
+
+def _check_data(data: DataConfig) -> None:
+    """The data keys that depend on each other: a folder needs its path, the CIFAR sets have fixed sizes."""
+    if data.dataset == "folder":
+        if not data.path:
+            raise ConfigError("config key 'data.path' is required with data.dataset=folder: the folder holding "
+                              "train/<class>/ (and optionally test/<class>/), e.g. data.path=~/pictures")
+        return
+    name = "CIFAR-10" if data.dataset == "cifar10" else "CIFAR-100"
+    if data.val_size >= CIFAR_TRAIN_SIZE:
+        raise ConfigError(f"config key 'data.val_size' must be < {CIFAR_TRAIN_SIZE} ({name} has {CIFAR_TRAIN_SIZE:,} "
+                          f"training images), got {data.val_size}")
+    if data.image_size != 32:
+        raise ConfigError(f"config key 'data.image_size' is {data.image_size}, but {name} images are 32x32; it "
+                          f"applies to data.dataset=folder only")
+    if data.labels != "fine" and data.dataset != "cifar100":
+        raise ConfigError(f"config key 'data.labels' applies to data.dataset=cifar100 only (got "
+                          f"data.labels={data.labels} with data.dataset={data.dataset})")
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> Config:

@@ -1,4 +1,5 @@
-"""CIFAR-10: find or download the official python-format files, read them safely, split, and serve batches.
+"""CIFAR-10 and CIFAR-100: find or download the official python-format files, read them safely; the Dataset every
+source ends as (folder datasets are read by folders.py); the train/validation split; and the Loader serving batches.
 
 The whole dataset lives as one uint8 tensor on the training device. Batches are picked, augmented
 (flip, padded crop, brightness/contrast jitter, cutout, independent parameters per image) and normalised there
@@ -41,45 +42,75 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
 IMAGE_SHAPE = (3, 32, 32)
+# CIFAR-100's training-set mean and std per channel (over all pixels, as CIFAR-10's above)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
 class DataError(UserError):
     exit_code = 1
 
 
+@dataclass(frozen=True)
+class CifarFiles:
+    """Where one CIFAR version is published and how its official python-format copy is laid out."""
+
+    title: str
+    env: str  # the environment variable naming its data root
+    url: str
+    md5: str
+    archive: str
+    folder: str
+    train_files: tuple[str, ...]
+    test_file: str
+    meta_file: str
+
+
+CIFAR10_FILES = CifarFiles("CIFAR-10", "CIFAR10_DIR", URL, MD5, ARCHIVE, FOLDER, TRAIN_FILES, TEST_FILE, META_FILE)
+CIFAR100_FILES = CifarFiles("CIFAR-100", "CIFAR100_DIR", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                            "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python.tar.gz", "cifar-100-python",
+                            ("train",), "test", "meta")
+
+
 # --------------------------------------------------------------------------- finding and fetching the files
 
-def resolve_data_root(data_dir: str | Path | None = None) -> Path:
-    """--data-dir, else $CIFAR10_DIR, else ./data."""
-    return Path(data_dir or os.environ.get("CIFAR10_DIR") or "data")
+def resolve_data_root(data_dir: str | Path | None = None, env: str = "CIFAR10_DIR") -> Path:
+    """--data-dir, else $CIFAR10_DIR (`env`: $CIFAR100_DIR for CIFAR-100), else ./data."""
+    return Path(data_dir or os.environ.get(env) or "data")
 
 
-def _how_to_point_at_a_copy(root: Path) -> str:
-    return (f"put the {FOLDER}/ folder or {ARCHIVE} in {root}, or point --data-dir or CIFAR10_DIR "
+def _how_to_point_at_a_copy(root: Path, files: CifarFiles = CIFAR10_FILES) -> str:
+    return (f"put the {files.folder}/ folder or {files.archive} in {root}, or point --data-dir or {files.env} "
             f"at the folder that holds them")
 
 
-def locate_cifar10(root: Path, *, download: bool = True, url: str = URL, md5: str = MD5) -> Path:
-    """Return the folder holding the batch files under `root`, extracting or downloading as needed."""
-    root = Path(root)
-    if (root / TRAIN_FILES[0]).exists() or (root / META_FILE).exists():
+def locate_cifar(root: Path, files: CifarFiles, *, download: bool = True, url: str | None = None,
+                 md5: str | None = None) -> Path:
+    """Return the folder holding `files`' batch files under `root`, extracting or downloading as needed."""
+    root, url, md5 = Path(root), url or files.url, md5 or files.md5
+    if (root / files.train_files[0]).is_file() or (root / files.meta_file).is_file():
         return root  # root is the batches folder itself
-    folder = root / FOLDER
+    folder = root / files.folder
     if folder.is_dir():
         return folder
-    archive = root / ARCHIVE
+    archive = root / files.archive
     if not archive.exists():
         if not download:
-            raise DataError(f"no CIFAR-10 copy in {root}: {_how_to_point_at_a_copy(root)}")
-        download_file(url, archive, md5)
+            raise DataError(f"no {files.title} copy in {root}: {_how_to_point_at_a_copy(root, files)}")
+        download_file(url, archive, md5, files)
     elif file_md5(archive) != md5:
         raise DataError(f"{archive}: MD5 does not match the official archive ({md5}); the file is "
-                        f"truncated or not CIFAR-10. Delete it to download it again, or "
-                        f"{_how_to_point_at_a_copy(root)}")
+                        f"truncated or not {files.title}. Delete it to download it again, or "
+                        f"{_how_to_point_at_a_copy(root, files)}")
     extract_archive(archive, root)
     if not folder.is_dir():
-        raise DataError(f"{archive} does not contain a {FOLDER}/ folder")
+        raise DataError(f"{archive} does not contain a {files.folder}/ folder")
     return folder
+
+
+def locate_cifar10(root: Path, *, download: bool = True, url: str = URL, md5: str = MD5) -> Path:
+    """The CIFAR-10 batches folder under `root` (see `locate_cifar`)."""
+    return locate_cifar(root, CIFAR10_FILES, download=download, url=url, md5=md5)
 
 
 def file_md5(path: Path) -> str:
@@ -90,7 +121,7 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_file(url: str, dest: Path, md5: str) -> None:
+def download_file(url: str, dest: Path, md5: str, files: CifarFiles = CIFAR10_FILES) -> None:
     """Download `url` to `dest` with a progress bar, check its MD5, and only then move it into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -100,8 +131,8 @@ def download_file(url: str, dest: Path, md5: str) -> None:
                 response = urllib.request.urlopen(url, timeout=30)
             except (urllib.error.URLError, OSError) as e:
                 reason = getattr(e, "reason", e)
-                raise DataError(f"could not download CIFAR-10 from {url} ({reason}). If this machine is "
-                                f"offline, {_how_to_point_at_a_copy(dest.parent)}") from None
+                raise DataError(f"could not download {files.title} from {url} ({reason}). If this machine is "
+                                f"offline, {_how_to_point_at_a_copy(dest.parent, files)}") from None
             if not on_terminal():  # a log gets this line instead of the bar
                 print(f"downloading {url}", file=sys.stderr, flush=True)
             with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
@@ -172,50 +203,62 @@ class _BatchUnpickler(pickle.Unpickler):
         raise _ForbiddenObject(f"{module}.{name}")
 
 
-def _unpickle(path: Path) -> dict:
+def _unpickle(path: Path, files: CifarFiles = CIFAR10_FILES) -> dict:
     if not path.exists():
-        raise DataError(f"{path}: file missing from the CIFAR-10 folder; delete the folder to fetch it again, "
-                        f"or {_how_to_point_at_a_copy(path.parent.parent)}")
+        raise DataError(f"{path}: file missing from the {files.title} folder; delete the folder to fetch it again, "
+                        f"or {_how_to_point_at_a_copy(path.parent.parent, files)}")
     try:
         with open(path, "rb") as f:
             obj = _BatchUnpickler(f, encoding="latin1").load()
     except _ForbiddenObject as e:
-        raise DataError(f"{path}: refusing to load {e}: a CIFAR-10 batch holds only arrays and lists, and "
+        raise DataError(f"{path}: refusing to load {e}: a {files.title} batch holds only arrays and lists, and "
                         f"this file would run code; replace it with a copy from the official archive") from None
     except Exception as e:  # truncation and corruption surface as many different exception types
-        raise DataError(f"{path}: not a readable CIFAR-10 batch file, it is truncated or corrupt "
+        raise DataError(f"{path}: not a readable {files.title} batch file, it is truncated or corrupt "
                         f"({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path}: not a CIFAR-10 batch file (holds a {type(obj).__name__}, not a dict)")
+        raise DataError(f"{path}: not a {files.title} batch file (holds a {type(obj).__name__}, not a dict)")
     return obj
 
 
-def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one batch file, with every field checked."""
-    batch = _unpickle(path)
-    data, labels = batch.get("data"), batch.get("labels")
+def read_batch(path: Path, label_key: str = "labels", num_classes: int = len(CLASSES),
+               files: CifarFiles = CIFAR10_FILES) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one batch file, with every field checked; the
+    labels are `label_key` (CIFAR-100: fine_labels or coarse_labels), each below `num_classes`."""
+    batch = _unpickle(path, files)
+    data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
     if not isinstance(labels, list) or len(labels) != len(data):
         count = len(labels) if isinstance(labels, list) else "no"
-        raise DataError(f"{path}: expected {len(data)} labels to match the images, found {count}")
+        raise DataError(f"{path}: expected {len(data)} '{label_key}' to match the images, found {count}")
     labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(CLASSES)):
-        raise DataError(f"{path}: labels must be in 0..{len(CLASSES) - 1}, found {labels.min()}..{labels.max()}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
     return data.reshape(-1, *IMAGE_SHAPE), labels
 
 
 @dataclass
-class CIFAR10:
-    train_images: torch.Tensor  # (N, 3, 32, 32) uint8
+class Dataset:
+    """What every dataset ends as: uint8 images (N, 3, S, S) and int64 labels, its class names, the per-channel
+    mean and std its images are normalised with, and a name for titles and checkpoints."""
+
+    train_images: torch.Tensor  # (N, 3, S, S) uint8
     train_labels: torch.Tensor  # (N,) int64
     test_images: torch.Tensor
     test_labels: torch.Tensor
     classes: tuple[str, ...]
+    name: str = "CIFAR-10"
+    mean: tuple[float, ...] = MEAN
+    std: tuple[float, ...] = STD
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
 
 
-def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -> CIFAR10:
+def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
     folder = locate_cifar10(resolve_data_root(data_dir), download=download)
     meta = _unpickle(folder / META_FILE)
     classes = tuple(meta.get("label_names") or CLASSES)
@@ -223,7 +266,7 @@ def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -
         raise DataError(f"{folder / META_FILE}: expected {len(CLASSES)} class names, found {len(classes)}")
     train = [read_batch(folder / name) for name in TRAIN_FILES]
     test_x, test_y = read_batch(folder / TEST_FILE)
-    return CIFAR10(
+    return Dataset(
         train_images=torch.from_numpy(np.concatenate([x for x, _ in train])),
         train_labels=torch.from_numpy(np.concatenate([y for _, y in train])),
         test_images=torch.from_numpy(test_x),
@@ -232,19 +275,36 @@ def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -
     )
 
 
+def load_cifar100(data_dir: str | Path | None = None, *, labels: str = "fine", download: bool = True) -> Dataset:
+    """CIFAR-100 with its 100 fine labels, or (`labels="coarse"`) its 20 superclasses."""
+    files = CIFAR100_FILES
+    folder = locate_cifar(resolve_data_root(data_dir, files.env), files, download=download)
+    count = 100 if labels == "fine" else 20
+    names = _unpickle(folder / files.meta_file, files).get(f"{labels}_label_names")
+    if not isinstance(names, list) or len(names) != count:
+        found = len(names) if isinstance(names, list) else "no"
+        raise DataError(f"{folder / files.meta_file}: expected {count} '{labels}_label_names', found {found}")
+    train_x, train_y = read_batch(folder / files.train_files[0], f"{labels}_labels", count, files)
+    test_x, test_y = read_batch(folder / files.test_file, f"{labels}_labels", count, files)
+    return Dataset(torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x),
+                   torch.from_numpy(test_y), tuple(map(str, names)),
+                   name="CIFAR-100" if labels == "fine" else "CIFAR-100 superclasses",
+                   mean=CIFAR100_MEAN, std=CIFAR100_STD)
+
+
 def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """A random (train, val) split of the training set, the same for the same seed."""
     n = len(images)
     if not 0 < val_size < n:
         raise ConfigError(f"config key 'data.val_size' is {val_size}, but it must be between 1 and the "
-                        f"{n} training images minus one")
+                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 
-def training_split(data: CIFAR10, cfg: DataConfig
+def training_split(data: Dataset, cfg: DataConfig
                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """The (images, labels) to train on and the validation pair held out of them (None when val_size is 0)."""
     if not cfg.val_size:
@@ -336,19 +396,18 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
     return cutout(x, cfg.cutout, generator) if cfg.cutout else x
 
 
-def normalize_(x: torch.Tensor) -> torch.Tensor:
-    """In place: per-channel CIFAR-10 mean and std."""
-    return x.sub_(x.new_tensor(MEAN)[None, :, None, None]).div_(x.new_tensor(STD)[None, :, None, None])
+def normalize_(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+    """In place: per-channel mean and std (by default CIFAR-10's)."""
+    return x.sub_(x.new_tensor(mean)[None, :, None, None]).div_(x.new_tensor(std)[None, :, None, None])
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = x.new_tensor(MEAN)[None, :, None, None]
-    std = x.new_tensor(STD)[None, :, None, None]
-    return (x * std + mean).clamp(0, 1)
+def denormalize(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+    return (x * x.new_tensor(std)[None, :, None, None] + x.new_tensor(mean)[None, :, None, None]).clamp(0, 1)
 
 
 class Loader:
-    """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set.
+    """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set, normalised
+    with the dataset's `mean` and `std` (default CIFAR-10's).
 
     Each epoch's images are gathered, augmented and normalised at its start in a few vectorised ops, and its
     batches are slices of that one tensor: no work per batch beyond a view, so a GPU never waits on launches.
@@ -364,8 +423,10 @@ class Loader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
                  augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0,
-                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0, world_size: int = 1):
+                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0, world_size: int = 1,
+                 mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
         self.device = torch.device(device)
+        self.mean, self.std = tuple(mean), tuple(std)
         self.rank, self.world_size = rank, world_size
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
@@ -409,7 +470,7 @@ class Loader:
             # Each rank draws its own augmentation; a single process keeps the (seed, epoch) key.
             key = () if self.world_size == 1 else (self.rank,)
             x = augment(images, self.augment, self._keyed(epoch, *key), flips)
-        x = normalize_(x).contiguous(memory_format=self.memory_format)
+        x = normalize_(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
         labels = self.labels[idx]
         for step in range(start_step, len(self)):
             start, end = self._bounds[step], self._bounds[step + 1]

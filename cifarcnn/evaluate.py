@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .data import Loader, load_cifar10
+from .data import Loader
+from .datasets import checkpoint_dataset, dataset_of_checkpoint
 from .device import select_device
 from .distributed import Dist
 from .inference import Settings, infer, settings_for
@@ -52,20 +53,51 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classe
     return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).cpu().numpy()
 
 
+def top_confusions(matrix: np.ndarray | list, classes: list[str], count: int) -> list[tuple[int, str, str]]:
+    """The `count` most frequent mistakes as (images, true class, predicted class), most frequent first."""
+    k = len(classes)
+    pairs = [(int(matrix[i][j]), classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and matrix[i][j]]
+    return sorted(pairs, key=lambda p: -p[0])[:count]
+
+
+def confusion_count(num_classes: int) -> int:
+    """How many of the most frequent confusions to list: more when the matrix image is too small to read."""
+    return 5 if num_classes <= 20 else 15
+
+
+def _print_results(matrix: np.ndarray, classes: list[str]) -> None:
+    """The per-class table, best class first (classes without test images last), then the most frequent
+    confusions."""
+    totals = matrix.sum(1)
+    per_class = matrix.diagonal() / np.maximum(totals, 1)
+    width = max(12, max(map(len, classes)) + 2)
+    print(f"{'class':<{width}}{'accuracy':>10}{'correct':>10}{'total':>8}")
+    for i in sorted(range(len(classes)), key=lambda i: (not totals[i], -per_class[i])):
+        accuracy = f"{per_class[i]:.2%}" if totals[i] else "-"
+        print(f"{classes[i]:<{width}}{accuracy:>10}{int(matrix[i, i]):>10}{int(totals[i]):>8}")
+    confusions = top_confusions(matrix, classes, confusion_count(len(classes)))
+    if confusions:
+        print("\nmost frequent confusions (true -> predicted):")
+        for n, true, predicted in confusions:
+            print(f"  {true} -> {predicted}: {n} images")
+
+
 def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: str | None = None,
              out_dir: str | Path | None = None, batch_size: int = 1000, num_misclassified: int = 40) -> dict:
-    """Evaluate a run's best checkpoint (or a given .pt file) on the 10,000 test images; write PNGs and JSON."""
+    """Evaluate a run's best checkpoint (or a given .pt file) on the test images of the dataset it was trained on;
+    write PNGs and JSON."""
     path = resolve_checkpoint(target)
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path)
     device = select_device(device)
-    data = load_cifar10(data_dir)
+    data = dataset_of_checkpoint(checkpoint, data_dir)
+    info = checkpoint_dataset(checkpoint)
     classes = list(checkpoint["classes"])
     out_dir = Path(out_dir) if out_dir else path.parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     loader = Loader(data.test_images, data.test_labels, batch_size, device=device,
-                    memory_format=torch.channels_last)
+                    memory_format=torch.channels_last, mean=info["mean"], std=info["std"])
     settings = settings_for(checkpoint["config"], device)
     logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, desc="test",
                                     tta=settings.tta, precision=settings.precision)
@@ -74,10 +106,11 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     matrix = confusion_matrix(labels, predictions, len(classes))
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     accuracy = float(matrix.diagonal().sum() / matrix.sum())
-    _print_results(path, checkpoint, settings, accuracy, classes, matrix)
+    _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"])
+    _print_results(matrix, classes)
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
-                          title=f"CIFAR-10 test confusion matrix (accuracy {accuracy:.2%})")
+                          title=f"{info['dataset']} test confusion matrix (accuracy {accuracy:.2%})")
     wrong = (predictions != labels).nonzero().squeeze(1)
     # The most confident mistakes are the most informative ones to look at.
     shown = wrong[confidence[wrong].argsort(descending=True)][:num_misclassified].cpu()
@@ -90,8 +123,10 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
         "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta, "precision": settings.precision,
         "precision_reason": settings.precision_reason, "num_images": int(matrix.sum()),
         "num_misclassified": len(wrong),
-        "per_class_accuracy": {name: float(acc) for name, acc in zip(classes, per_class)},
-        "confusion_matrix": matrix.tolist(), "classes": classes,
+        "per_class_accuracy": {name: float(acc) if total else None
+                               for name, acc, total in zip(classes, per_class, matrix.sum(1))},
+        "confusion_matrix": matrix.tolist(), "classes": classes, "dataset": info["dataset"],
+        "image_size": info["image_size"],
     }
     atomic_write_json(out_dir / "test_metrics.json", results)
     print(f"\nwrote {out_dir / 'confusion_matrix.png'}, {out_dir / 'misclassified.png'}, "
@@ -99,13 +134,10 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     return results
 
 
-def _print_results(path: Path, checkpoint: dict, settings: Settings, accuracy: float, classes: list[str],
-                   matrix: np.ndarray) -> None:
+def _print_header(path: Path, checkpoint: dict, settings: Settings, accuracy: float, images: int,
+                  dataset: str) -> None:
     best_val = checkpoint.get("best_val_acc", -1.0)
     val_text = f"validation accuracy {best_val:.2%}" if best_val >= 0 else "trained without a validation set"
     print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, {val_text})")
     print(f"inference: {settings.describe()}")
-    print(f"test accuracy: {accuracy:.2%} on {int(matrix.sum())} images\n")
-    print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
-    for name, row, hit in zip(classes, matrix, matrix.diagonal()):
-        print(f"{name:<12}{hit / max(row.sum(), 1):>10.2%}{int(hit):>10}{int(row.sum()):>8}")
+    print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")

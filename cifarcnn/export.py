@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from . import __version__
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .data import MEAN, STD, DataError, load_cifar10, normalize_
+from .data import MEAN, STD, DataError, normalize_
+from .datasets import checkpoint_dataset, dataset_of_checkpoint
 from .errors import UserError
 from .inference import TTA_LEVELS, TTA_RECIPE, infer
 from .storage import atomic_write
@@ -24,11 +25,13 @@ from .storage import atomic_write
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
 TOLERANCE = 1e-4
 CHECK_BATCH = 256
-PREPROCESSING = (
-    "RGB image -> first frame, EXIF orientation applied, transparency composited over white -> centre crop to "
-    "the largest square -> antialiased bicubic resize to 32x32 -> float32 in [0, 1] (pixel / 255) -> "
-    "(x - mean) / std per channel -> NCHW layout (batch, 3, 32, 32)"
-)
+
+
+def preprocessing(size: int) -> str:
+    """The steps from an image file to the input tensor, for images of `size` pixels."""
+    return ("RGB image -> first frame, EXIF orientation applied, transparency composited over white -> centre crop "
+            f"to the largest square -> antialiased bicubic resize to {size}x{size} -> float32 in [0, 1] "
+            f"(pixel / 255) -> (x - mean) / std per channel -> NCHW layout (batch, 3, {size}, {size})")
 
 
 class ExportError(UserError):
@@ -47,15 +50,20 @@ def _onnx_modules():
 
 def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
     """What a consumer needs to feed the model and read its output, as ONNX metadata_props strings."""
+    info = checkpoint_dataset(checkpoint)
+    size = info["image_size"]
     tta = int(checkpoint["config"].get("tta", 0))
     return {
-        "classes": json.dumps(list(checkpoint["classes"])),
-        "mean": json.dumps(list(MEAN)),
-        "std": json.dumps(list(STD)),
-        "input": "input: float32 (batch, 3, 32, 32), RGB, normalised: (pixel / 255 - mean) / std per channel",
+        "classes": json.dumps(info["classes"]),
+        "mean": json.dumps(list(info["mean"])),
+        "std": json.dumps(list(info["std"])),
+        "image_size": str(size),
+        "dataset": info["dataset"],
+        "input": f"input: float32 (batch, 3, {size}, {size}), RGB, normalised: (pixel / 255 - mean) / std per "
+                 f"channel",
         "output": "logits: float32 (batch, num_classes); softmax over axis 1 gives probabilities, index i is "
                   "classes[i]",
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing(size),
         "test_time_augmentation": f"this graph is the bare network, one view in fp32; cifarcnn evaluates this "
                                   f"checkpoint with tta {tta} ({TTA_LEVELS[tta]}). {TTA_RECIPE}",
         "architecture": str(checkpoint["model"]),
@@ -71,7 +79,8 @@ def to_onnx_bytes(model: nn.Module, meta: dict[str, str]) -> bytes:
     """Export with torch's dynamo exporter, a symbolic batch axis named 'batch', then attach `meta`."""
     onnx = _onnx_modules()
     model = model.cpu().eval()
-    example = torch.zeros(2, 3, 32, 32)
+    size = int(meta["image_size"])
+    example = torch.zeros(2, 3, size, size)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
@@ -87,8 +96,9 @@ def to_onnx_bytes(model: nn.Module, meta: dict[str, str]) -> bytes:
         quiet.setLevel(level)
     proto = program.model_proto
     onnx.helper.set_model_props(proto, meta)
-    proto.doc_string = (f"CIFAR-10 classifier ({meta['architecture']}). {meta['input']}. "
-                        f"Preprocessing: {PREPROCESSING}. {meta['output']}. Class names, mean and std: metadata_props.")
+    proto.doc_string = (f"{meta['dataset']} classifier ({meta['architecture']}). {meta['input']}. "
+                        f"Preprocessing: {meta['preprocessing']}. {meta['output']}. Class names, mean and std: "
+                        f"metadata_props.")
     return proto.SerializeToString()
 
 
@@ -102,7 +112,7 @@ def _session(onnx_bytes: bytes):
 
 @torch.inference_mode()
 def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor, batch_size: int = 1000,
-                 tolerance: float = TOLERANCE) -> dict:
+                 tolerance: float = TOLERANCE, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> dict:
     """Compare ONNX Runtime with PyTorch: logits on one batch within `tolerance`, top-1 on every test image.
 
     A top-1 disagreement only counts where PyTorch's two best logits differ by more than `tolerance`;
@@ -112,7 +122,7 @@ def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor,
     model = model.cpu().eval()
 
     def both(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = normalize_(images.float().div_(255))
+        x = normalize_(images.float().div_(255), mean, std)
         # the file holds the bare network: one view (tta 0), in fp32
         reference = infer(model, x, tta=0, precision="fp32").numpy()
         return reference, session.run(["logits"], {"input": x.numpy()})[0]
@@ -158,12 +168,13 @@ def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = No
             print(f"note: onnxruntime is not installed, so the export was not checked against PyTorch; "
                   f"for the check, {INSTALL_HINT}")
         else:
+            info = checkpoint_dataset(checkpoint)
             try:
-                test_images = load_cifar10(data_dir).test_images
+                test_images = dataset_of_checkpoint(checkpoint, data_dir).test_images
             except DataError as e:
-                raise ExportError(f"the export check needs the CIFAR-10 test set: {e} (or skip the check with "
-                                  f"--no-check)") from None
-            report = check_export(onnx_bytes, model, test_images)
+                raise ExportError(f"the export check needs the {info['dataset']} test set: {e} (or skip the check "
+                                  f"with --no-check)") from None
+            report = check_export(onnx_bytes, model, test_images, mean=info["mean"], std=info["std"])
             result.update(report, checked=True)
             print(f"check: ONNX Runtime vs PyTorch max |logit difference| {report['max_abs_diff']:.2e} on "
                   f"{report['check_batch']} test images (tolerance {report['tolerance']:.0e}); top-1 agrees on "
@@ -174,7 +185,8 @@ def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = No
                 raise ExportError(f"the ONNX model does not match PyTorch (max difference {report['max_abs_diff']:.2e},"
                                   f" {report['top1_disagree']} top-1 disagreements); {output} was not written")
     atomic_write(output, lambda f: f.write(onnx_bytes))
-    print(f"wrote {output} ({len(onnx_bytes) / 1e6:.1f} MB; input 'input' float32 (batch, 3, 32, 32) normalised "
-          f"with the CIFAR-10 mean/std, output 'logits' (batch, {checkpoint['num_classes']}); classes, mean, std "
-          f"and preprocessing are in the model metadata)")
+    size = checkpoint_dataset(checkpoint)["image_size"]
+    print(f"wrote {output} ({len(onnx_bytes) / 1e6:.1f} MB; input 'input' float32 (batch, 3, {size}, {size}) "
+          f"normalised with the training data's mean/std, output 'logits' (batch, {checkpoint['num_classes']}); "
+          f"classes, mean, std and preprocessing are in the model metadata)")
     return result

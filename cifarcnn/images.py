@@ -1,9 +1,10 @@
-"""Image files to model input: find them, decode any common format and mode, and shrink them to 32x32 RGB.
+"""Image files to model input: find them, decode any common format and mode, and shrink them to square RGB.
 
-Preprocessing (the same for every file): decode the first frame, apply the EXIF orientation, flatten
-transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not clipped), crop the largest
-centred square, resize it to 32x32 with Pillow's antialiased bicubic filter. Then `to_model_input` scales to
-[0, 1] and normalises with the CIFAR-10 mean/std exactly as the training and test loaders do.
+Preprocessing (the same for every file, in `predict` and for folder datasets): decode the first frame, apply the
+EXIF orientation, flatten transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not
+clipped), crop the largest centred square, resize it to the model's image size (32x32 for CIFAR) with Pillow's
+antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalises with the dataset's mean/std
+exactly as the training and test loaders do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import normalize_
+from .data import MEAN, STD, normalize_
 from .errors import UsageError
 
 SIZE = 32
@@ -28,6 +29,23 @@ _GLOB_CHARS = set("*?[")
 
 class ImageReadError(Exception):
     """One file could not be turned into an image; the message says why, in a few words."""
+
+
+def walk_images(folder: Path) -> tuple[list[Path], int]:
+    """The image files under `folder` (recursively, by extension, any letter case; hidden files and folders left
+    out), sorted folder by folder, and how many other files were skipped."""
+    found: list[Path] = []
+    skipped = 0
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(root) / name)
+            else:
+                skipped += 1
+    return found, skipped
 
 
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
@@ -41,15 +59,9 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
 
     def walk(folder: Path) -> None:
         nonlocal skipped
-        for root, dirs, names in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                if name.startswith("."):
-                    continue
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(Path(root) / name)
-                else:
-                    skipped += 1
+        files, others = walk_images(folder)
+        found.extend(files)
+        skipped += others
 
     for raw in paths:
         path = Path(raw)
@@ -118,7 +130,7 @@ def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
         raise ImageReadError("permission denied") from None
     except OSError as e:
         message = str(e) or type(e).__name__
-        if "truncated" in message or "broken" in message or "incomplete" in message.lower():
+        if any(word in message.lower() for word in ("truncated", "broken", "incomplete")):
             raise ImageReadError(f"truncated or corrupt image ({message})") from None
         raise ImageReadError(f"cannot read the image ({message})") from None
     except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
@@ -132,7 +144,19 @@ def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> normalised (N, 3, H, W) float32, the same arithmetic as `data.Loader`."""
+def read_image(path: str | Path, size: int = SIZE) -> np.ndarray | str:
+    """`load_image`, or the reason the file could not be read as a string (never raises for a bad file)."""
+    try:
+        return load_image(path, size)
+    except ImageReadError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug on a hostile file must not stop the other files
+        return f"cannot read the image ({type(e).__name__}: {e})"
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
+                   mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with `mean` and `std` (the checkpoint's dataset's;
+    default CIFAR-10's), the same arithmetic as `data.Loader`."""
     x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).contiguous()
-    return normalize_(x.float().div_(255))
+    return normalize_(x.float().div_(255), mean, std)

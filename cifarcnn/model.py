@@ -43,7 +43,8 @@ class ClassifierHead(nn.Linear):
 
 
 class SimpleCNN(nn.Module):
-    """Three conv blocks (32/64/128 channels), then FC 2048 -> 512 -> classes."""
+    """Three conv blocks (32/64/128 channels), then FC 2048 -> 512 -> classes at 32x32; the first FC layer takes
+    the last block's output at any image size (128 x (size / 8)^2 inputs, rounded down)."""
 
     def __init__(self, config: SimpleCNNConfig):
         super().__init__()
@@ -51,6 +52,9 @@ class SimpleCNN(nn.Module):
         widths = (3, *config.channels)
         self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(widths, widths[1:])))
         side = config.image_size // 2 ** len(config.channels)
+        if side < 1:
+            raise ValueError(f"SimpleCNN needs images of at least {2 ** len(config.channels)} pixels, got "
+                             f"{config.image_size}")
         self.fc1 = nn.Linear(config.channels[-1] * side * side, config.hidden)
         self.fc2 = ClassifierHead(config.hidden, config.num_classes)
 
@@ -105,7 +109,8 @@ class FastBlock(nn.Module):
 
 class FastNet(nn.Module):
     """The speed-record style network (after Page 2018 and Jordan 2024): a frozen 2x2 patch-whitening layer
-    set from the training data, three identity-initialised conv blocks, global max-pool, a scaled linear head."""
+    set from the training data, three identity-initialised conv blocks, global max-pool, a scaled linear head.
+    The global pool makes it work at any image size of 16 pixels or more."""
 
     def __init__(self, config: FastNetConfig):
         super().__init__()
@@ -243,19 +248,23 @@ class ResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "simple_cnn": lambda num_classes: SimpleCNN(SimpleCNNConfig(num_classes=num_classes)),
-    "fastnet": lambda num_classes: FastNet(FastNetConfig(num_classes=num_classes)),
-    "fastnet96": lambda num_classes: FastNet96(FastNet96Config(num_classes=num_classes)),
-    "resnet18": lambda num_classes: ResNet(ResNetConfig(num_classes=num_classes)),
+# name -> builder(num_classes, image_size); every model takes square RGB images of `image_size` pixels (the
+# fully convolutional ones end in a global pool, so only SimpleCNN's first linear layer depends on the size).
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "simple_cnn": lambda num_classes, image_size: SimpleCNN(SimpleCNNConfig(num_classes=num_classes,
+                                                                            image_size=image_size)),
+    "fastnet": lambda num_classes, image_size: FastNet(FastNetConfig(num_classes=num_classes)),
+    "fastnet96": lambda num_classes, image_size: FastNet96(FastNet96Config(num_classes=num_classes)),
+    "resnet18": lambda num_classes, image_size: ResNet(ResNetConfig(num_classes=num_classes)),
 }
 
 
-def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """Build a registered architecture; add new ones to MODELS."""
+def build_model(name: str, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """Build a registered architecture for `num_classes` classes and `image_size` x `image_size` inputs; add new
+    ones to MODELS."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes)
+    return MODELS[name](num_classes, image_size)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .storage import atomic_write  # noqa: E402
@@ -50,22 +51,33 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, col
     _save(fig, path)
 
 
+ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its count; beyond, the image would not fit them
+
+
 def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
-    """Rows are true classes, columns predicted; each cell annotated with its count."""
+    """Rows are true classes, columns predicted. Up to ANNOTATED_CLASSES classes each cell is annotated with its
+    count; with more the figure stops growing, the labels shrink and a square-root colour scale keeps the rarer
+    confusions visible next to the diagonal."""
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * k, 0.75 * k))
-    im = ax.imshow(matrix, cmap="Blues")
+    annotated = k <= ANNOTATED_CLASSES
+    side = 0.75 * k if annotated else 14.0
+    fig, ax = plt.subplots(figsize=(1.0 + side, side))
+    norm = None if annotated else PowerNorm(0.5, vmin=0, vmax=max(int(matrix.max()), 1))
+    im = ax.imshow(matrix, cmap="Blues", norm=norm)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
+    label_size = None if annotated else max(3.0, min(8.0, 500 / k))
+    ax.set_xticks(range(k), classes, rotation=45 if annotated else 90, ha="right" if annotated else "center",
+                  fontsize=label_size)
+    ax.set_yticks(range(k), classes, fontsize=label_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    threshold = matrix.max() / 2 if matrix.size else 0
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > threshold else "black")
+    if annotated:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > threshold else "black")
     _save(fig, path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import sys
@@ -18,9 +19,11 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from .data import MEAN, STD
+from .datasets import checkpoint_dataset
 from .device import select_device
 from .errors import UsageError
-from .images import ImageReadError, find_images, load_image, to_model_input
+from .images import SIZE, find_images, read_image, to_model_input
 from .inference import infer, settings_for
 from .progress import bar_disabled
 from .storage import atomic_write_json, atomic_write_text
@@ -36,37 +39,31 @@ class FileResult:
     label: str | None = None  # the class its folder names, with --labels-from-folders
 
 
-def _read(path: Path) -> np.ndarray | str:
-    try:
-        return load_image(path)
-    except ImageReadError as e:
-        return str(e)
-    except Exception as e:  # a decoder bug on a hostile file must not stop the other files
-        return f"cannot read the image ({type(e).__name__}: {e})"
-
-
-def _decoded(files: Sequence[Path], workers: int) -> Iterator[np.ndarray | str]:
+def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndarray | str]:
     """Decoded images (or error strings) in file order; Pillow releases the GIL while decoding."""
+    read = functools.partial(read_image, size=size)
     if workers <= 1:
-        yield from map(_read, files)
+        yield from map(read, files)
         return
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(_read, files)
+        yield from pool.map(read, files)
 
 
 @torch.inference_mode()
 def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
                   batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False, tta: int = 0,
-                  precision: str = "fp32") -> list[FileResult]:
+                  precision: str = "fp32", image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
+                  std: tuple[float, ...] = STD) -> list[FileResult]:
     """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
-    could not be read."""
+    could not be read. Images are shrunk to `image_size` and normalised with `mean` and `std`, as the model was
+    trained (default: CIFAR-10)."""
     model.eval()
     results = [FileResult(path) for path in files]
     pending: list[int] = []
     arrays: list[np.ndarray] = []
 
     def flush() -> None:
-        x = to_model_input(np.stack(arrays), device).contiguous(memory_format=torch.channels_last)
+        x = to_model_input(np.stack(arrays), device, mean, std).contiguous(memory_format=torch.channels_last)
         probabilities = infer(model, x, tta, precision).softmax(1)
         # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
         values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
@@ -77,7 +74,7 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
 
     bar = tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=bar_disabled(progress),
                dynamic_ncols=True)
-    for i, item in enumerate(_decoded(files, workers)):
+    for i, item in enumerate(_decoded(files, workers, image_size)):
         if isinstance(item, str):
             results[i].error = item
         else:
@@ -188,9 +185,11 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
+    info = checkpoint_dataset(checkpoint)
     results = predict_files(model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
                             workers=workers, progress=not quiet and sys.stderr.isatty(), tta=settings.tta,
-                            precision=settings.precision)
+                            precision=settings.precision, image_size=info["image_size"], mean=info["mean"],
+                            std=info["std"])
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:

@@ -12,7 +12,8 @@ from pathlib import Path
 from .data import DataError
 from .environment import read_sessions
 from .errors import UsageError, UserError
-from .plots import training_curve_pngs
+from .evaluate import confusion_count, evaluate, top_confusions
+from .plots import ANNOTATED_CLASSES, training_curve_pngs
 from .storage import atomic_write_text
 
 SECTIONS = (("summary", "Summary"), ("curves", "Training curves"), ("per-class", "Per-class accuracy"),
@@ -100,14 +101,12 @@ def load_test_metrics(run_dir: Path, *, evaluate_if_missing: bool, data_dir: str
         if not evaluate_if_missing:
             raise UsageError(f"{run_dir} has not been evaluated yet: run `{how}` first (or leave out "
                              f"--no-evaluate to let report do it)")
-        from .evaluate import evaluate
-
         print(f"{run_dir} has not been evaluated yet; evaluating it now ({how})")
         try:
             evaluate(run_dir, data_dir=data_dir, device=device)
         except DataError as e:
             raise UserError(f"{run_dir} has not been evaluated yet and evaluating it failed: {e}. "
-                            f"Evaluate it with `{how}` (pointing --data-dir at CIFAR-10), then run report again"
+                            f"Evaluate it with `{how}` (pointing --data-dir at the CIFAR files), then run report again"
                             ) from None
     try:
         metrics = json.loads(path.read_text())
@@ -130,26 +129,27 @@ def _card(value: str, label: str) -> str:
 
 
 def _per_class_table(metrics: dict) -> str:
+    """One row per class, the most accurate first (classes without test images last)."""
     classes, matrix = metrics["classes"], metrics["confusion_matrix"]
+    totals = [sum(row) for row in matrix]
+    accuracy = [matrix[i][i] / totals[i] if totals[i] else 0.0 for i in range(len(classes))]
     rows = []
-    for i, name in enumerate(classes):
-        total = sum(matrix[i])
-        correct = matrix[i][i]
-        acc = correct / total if total else 0.0
+    for i in sorted(range(len(classes)), key=lambda i: (not totals[i], -accuracy[i])):
+        acc, name = accuracy[i], classes[i]
         wrong = [(count, classes[j]) for j, count in enumerate(matrix[i]) if j != i and count]
         confused = max(wrong)[1] if wrong else "-"
-        rows.append(f'<tr><td>{_e(name)}</td><td class="num">{acc:.1%}</td>'
+        shown = f"{acc:.1%}" if totals[i] else "-"
+        rows.append(f'<tr><td>{_e(name)}</td><td class="num">{shown}</td>'
                     f'<td class="bar-cell"><div class="bar"><span style="width:{acc * 100:.1f}%"></span></div></td>'
-                    f'<td class="num">{correct}</td><td class="num">{total}</td><td>{_e(confused)}</td></tr>')
+                    f'<td class="num">{matrix[i][i]}</td><td class="num">{totals[i]}</td><td>{_e(confused)}</td></tr>')
     return ('<div class="scroll"><table id="per-class-table"><thead><tr><th>class</th><th class="num">accuracy</th>'
             '<th class="bar-cell"></th><th class="num">correct</th><th class="num">total</th>'
             "<th>most often predicted instead</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
 
 
-def _top_confusions(metrics: dict, count: int = 5) -> str:
-    classes, matrix = metrics["classes"], metrics["confusion_matrix"]
-    pairs = sorted(((matrix[i][j], classes[i], classes[j]) for i in range(len(classes))
-                    for j in range(len(classes)) if i != j and matrix[i][j]), reverse=True)[:count]
+def _top_confusions(metrics: dict) -> str:
+    classes = metrics["classes"]
+    pairs = top_confusions(metrics["confusion_matrix"], classes, confusion_count(len(classes)))
     if not pairs:
         return ""
     items = "".join(f"<li>{_e(t)} &rarr; {_e(p)}: {n} images</li>" for n, t, p in pairs)
@@ -215,8 +215,11 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
                    "accuracy, the learning rate at the start of the epoch, and the mean total gradient norm.</p>"),
         "per-class": _per_class_table(metrics),
         "confusion": (_figure(eval_dir / "confusion_matrix.png", "confusion matrix",
-                              "Rows are true classes, columns predicted classes; cells count test images.",
-                              narrow=True)
+                              "Rows are true classes, columns predicted classes; cells count test images."
+                              + ("" if len(metrics["classes"]) <= ANNOTATED_CLASSES else
+                                 f" With {len(metrics['classes'])} classes the cells carry no numbers and the colour "
+                                 "scale is a square root; the list below names the most frequent confusions."),
+                              narrow=len(metrics["classes"]) <= ANNOTATED_CLASSES)
                       + _top_confusions(metrics)),
         "misclassified": _figure(eval_dir / "misclassified.png", "misclassified test images",
                                  f"The most confident mistakes among the {metrics.get('num_misclassified', '?')} "
@@ -229,7 +232,7 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>cifarcnn report: {_e(run_dir.name)}</title><style>{CSS}</style></head><body><main>"
-            f"<header><h1>CIFAR-10 run {_e(run_dir.name)}</h1>"
+            f"<header><h1>{_e(metrics.get('dataset', 'CIFAR-10'))} run {_e(run_dir.name)}</h1>"
             f"<p>{_e(run_dir)} &middot; report generated {_e(generated)}</p><nav>{nav}</nav></header>"
             f"{sections}</main></body></html>\n")
 

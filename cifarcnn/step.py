@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .data import Loader, normalize_
+from .data import MEAN, STD, Loader, normalize_
 from .inference import infer
 from .model import build_model
 from .precision import autocast, choose
@@ -46,13 +46,15 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
 
 
-def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device) -> nn.Module:
-    """The configured model, seeded, initialised from training images where it needs them (FastNet's whitening
-    uses the first 5,000), in channels_last on `device`."""
+def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device, *,
+               mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> nn.Module:
+    """The configured model for `num_classes` classes at the training images' size, seeded, initialised from
+    training images (normalised with the dataset's `mean` and `std`) where it needs them (FastNet's whitening uses
+    the first 5,000), in channels_last on `device`."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, num_classes, train_images.shape[-1])
     if hasattr(model, "init_from_data"):
-        model.init_from_data(normalize_(train_images[:5000].float() / 255))
+        model.init_from_data(normalize_(train_images[:5000].float() / 255, mean, std))
     return model.to(device, memory_format=CHANNELS_LAST)
 
 

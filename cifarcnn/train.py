@@ -9,6 +9,7 @@ and read once per logging interval, checkpoints written by a background thread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -22,7 +23,8 @@ from tqdm import tqdm
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import Config, make_config, save_config
-from .data import Loader, load_cifar10, training_split
+from .data import Loader, training_split
+from .datasets import load_dataset
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
@@ -126,6 +128,9 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     Under torchrun this process is one rank of a DistributedDataParallel job (see `distributed.py`).
     SIGINT/SIGTERM save a resumable checkpoint and raise `Interrupted`; a NaN loss raises `DivergedError`.
     """
+    if cfg.data.path:  # the run folder records where the images are, whatever the current folder later
+        path = str(Path(cfg.data.path).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
     dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
     lock = RunLock(run_dir)
     try:
@@ -167,6 +172,8 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.state = {
             "format": FORMAT, "model": cfg.model, "num_classes": len(self.classes), "classes": list(self.classes),
+            "dataset": self.data.name, "mean": list(self.data.mean), "std": list(self.data.std),
+            "image_size": self.data.image_size,
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
             "history": [], "train_seconds": 0.0, "precision": self.step.precision,
         }
@@ -194,10 +201,14 @@ class Trainer:
         """The train, validation and (with `test`) test loaders, each rank on its shard; returns the training
         images (some models initialise from them)."""
         cfg, dist = self.cfg, self.dist
-        data = load_cifar10(self.data_dir)
+        if not dist.is_main:
+            dist.barrier()  # rank 0 downloads, extracts or decodes first; the others then read its files or cache
+        self.data = data = load_dataset(cfg.data, self.data_dir, device=self.device)
+        if dist.is_main:
+            dist.barrier()
         (train_x, train_y), held_out = training_split(data, cfg.data)
         shard = {"rank": dist.rank, "world_size": dist.world_size, "device": self.device,
-                 "memory_format": CHANNELS_LAST}
+                 "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
         if 0 < len(train_x) % cfg.batch_size < dist.world_size:
             raise ConfigError(f"config key 'batch_size': the last batch of each epoch would hold "
                               f"{len(train_x) % cfg.batch_size} images, fewer than the {dist.world_size} processes")
@@ -210,7 +221,8 @@ class Trainer:
 
     def _build_model(self, train_images: torch.Tensor) -> None:
         cfg = self.cfg
-        self.model = make_model(cfg, len(self.classes), train_images, self.device)
+        self.model = make_model(cfg, len(self.classes), train_images, self.device, mean=self.data.mean,
+                                std=self.data.std)
         # DistributedDataParallel under torchrun, else the model itself; the parameters are shared
         trained = self.dist.wrap(self.model, cfg.sync_batchnorm)
         self.optimizer = build_optimizer(cfg, self.model, self.device)
@@ -220,6 +232,10 @@ class Trainer:
 
     def _restore(self, checkpoint: dict) -> None:
         """Continue from `checkpoint`: weights, optimizer, RNG, lookahead average, progress and position."""
+        if list(checkpoint["classes"]) != list(self.classes):
+            raise UserError(f"{self.run_dir}: the dataset's classes changed since the run was trained "
+                            f"({len(checkpoint['classes'])} then, {len(self.classes)} now): restore the dataset as it "
+                            f"was, or start a new run")
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         restore_rng(checkpoint, self.device, self.dist)
@@ -300,7 +316,7 @@ class Trainer:
             return
         val = f"{len(self.val_loader.images)} val" if self.val_loader is not None else "no validation"
         processes = f", {self.dist.world_size} processes" if self.dist.active else ""
-        print(f"training {self.cfg.model} on {self.device} for {self.cfg.epochs} epochs "
+        print(f"training {self.cfg.model} on {self.data.name} on {self.device} for {self.cfg.epochs} epochs "
               f"({len(self.train_loader.images)} train / {val} images, {self.steps_per_epoch} steps per epoch"
               f"{processes}) -> {self.run_dir}")
         print(f"precision: {self.step.precision} ({self.step.precision_reason})")

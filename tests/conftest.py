@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cifarcnn.config import make_config
 from cifarcnn.data import CLASSES
@@ -91,3 +92,63 @@ def edited_seed_preset(tmp_path_factory, monkeypatch):
         monkeypatch.setattr(cifarcnn.config, "resources", SimpleNamespace(files=lambda name: package))
 
     return edit
+
+
+# --------------------------------------------------------------------------- CIFAR-100 and folder datasets
+
+CIFAR100_TRAIN, CIFAR100_TEST = 1000, 300
+
+
+def cifar100_images(n: int, seed: int) -> tuple[np.ndarray, list[int], list[int]]:
+    """Images whose colour follows their fine class (coarse class = fine // 5, as a stand-in for the real map)."""
+    rng = np.random.default_rng(seed)
+    fine = np.arange(n) % 100
+    rng.shuffle(fine)
+    palette = np.random.default_rng(4321).integers(20, 236, (100, 3, 1, 1))
+    images = palette[fine] + rng.normal(0, 12, (n, 3, 32, 32))
+    return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), [int(x) for x in fine], \
+        [int(x) // 5 for x in fine]
+
+
+def write_cifar100(root: Path, num_train: int = CIFAR100_TRAIN, num_test: int = CIFAR100_TEST) -> Path:
+    """cifar-100-python/ with train, test and meta laid out as the official files are."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n, seed in (("train", num_train, 1), ("test", num_test, 2)):
+        data, fine, coarse = cifar100_images(n, seed)
+        batch = {"filenames": [f"img_{i}.png" for i in range(n)], "batch_label": f"{name} batch",
+                 "fine_labels": fine, "coarse_labels": coarse, "data": data}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    meta = {"fine_label_names": [f"fine{i:02d}" for i in range(100)],
+            "coarse_label_names": [f"coarse{i:02d}" for i in range(20)]}
+    with open(folder / "meta", "wb") as f:
+        pickle.dump(meta, f, protocol=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cifar100")
+    write_cifar100(root)
+    return root
+
+
+FOLDER_CLASSES = ("cat", "dog", "fox")
+
+
+def write_image_folder(root: Path, per_class: int = 24, test_per_class: int | None = 8, size: int = 40) -> Path:
+    """root/train/<class>/... (and root/test/<class>/...) of class-coloured images in several formats and depths."""
+    rng = np.random.default_rng(7)
+    palette = {"cat": (200, 60, 40), "dog": (40, 180, 60), "fox": (50, 70, 210)}
+    formats = (("png", {}), ("jpg", {"quality": 95}), ("bmp", {}), ("webp", {"lossless": True}))
+    splits = [("train", per_class)] + ([("test", test_per_class)] if test_per_class else [])
+    for split, count in splits:
+        for name in FOLDER_CLASSES:
+            for i in range(count):
+                folder = root / split / name / ("deeper/still" if i % 5 == 4 else "")
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = np.clip(np.array(palette[name]) + rng.normal(0, 20, (size, size + 8, 3)), 0, 255)
+                ext, options = formats[i % len(formats)]
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.{ext}", **options)
+    return root

@@ -1,0 +1,56 @@
+"""The dataset a config names (`data.dataset`: cifar10, cifar100 or folder), loaded as one `data.Dataset`, and the
+dataset description a checkpoint carries (classes, mean, std, image size), with CIFAR-10's for older checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, data_config
+from .data import CLASSES, MEAN, STD, DataError, Dataset, load_cifar10, load_cifar100
+from .folders import load_folder, scan_folder
+
+
+def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None, *, device: torch.device | None = None,
+                 download: bool = True) -> Dataset:
+    """The configured dataset; `data_dir` is the CIFAR data root (--data-dir), `device` the training device a
+    folder dataset must fit on."""
+    if cfg.dataset == "cifar100":
+        return load_cifar100(data_dir, labels=cfg.labels, download=download)
+    if cfg.dataset == "folder":
+        return load_folder(cfg, device)
+    return load_cifar10(data_dir, download=download)
+
+
+def dataset_shape(cfg: DataConfig) -> tuple[int, int]:
+    """(number of classes, image size) of the configured dataset without reading its images (a folder dataset's
+    class folders are counted)."""
+    if cfg.dataset == "cifar100":
+        return (100 if cfg.labels == "fine" else 20), 32
+    if cfg.dataset == "folder":
+        scan = scan_folder(Path(cfg.path).expanduser().resolve())
+        return len({name for _, name in scan.train}), cfg.image_size
+    return len(CLASSES), 32
+
+
+def checkpoint_dataset(checkpoint: dict) -> dict:
+    """What a checkpoint says about its data: dataset name, classes, mean, std, image size (CIFAR-10's defaults
+    for checkpoints written before these were recorded)."""
+    return {"dataset": checkpoint.get("dataset", "CIFAR-10"), "classes": list(checkpoint["classes"]),
+            "mean": tuple(checkpoint.get("mean", MEAN)), "std": tuple(checkpoint.get("std", STD)),
+            "image_size": int(checkpoint.get("image_size", 32))}
+
+
+def dataset_of_checkpoint(checkpoint: dict, data_dir: str | Path | None = None) -> Dataset:
+    """The dataset a checkpoint was trained on, as its config names it; its classes must be the checkpoint's."""
+    data = load_dataset(data_config(checkpoint["config"].get("data") or {}), data_dir)
+    if list(data.classes) != list(checkpoint["classes"]):
+        raise DataError(f"{data.name} now has {len(data.classes)} classes ({_few(data.classes)}), not the "
+                        f"{len(checkpoint['classes'])} this model was trained on ({_few(checkpoint['classes'])}): the "
+                        f"dataset changed since training, or --data-dir points at another one")
+    return data
+
+
+def _few(names) -> str:
+    return ", ".join(list(names)[:4]) + (", ..." if len(names) > 4 else "")

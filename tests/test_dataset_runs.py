@@ -1,0 +1,205 @@
+"""Every command on CIFAR-100 and on a folder dataset: checkpoints carry classes, mean, std and image size, and
+evaluate, predict, export and report use them without extra flags; checkpoints from before keep working."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cifarcnn.cli import main
+from cifarcnn.config import data_config
+from cifarcnn.data import MEAN, STD, Loader
+from cifarcnn.datasets import checkpoint_dataset, load_dataset
+from cifarcnn.evaluate import predict_logits
+from cifarcnn.images import walk_images
+from cifarcnn.plots import save_confusion_matrix
+
+from .conftest import FOLDER_CLASSES, write_image_folder
+
+FOLDER_RECIPE = ["epochs=2", "batch_size=16", "eval_batch_size=20", "data.val_size=12", "log_every=2",
+                 "data.image_size=16"]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A run trained through the command line on a folder dataset at 16x16, and the folder."""
+    base = tmp_path_factory.mktemp("folder-run")
+    pictures = write_image_folder(base / "pictures")
+    runs = base / "runs"
+    assert main(["train", *FOLDER_RECIPE, "data.dataset=folder", f"data.path={pictures}", "--runs-dir", str(runs),
+                 "--name", "r", "--device", "cpu", "--test"]) == 0
+    return runs / "r", pictures
+
+
+def test_the_checkpoint_carries_the_dataset(folder_run):
+    run_dir, pictures = folder_run
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    data = load_dataset(data_config(checkpoint["config"]["data"]))
+    assert checkpoint["classes"] == list(FOLDER_CLASSES) and checkpoint["num_classes"] == 3
+    assert checkpoint["image_size"] == 16 and checkpoint["dataset"] == "pictures"
+    assert tuple(checkpoint["mean"]) == data.mean and tuple(checkpoint["std"]) == data.std
+    assert checkpoint["config"]["data"]["path"] == str(pictures.resolve())
+    assert model_from_checkpoint(checkpoint)(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+
+
+def test_evaluate_and_predict_use_the_checkpoints_dataset(folder_run, tmp_path, capsys):
+    run_dir, pictures = folder_run
+    assert main(["evaluate", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    assert evaluated["num_images"] == 24 and evaluated["dataset"] == "pictures" and evaluated["image_size"] == 16
+    out = tmp_path / "predictions.json"
+    assert main(["predict", str(run_dir), str(pictures / "test"), "--labels-from-folders", "--output", str(out),
+                 "--device", "cpu", "-q"]) == 0
+    predicted = json.loads(out.read_text())
+    assert predicted["accuracy"]["accuracy"] == pytest.approx(evaluated["test_accuracy"], abs=1e-12)
+    for name, acc in evaluated["per_class_accuracy"].items():
+        assert predicted["accuracy"]["per_class"][name]["accuracy"] == pytest.approx(acc)
+
+
+def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
+    """The probabilities predict reports are the model's on the loader's input, not on 32x32 CIFAR-normalised."""
+    from cifarcnn.predict import predict_files
+
+    run_dir, pictures = folder_run
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    info = checkpoint_dataset(checkpoint)
+    model = model_from_checkpoint(checkpoint).eval()
+    data = load_dataset(data_config(checkpoint["config"]["data"]))
+    loader = Loader(data.test_images[:8], data.test_labels[:8], 8, device="cpu", mean=info["mean"], std=info["std"])
+    logits, _ = predict_logits(model, loader)
+    files, _ = walk_images(pictures / "test" / "cat")  # the dataset's first 8 test images, in its order
+    results = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), workers=1,
+                            image_size=16, mean=info["mean"], std=info["std"])
+    assert [r.top[0][1] for r in results] == pytest.approx(logits.softmax(1).max(1).values.tolist(), abs=1e-5)
+    as_cifar = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), workers=1, image_size=16)
+    assert [r.top[0][1] for r in as_cifar] != pytest.approx([r.top[0][1] for r in results], abs=1e-5)
+
+
+def test_export_writes_the_datasets_size_mean_and_std(folder_run, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    run_dir, _ = folder_run
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(run_dir), "--output", str(out)]) == 0
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    assert json.loads(meta["classes"]) == list(FOLDER_CLASSES) and meta["image_size"] == "16"
+    assert json.loads(meta["mean"]) == checkpoint["mean"] and json.loads(meta["std"]) == checkpoint["std"]
+    assert "16x16" in meta["preprocessing"] and "(batch, 3, 16, 16)" in meta["input"]
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert dims == [3, 16, 16] and "pictures classifier" in model.doc_string
+
+
+def test_report_names_the_dataset(folder_run, tmp_path):
+    run_dir, _ = folder_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert main(["report", str(copy), "--device", "cpu"]) == 0
+    text = (copy / "report.html").read_text()
+    assert "<h1>pictures run run</h1>" in text
+    table = text.split('id="per-class-table"')[1].split("</table>")[0]
+    shown = [float(v) for v in re.findall(r'<td class="num">([\d.]+)%</td>', table)]
+    assert len(shown) == 3 and shown == sorted(shown, reverse=True)
+
+
+def test_bench_and_show_batch_on_a_folder_dataset(folder_run, tmp_path, capsys):
+    _, pictures = folder_run
+    data = ["data.dataset=folder", f"data.path={pictures}", "data.image_size=16", "data.val_size=12"]
+    assert main(["show-batch", *data, "--count", "8", "--out", str(tmp_path / "b.png"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "b.png").size[0] > 100
+    assert main(["bench", *data, "batch_size=16", "eval_batch_size=24", "--steps", "2", "--warmup", "1",
+                 "--rounds", "1", "--out", str(tmp_path / "bench.json"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "bench.json").read_text())["image_size"] == 16
+
+
+def test_a_folder_run_with_problem_files_goes_on(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "pics", per_class=12, test_per_class=None)
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "train" / "empty").mkdir()
+    (root / "train" / "readme.txt").write_text("a file at the top level of train/")
+    (root / "train" / "lonely").mkdir()
+    shutil.copy(root / "train" / "cat" / "0.png", root / "train" / "lonely" / "0.png")
+    assert main(["train", "epochs=1", "batch_size=8", "data.val_size=4", "data.image_size=16", "data.dataset=folder",
+                 f"data.path={root}", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--device", "cpu",
+                 "--test"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "empty holds no image files" in captured.err
+    assert "readme.txt" in captured.err and "single training image: lonely" in captured.err
+    assert load_checkpoint(tmp_path / "runs" / "r" / "last.pt")["classes"] == ["cat", "dog", "fox", "lonely"]
+    assert main(["evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu"]) == 0
+    table = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert table[-1].split() == ["lonely", "-", "0", "0"]  # untested: last, without an accuracy
+
+
+# --------------------------------------------------------------------------- CIFAR-100
+
+@pytest.fixture(scope="module")
+def cifar100_run(cifar100_root, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("cifar100-runs")
+    assert main(["train", "epochs=1", "batch_size=100", "eval_batch_size=100", "data.val_size=100", "log_every=3",
+                 "data.dataset=cifar100", "--data-dir", str(cifar100_root), "--runs-dir", str(runs), "--name", "r",
+                 "--device", "cpu"]) == 0
+    return runs / "r"
+
+
+def test_cifar100_evaluate_predict_and_report(cifar100_run, cifar100_root, tmp_path, capsys):
+    checkpoint = load_checkpoint(cifar100_run / "best.pt")
+    assert checkpoint["num_classes"] == 100 and checkpoint["dataset"] == "CIFAR-100"
+    capsys.readouterr()
+    assert main(["evaluate", str(cifar100_run), "--data-dir", str(cifar100_root), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.split("\n\n")[1].splitlines()[1:]]
+    accuracies = [float(row[1].rstrip("%")) for row in rows]
+    assert len(rows) == 100 and accuracies == sorted(accuracies, reverse=True)
+    assert "most frequent confusions (true -> predicted):" in out and out.count(" -> fine") == 15
+    matrix_png = Image.open(cifar100_run / "eval" / "confusion_matrix.png")
+    assert 1000 < matrix_png.size[0] < 2500  # rendered, at a size a page can show
+    image = cifar100_run / "x.png"
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(image)
+    assert main(["predict", str(cifar100_run), str(image), "--top-k", "3", "--device", "cpu"]) == 0
+    assert "fine" in capsys.readouterr().out
+    assert main(["report", str(cifar100_run)]) == 0
+    text = (cifar100_run / "report.html").read_text()
+    assert "<h1>CIFAR-100 run r</h1>" in text and text.count("&rarr;") == 15 + 1  # list items + the heading
+    assert text.split('id="per-class-table"')[1].split("</table>")[0].count("<tr>") == 101
+
+
+def test_cifar100_coarse_labels_train_20_classes(cifar100_root, tmp_path):
+    assert main(["train", "epochs=1", "batch_size=200", "data.val_size=100", "data.dataset=cifar100",
+                 "data.labels=coarse", "--data-dir", str(cifar100_root), "--runs-dir", str(tmp_path), "--name", "c",
+                 "--device", "cpu"]) == 0
+    checkpoint = load_checkpoint(tmp_path / "c" / "best.pt")
+    assert checkpoint["num_classes"] == 20 and checkpoint["classes"][0] == "coarse00"
+    assert tuple(checkpoint["mean"]) == (0.5071, 0.4865, 0.4409)
+
+
+# --------------------------------------------------------------------------- older checkpoints, big matrices
+
+def test_a_checkpoint_from_before_datasets_is_cifar10(trained_run_dir, cifar_root, tmp_path, capsys):
+    checkpoint = load_checkpoint(trained_run_dir / "best.pt")
+    for key in ("dataset", "mean", "std", "image_size"):
+        checkpoint.pop(key)
+    del checkpoint["config"]["data"]["dataset"]
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, checkpoint)
+    info = checkpoint_dataset(load_checkpoint(old))
+    assert (info["mean"], info["std"], info["image_size"], info["dataset"]) == (MEAN, STD, 32, "CIFAR-10")
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "x.png")
+    assert main(["predict", str(old), str(tmp_path / "x.png"), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(old), "--data-dir", str(cifar_root), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["dataset"] == "CIFAR-10"
+
+
+def test_a_100_class_confusion_matrix_renders_without_cell_numbers(tmp_path):
+    matrix = np.random.default_rng(0).integers(0, 5, (100, 100)) + np.eye(100, dtype=int) * 60
+    save_confusion_matrix(matrix, [f"class{i}" for i in range(100)], tmp_path / "m.png", title="100 classes")
+    width, height = Image.open(tmp_path / "m.png").size
+    assert 1000 < width < 2500 and 1000 < height < 2500
+    save_confusion_matrix(matrix[:10, :10], [f"c{i}" for i in range(10)], tmp_path / "ten.png", title="10")
+    assert Image.open(tmp_path / "ten.png").size[0] < width
