@@ -70,7 +70,7 @@ class FastNetConfig:
     num_classes: int = 10
     bn_momentum: float = 0.4
     logit_scale: float = 1 / 9
-    whiten_bias_epochs: int = 3
+    whiten_bias_epochs: int = 3  # 0: the whitening bias never trains (no gradient into the first conv block's input)
 
 
 class FastBatchNorm(nn.BatchNorm2d):
@@ -120,7 +120,8 @@ class FastNet(nn.Module):
         self.blocks = self.make_blocks((config.whiten_width, *config.widths))
         self.head = ClassifierHead(config.widths[-1], config.num_classes, bias=False)
         # The whitening bias learns in the first epochs only, then stays (the trainer reads this).
-        self.train_epochs = {"whiten.bias": config.whiten_bias_epochs}
+        self.train_epochs = {"whiten.bias": config.whiten_bias_epochs} if config.whiten_bias_epochs else {}
+        self.whiten.bias.requires_grad = bool(config.whiten_bias_epochs)
 
     def make_blocks(self, widths: tuple[int, ...]) -> nn.Sequential:
         """One block per step from widths[i] to widths[i + 1] channels, each halving the image side."""
@@ -254,6 +255,9 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "simple_cnn": lambda num_classes, image_size: SimpleCNN(SimpleCNNConfig(num_classes=num_classes,
                                                                             image_size=image_size)),
     "fastnet": lambda num_classes, image_size: FastNet(FastNetConfig(num_classes=num_classes)),
+    # the quick preset's net, sized for accuracy per CPU-second (README, "The quick preset")
+    "quicknet": lambda num_classes, image_size: FastNet(FastNetConfig(widths=(48, 96, 96), whiten_bias_epochs=0,
+                                                                      num_classes=num_classes)),
     "fastnet96": lambda num_classes, image_size: FastNet96(FastNet96Config(num_classes=num_classes)),
     "resnet18": lambda num_classes, image_size: ResNet(ResNetConfig(num_classes=num_classes)),
 }

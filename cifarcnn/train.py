@@ -9,6 +9,7 @@ and read once per logging interval, checkpoints written by a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -38,6 +39,7 @@ from .step import (
     CHANNELS_LAST,
     Lookahead,
     TrainStep,
+    WeightAverage,
     build_optimizer,
     frozen_at,
     learning_rate,
@@ -229,6 +231,7 @@ class Trainer:
         self.step = TrainStep(trained, self.optimizer, cfg, self.device)
         self.lookahead = Lookahead(self.model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps \
             else None
+        self.ema = WeightAverage(self.model) if cfg.ema_decay else None
 
     def _restore(self, checkpoint: dict) -> None:
         """Continue from `checkpoint`: weights, optimizer, RNG, lookahead average, progress and position."""
@@ -236,7 +239,12 @@ class Trainer:
             raise UserError(f"{self.run_dir}: the dataset's classes changed since the run was trained "
                             f"({len(checkpoint['classes'])} then, {len(self.classes)} now): restore the dataset as it "
                             f"was, or start a new run")
-        self.model.load_state_dict(checkpoint["model_state"])
+        # with ema_decay, model_state is the weight average and train_model_state the weights being trained
+        self.model.load_state_dict(checkpoint.get("train_model_state") or checkpoint["model_state"])
+        if self.ema is not None:
+            for name, value in checkpoint["model_state"].items():
+                if name in self.ema.average:
+                    self.ema.average[name].copy_(value)
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         restore_rng(checkpoint, self.device, self.dist)
         if self.lookahead is not None:
@@ -367,6 +375,8 @@ class Trainer:
         loss, logits, grad_norm = self.step(x, y)
         if self.lookahead is not None:
             self.lookahead.maybe_update(self.model, epoch * self.steps_per_epoch + i + 1, self.total_steps)
+        if self.ema is not None:
+            self.ema.update(self.cfg.ema_decay * lr / self.cfg.optimizer.lr)  # meets the weights as lr falls to 0
         self.totals.add(loss, logits, y, grad_norm)
         return loss
 
@@ -437,20 +447,23 @@ class Trainer:
         cfg, last_epoch = self.cfg, epoch + 1 == self.cfg.epochs
         if self.lookahead is not None and last_epoch:
             self.lookahead.update(self.model, 1.0)  # finish on the averaged weights
+            if self.ema is not None:
+                self.ema.update(cfg.ema_decay * learning_rate(cfg, cfg.epochs) / cfg.optimizer.lr)
         sums = self.totals.global_sums(self.dist)
         seen = sums["seen"].item()
         metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,
                    "train_acc": sums["correct"].item() / seen, "train_images": seen, "val_loss": None,
                    "val_acc": None, "val_images": None, "lr": learning_rate(cfg, epoch),
                    "grad_norm": sums["grad_norm"].item() / self.steps_per_epoch}
-        self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
-        if self.val_loader is not None:
-            metrics["val_loss"], metrics["val_acc"], metrics["val_images"] = evaluate_split(
-                self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
-                self.step.precision)
-        if self.test_loader is not None and last_epoch:
-            _, metrics["test_acc"], _ = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
-                                                       cfg.tta, self.step.precision)
+        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():  # the model a run saves
+            self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
+            if self.val_loader is not None:
+                metrics["val_loss"], metrics["val_acc"], metrics["val_images"] = evaluate_split(
+                    self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
+                    self.step.precision)
+            if self.test_loader is not None and last_epoch:
+                _, metrics["test_acc"], _ = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
+                                                           cfg.tta, self.step.precision)
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)
@@ -483,7 +496,11 @@ class Trainer:
             return
         state = self.state
         state["train_seconds"] = self.seconds_before + time.perf_counter() - self.session_started
-        state.update(config=self.cfg.to_dict(), model_state=self.model.state_dict(),
+        if self.ema is not None:
+            state.update(model_state=self.ema.state_dict(self.model), train_model_state=self.model.state_dict())
+        else:
+            state.update(model_state=self.model.state_dict())
+        state.update(config=self.cfg.to_dict(),
                      optimizer_state=self.optimizer.state_dict(), rng=rng[0],
                      rng_ranks=rng if self.dist.active else [],
                      lookahead=self.lookahead.average if self.lookahead is not None else {},

@@ -1,5 +1,6 @@
-"""The rungs above `fast`: the `resnet18` and `best` presets end to end on a tiny synthetic CIFAR-10 (train, every
-artifact, evaluate and report on the checkpoint), and the recipes they declare."""
+"""The rungs of the preset ladder besides seed and fast: `quick`, `resnet18` and `best` end to end on a tiny synthetic
+CIFAR-10 (train, every artifact, evaluate and report on the checkpoint; predict and export on quick's), and the
+recipes they declare."""
 
 import json
 
@@ -26,7 +27,8 @@ def tiny_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("preset, model, tta", [("resnet18", "resnet18", 0), ("best", "fastnet96", 2)])
+@pytest.mark.parametrize("preset, model, tta", [("quick", "quicknet", 2), ("resnet18", "resnet18", 0),
+                                               ("best", "fastnet96", 2)])
 def test_preset_trains_evaluates_and_reports_with_every_artifact(preset, model, tta, tiny_root, tmp_path, capsys):
     common = ["--data-dir", str(tiny_root), "--device", "cpu"]
     assert main(["train", "--preset", preset, *TINY, "--runs-dir", str(tmp_path), "--name", "r", *common]) == 0
@@ -91,3 +93,29 @@ def test_best_preset_follows_the_published_96_percent_method():
     assert learning_rate(cfg, 0) == pytest.approx(0.2 * o.lr)
     assert learning_rate(cfg, 0.1 * cfg.epochs) == pytest.approx(o.lr)
     assert learning_rate(cfg, cfg.epochs) == 0
+
+
+def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp_path, capsys):
+    from cifarcnn.data import load_cifar10
+
+    from .test_predict import write_pngs
+
+    common = ["--data-dir", str(tiny_root), "--device", "cpu"]
+    assert main(["train", "--preset", "quick", *TINY, "--runs-dir", str(tmp_path), "--name", "q", *common]) == 0
+    run = tmp_path / "q"
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint["model"] == "quicknet" and checkpoint["config"]["ema_decay"] == 0.99
+    assert "train_model_state" in checkpoint  # model_state is the weight average the run validated
+    assert main(["evaluate", str(run), *common]) == 0
+    evaluated = json.loads((run / "eval" / "test_metrics.json").read_text())
+
+    data = load_cifar10(tiny_root)
+    write_pngs(data.test_images, data.test_labels, tmp_path / "pngs")
+    out = tmp_path / "predictions.json"
+    assert main(["predict", str(run), str(tmp_path / "pngs"), "--labels-from-folders", "-q", "--output", str(out),
+                 "--device", "cpu"]) == 0
+    predicted = json.loads(out.read_text())["accuracy"]
+    assert predicted["num_images"] == 40 and predicted["accuracy"] == evaluated["test_accuracy"]
+
+    assert main(["export", str(run), "--output", str(tmp_path / "quick.onnx"), "--data-dir", str(tiny_root)]) == 0
+    assert (tmp_path / "quick.onnx").stat().st_size > 0

@@ -1,0 +1,68 @@
+"""Weight averaging (`ema_decay`): the average's arithmetic, and a run that validates, saves and resumes it."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.config import make_config
+from cifarcnn.data import Loader, load_cifar10, split_train_val
+from cifarcnn.distributed import Dist
+from cifarcnn.evaluate import evaluate_split
+from cifarcnn.precision import choose
+from cifarcnn.step import WeightAverage
+from cifarcnn.train import train
+
+DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
+
+
+def test_the_average_moves_by_one_minus_decay_and_is_applied_only_inside():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = WeightAverage(model)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    average.update(0.75)
+    expected = 0.75 * start + 0.25 * (start + 1)
+    assert torch.allclose(average.average["0.weight"], expected)
+    assert set(average.state_dict(model)) == set(model.state_dict())  # num_batches_tracked comes from the model
+    with average.applied():
+        assert torch.equal(model[0].weight, expected)
+    assert torch.equal(model[0].weight, start + 1)  # the trained weights are back
+
+
+def val_metrics(cifar_root, state_dict, checkpoint):
+    """(loss, accuracy) of `state_dict` on the run's validation split, as the trainer evaluates it."""
+    model = model_from_checkpoint({**checkpoint, "model_state": state_dict}).to(memory_format=torch.channels_last)
+    data = load_cifar10(cifar_root)
+    _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    loader = Loader(val_x, val_y, 50, device="cpu", memory_format=torch.channels_last)
+    loss, acc, _ = evaluate_split(model, loader, Dist(), None, 0, choose("auto", torch.device("cpu")).name)
+    return loss, acc
+
+
+def test_a_run_validates_and_saves_the_average_and_resumes_it_exactly(cifar_root, tmp_path, small_overrides):
+    cfg = make_config({}, [*small_overrides, "ema_decay=0.9"])
+    full = train(cfg, tmp_path / "full", data_dir=cifar_root, device="cpu")
+    checkpoint = load_checkpoint(tmp_path / "full" / "last.pt")
+    average, trained = checkpoint["model_state"], checkpoint["train_model_state"]
+    assert not torch.equal(average["blocks.0.conv.weight"], trained["blocks.0.conv.weight"])
+    loss, acc = val_metrics(cifar_root, average, checkpoint)
+    assert full["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-6) and full["history"][-1]["val_acc"] == acc
+    assert val_metrics(cifar_root, trained, checkpoint)[0] != pytest.approx(loss, rel=1e-6)
+
+    train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu", on_epoch_end=lambda m: m["epoch"] == 1)
+    resumed = train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu", resume=True)
+    metrics = [{k: m[k] for k in DETERMINISTIC} for m in resumed["history"]]
+    assert metrics == [{k: m[k] for k in DETERMINISTIC} for m in full["history"]]
+    again = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key in ("model_state", "train_model_state"):
+        assert all(torch.equal(checkpoint[key][k], again[key][k]) for k in checkpoint[key])
+
+
+def test_the_average_ends_on_the_trained_weights_when_the_rate_reaches_zero(cifar_root, tmp_path, small_overrides):
+    # linear decay to 0 and lookahead's final step: the last update has decay 0
+    cfg = make_config({}, [*small_overrides, "ema_decay=0.9", "scheduler.name=linear", "optimizer.lookahead_steps=2"])
+    train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu")
+    checkpoint = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert all(torch.equal(v, checkpoint["train_model_state"][k]) for k, v in checkpoint["model_state"].items())
