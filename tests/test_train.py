@@ -293,8 +293,8 @@ def test_a_long_cpu_run_says_how_long_and_points_at_the_quick_preset(tmp_path, c
     monkeypatch.setattr(train_module, "LONG_RUN_SECONDS", threshold)
     train(make_config({}, small_overrides), tmp_path / "r", data_dir=cifar_root, device="cpu")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("estimated time")]
-    if shown:  # once per session, at the first logging interval (2 of 16 steps)
-        assert len(lines) == 1 and "for 2 epochs (from the first 2 steps)" in lines[0]
+    if shown:  # once per session, timed from the first logging interval to the second (steps 2 and 4 of 16)
+        assert len(lines) == 1 and "for 2 epochs (timed over steps 3-4)" in lines[0]
         assert "cifarcnn train --preset quick" in lines[0]
     else:
         assert lines == []
