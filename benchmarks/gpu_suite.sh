@@ -5,9 +5,9 @@
 #     bash benchmarks/gpu_suite.sh DATA_DIR [OUT_DIR]
 #
 # DATA_DIR holds cifar-10-batches-py/. Runs, in order of importance: the default recipe for 50 epochs with --test,
-# the fast preset over 5 seeds and the best preset over 3 seeds (benchmarks/fast_preset.py: all 50,000 training
-# images, accuracy and time of each run), `cifarcnn bench` for both small recipes, the fast preset with
-# compile=true over 2 seeds (it compiles for a minute or two), and last, optional, resnet18 once on a SHORTENED
+# the fast preset over 5 seeds, the best preset over 3 seeds and the quick preset over 2
+# (benchmarks/fast_preset.py: all 50,000 training images, accuracy and time of each run), `cifarcnn bench` for
+# both small recipes, the fast preset with compile=true over 2 seeds (it compiles for a minute or two), and last, optional, resnet18 once on a SHORTENED
 # schedule: RESNET18_EPOCHS (default 30) epochs of the preset's recipe, cosine over those epochs, not the
 # preset's 200 (its per-epoch seconds give the 200-epoch time). Each step has its own timeout, cut to the time
 # left, so a slow step cannot starve the ones after it; resnet18 gets what is left. Logs and JSON go to OUT_DIR
@@ -40,6 +40,10 @@ echo "== best preset, 3 seeds (target: >= 93.4% mean, <= 16 s per run on an H200
 timeout "$(limit 180)" python3 benchmarks/fast_preset.py --preset best --seeds 3 --data-dir "$data" \
   --runs-dir "$runs" --out "$out/best3.json" 2>&1 | quiet > "$out/best3.log"; ran best3 "${PIPESTATUS[0]}"
 grep -E '^\{|^best|warm-up|graph|rror' "$out/best3.log"
+echo "== quick preset (made for CPUs), 2 seeds"
+timeout "$(limit 60)" python3 benchmarks/fast_preset.py --preset quick --seeds 2 --data-dir "$data" \
+  --runs-dir "$runs" --out "$out/quick2.json" 2>&1 | quiet > "$out/quick2.log"; ran quick2 "${PIPESTATUS[0]}"
+grep -E '^\{|^quick|graph|rror' "$out/quick2.log"
 echo "== bench, default recipe"
 timeout "$(limit 90)" python3 -m cifarcnn bench --data-dir "$data" --steps 300 --out "$out/bench_seed.json" 2>&1 \
   | quiet; ran bench_seed "${PIPESTATUS[0]}"
