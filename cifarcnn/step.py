@@ -98,14 +98,16 @@ class WeightAverage:
     points of test accuracy after the first epochs of the quick preset), so a run validates, tests and saves it;
     with a decay proportional to the learning rate it meets the trained weights as the rate falls to 0."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, decay: float):
         live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
         self._live = list(live.values())  # share storage with the model's parameters and buffers
         self.average = {k: v.detach().clone() for k, v in live.items()}
+        self.decay = decay
 
     @torch.no_grad()
-    def update(self, decay: float) -> None:
-        torch._foreach_lerp_(list(self.average.values()), self._live, 1 - decay)
+    def update(self, lr_fraction: float) -> None:
+        """One step with decay `decay` x `lr_fraction` (the learning rate over its peak)."""
+        torch._foreach_lerp_(list(self.average.values()), self._live, 1 - self.decay * lr_fraction)
 
     def state_dict(self, model: nn.Module) -> dict:
         """The model's state dict with the averaged tensors in place of the trained ones."""

@@ -231,7 +231,7 @@ class Trainer:
         self.step = TrainStep(trained, self.optimizer, cfg, self.device)
         self.lookahead = Lookahead(self.model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps \
             else None
-        self.ema = WeightAverage(self.model) if cfg.ema_decay else None
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
 
     def _restore(self, checkpoint: dict) -> None:
         """Continue from `checkpoint`: weights, optimizer, RNG, lookahead average, progress and position."""
@@ -272,7 +272,6 @@ class Trainer:
         self._announce()
         sync(self.device)
         self.session_started, self.seconds_before = time.perf_counter(), self.state["train_seconds"]
-        self.session_first_step = self.state["epoch"] * self.steps_per_epoch + self.start_step
         self.estimated = self.device.type != "cpu"  # the time estimate is for CPU runs only
         self.estimate_start: tuple[float, int] | None = None
         try:
@@ -377,7 +376,7 @@ class Trainer:
         if self.lookahead is not None:
             self.lookahead.maybe_update(self.model, epoch * self.steps_per_epoch + i + 1, self.total_steps)
         if self.ema is not None:
-            self.ema.update(self.cfg.ema_decay * lr / self.cfg.optimizer.lr)  # meets the weights as lr falls to 0
+            self.ema.update(lr / self.cfg.optimizer.lr)  # meets the weights as lr falls to 0
         self.totals.add(loss, logits, y, grad_norm)
         return loss
 
@@ -455,7 +454,7 @@ class Trainer:
         if self.lookahead is not None and last_epoch:
             self.lookahead.update(self.model, 1.0)  # finish on the averaged weights
             if self.ema is not None:
-                self.ema.update(cfg.ema_decay * learning_rate(cfg, cfg.epochs) / cfg.optimizer.lr)
+                self.ema.update(learning_rate(cfg, cfg.epochs) / cfg.optimizer.lr)
         sums = self.totals.global_sums(self.dist)
         seen = sums["seen"].item()
         metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,

@@ -19,11 +19,11 @@ DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 def test_the_average_moves_by_one_minus_decay_and_is_applied_only_inside():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    average = WeightAverage(model)
+    average = WeightAverage(model, 0.75)
     start = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    average.update(0.75)
+    average.update(1.0)  # at the peak learning rate: decay 0.75
     expected = 0.75 * start + 0.25 * (start + 1)
     assert torch.allclose(average.average["0.weight"], expected)
     assert set(average.state_dict(model)) == set(model.state_dict())  # num_batches_tracked comes from the model
