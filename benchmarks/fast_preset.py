@@ -17,9 +17,9 @@ import sys
 
 from recipe_args import recipe_parser
 
-from cifarcnn.config import load_preset
-from cifarcnn.storage import atomic_write_json
-from cifarcnn.train import train
+from cifarcnn.base.config import load_preset
+from cifarcnn.base.storage import atomic_write_json
+from cifarcnn.training.train import train
 
 
 def main() -> int:

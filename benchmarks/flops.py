@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarcnn.bench import train_flops_per_image
-from cifarcnn.model import MODELS, build_model, count_parameters
-from cifarcnn.storage import atomic_write_json
+from cifarcnn.base.model import MODELS, build_model, count_parameters
+from cifarcnn.base.storage import atomic_write_json
+from cifarcnn.reports.bench import train_flops_per_image
 
 
 def training_flops(name: str, batch: int) -> dict:

@@ -19,15 +19,15 @@ import time
 import torch
 from recipe_args import recipe_parser
 
-from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.config import load_preset
-from cifarcnn.data import Loader, load_cifar10
-from cifarcnn.device import select_device
-from cifarcnn.distributed import Dist
-from cifarcnn.evaluate import evaluate_split
-from cifarcnn.precision import choose
-from cifarcnn.storage import atomic_write_json
-from cifarcnn.train import train
+from cifarcnn.base.config import load_preset
+from cifarcnn.base.device import select_device
+from cifarcnn.base.precision import choose
+from cifarcnn.base.storage import atomic_write_json
+from cifarcnn.data.cifar import load_cifar10
+from cifarcnn.data.loader import Loader
+from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.training.distributed import Dist
+from cifarcnn.training.train import evaluate_split, train
 
 
 def main() -> int:

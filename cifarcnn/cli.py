@@ -9,9 +9,9 @@ import textwrap
 from pathlib import Path
 
 from . import __version__
-from .config import Config, load_config, load_preset, preset_description, preset_names
-from .errors import UsageError, UserError
-from .interrupt import Interrupted
+from .base.config import Config, load_config, load_preset, preset_description, preset_names
+from .base.errors import UsageError, UserError
+from .training.interrupt import Interrupted
 
 PRESET_HELP = "a packaged recipe (list: cifarcnn presets), e.g. fast; seed is the default recipe"
 
@@ -47,8 +47,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import launched_by_torchrun, restart_count
-    from .train import default_run_dir, resume_config, train
+    from .training.distributed import launched_by_torchrun, restart_count
+    from .training.train import default_run_dir, resume_config, train
 
     resume = bool(args.resume)
     if resume:
@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench, report
+    from .reports.bench import bench, report
 
     cfg = config_from_args(args)
     result = bench(cfg, data_dir=args.data_dir, device=args.device, steps=args.steps, warmup=args.warmup,
@@ -80,7 +80,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .use.evaluate import evaluate
 
     evaluate(args.target, data_dir=args.data_dir, device=args.device, out_dir=args.out,
              batch_size=args.batch_size)
@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict
+    from .use.predict import predict
 
     return predict(args.target, args.paths, device=args.device, batch_size=args.batch_size, top_k=args.top_k,
                    output=args.output, labels_from_folders=args.labels_from_folders, quiet=args.quiet,
@@ -96,24 +96,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .use.export import export
 
     export(args.target, args.format, args.output, data_dir=args.data_dir, check=args.check)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import report
+    from .reports.report import report
 
     report(args.run, args.out, data_dir=args.data_dir, device=args.device, evaluate_if_missing=args.evaluate)
     return 0
 
 
 def cmd_show_batch(args: argparse.Namespace) -> int:
-    from .data import Loader, denormalize, training_split
-    from .datasets import load_dataset
-    from .device import select_device
-    from .plots import save_image_grid
+    from .base.device import select_device
+    from .base.plots import save_image_grid
+    from .data.dataset import denormalize
+    from .data.datasets import load_dataset
+    from .data.loader import Loader, training_split
 
     cfg = config_from_args(args)
     device = select_device(args.device)
@@ -131,8 +132,8 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    from .datasets import dataset_shape
-    from .model import build_model, count_parameters
+    from .base.model import build_model, count_parameters
+    from .data.datasets import dataset_shape
 
     cfg = config_from_args(args)
     num_classes, image_size = dataset_shape(cfg.data)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cifarcnn.data import load_cifar10
+from cifarcnn.data.cifar import load_cifar10
 
 
 def write_split(root: Path, images: np.ndarray, labels: list[int], classes: tuple[str, ...], fmt: str,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cifarcnn.data import load_cifar10
+from cifarcnn.data.cifar import load_cifar10
 
 
 def main() -> None:

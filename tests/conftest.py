@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarcnn.config import make_config
-from cifarcnn.data import CLASSES
+from cifarcnn.base.config import make_config
+from cifarcnn.data.cifar import CLASSES
 
 PER_TRAIN_BATCH = 120  # 5 batches -> 600 training images
 NUM_TEST = 200
@@ -69,7 +69,7 @@ def small_config(small_overrides):
 @pytest.fixture(scope="session")
 def trained_run_dir(cifar_root, tmp_path_factory) -> Path:
     """A run trained for 2 epochs on the synthetic data, shared read-only by the predict/export/report tests."""
-    from cifarcnn.train import train
+    from cifarcnn.training.train import train
 
     run_dir = tmp_path_factory.mktemp("shared-run") / "run"
     cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2"])
@@ -81,7 +81,7 @@ def trained_run_dir(cifar_root, tmp_path_factory) -> Path:
 def edited_seed_preset(tmp_path_factory, monkeypatch):
     """`edit(old, new)`: from then on the package reads its presets from a copy whose seed.yaml has the text `old`
     replaced by `new`, so a command shows whether it really read the packaged seed preset."""
-    import cifarcnn.config
+    import cifarcnn.base.config
 
     def edit(old: str, new: str) -> None:
         package = tmp_path_factory.mktemp("package")
@@ -89,7 +89,7 @@ def edited_seed_preset(tmp_path_factory, monkeypatch):
         seed = package / "presets" / "seed.yaml"
         assert old in seed.read_text()
         seed.write_text(seed.read_text().replace(old, new))
-        monkeypatch.setattr(cifarcnn.config, "resources", SimpleNamespace(files=lambda name: package))
+        monkeypatch.setattr(cifarcnn.base.config, "resources", SimpleNamespace(files=lambda name: package))
 
     return edit
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.config import make_config
-from cifarcnn.data import Loader, load_cifar10, split_train_val
-from cifarcnn.distributed import Dist
-from cifarcnn.evaluate import evaluate_split
-from cifarcnn.precision import choose
-from cifarcnn.step import WeightAverage
-from cifarcnn.train import train
+from cifarcnn.base.config import make_config
+from cifarcnn.base.precision import choose
+from cifarcnn.data.cifar import load_cifar10
+from cifarcnn.data.loader import Loader, split_train_val
+from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.training.distributed import Dist
+from cifarcnn.training.step import WeightAverage
+from cifarcnn.training.train import evaluate_split, train
 
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
 

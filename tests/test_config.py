@@ -7,8 +7,7 @@ import pytest
 import yaml
 
 import cifarcnn
-from cifarcnn.cli import build_parser, config_from_args, main
-from cifarcnn.config import (
+from cifarcnn.base.config import (
     Config,
     apply_overrides,
     load_config,
@@ -19,7 +18,8 @@ from cifarcnn.config import (
     preset_names,
     preset_text,
 )
-from cifarcnn.errors import ConfigError, UsageError
+from cifarcnn.base.errors import ConfigError, UsageError
+from cifarcnn.cli import build_parser, config_from_args, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,23 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifarcnn.config import AugmentConfig
-from cifarcnn.data import (
-    MD5,
-    MEAN,
-    STD,
-    DataError,
-    Loader,
-    augment,
-    download_file,
-    load_cifar10,
-    locate_cifar10,
-    normalize_,
-    read_batch,
-    resolve_data_root,
-    split_train_val,
-)
-from cifarcnn.errors import ConfigError
+from cifarcnn.base.config import AugmentConfig
+from cifarcnn.base.errors import ConfigError
+from cifarcnn.data.cifar import MD5, download_file, load_cifar10, locate_cifar10, read_batch, resolve_data_root
+from cifarcnn.data.dataset import MEAN, STD, DataError, normalize_
+from cifarcnn.data.loader import Loader, augment, split_train_val
 
 from .conftest import NUM_TEST, PER_TRAIN_BATCH, write_cifar
 

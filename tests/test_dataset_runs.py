@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cifarcnn.base.config import data_config
+from cifarcnn.base.inference import predict_logits
+from cifarcnn.base.plots import save_confusion_matrix
 from cifarcnn.cli import main
-from cifarcnn.config import data_config
-from cifarcnn.data import MEAN, STD, Loader
-from cifarcnn.datasets import checkpoint_dataset, load_dataset
-from cifarcnn.evaluate import predict_logits
-from cifarcnn.images import walk_images
-from cifarcnn.plots import save_confusion_matrix
+from cifarcnn.data.dataset import MEAN, STD
+from cifarcnn.data.datasets import checkpoint_dataset, load_dataset
+from cifarcnn.data.images import walk_images
+from cifarcnn.data.loader import Loader
+from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 from .conftest import FOLDER_CLASSES, write_image_folder
 
@@ -63,7 +64,7 @@ def test_evaluate_and_predict_use_the_checkpoints_dataset(folder_run, tmp_path, 
 
 def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
     """The probabilities predict reports are the model's on the loader's input, not on 32x32 CIFAR-normalised."""
-    from cifarcnn.predict import predict_files
+    from cifarcnn.use.predict import predict_files
 
     run_dir, pictures = folder_run
     checkpoint = load_checkpoint(run_dir / "best.pt")

@@ -14,13 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarcnn import folders
+from cifarcnn.base.config import make_config
+from cifarcnn.base.errors import ConfigError
 from cifarcnn.cli import main
-from cifarcnn.config import make_config
-from cifarcnn.data import CIFAR100_FILES, CIFAR100_MEAN, CIFAR100_STD, MEAN, STD, DataError, Loader, locate_cifar
-from cifarcnn.datasets import load_dataset
-from cifarcnn.errors import ConfigError
-from cifarcnn.images import find_images, load_image
+from cifarcnn.data import folders
+from cifarcnn.data.cifar import CIFAR100_FILES, CIFAR100_MEAN, CIFAR100_STD, locate_cifar
+from cifarcnn.data.dataset import MEAN, STD, DataError
+from cifarcnn.data.datasets import load_dataset
+from cifarcnn.data.images import find_images, load_image
+from cifarcnn.data.loader import Loader
 
 from .conftest import CIFAR100_TEST, CIFAR100_TRAIN, FOLDER_CLASSES, write_cifar100, write_image_folder
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.config import make_config
-from cifarcnn.data import Loader, load_cifar10, split_train_val
-from cifarcnn.distributed import Dist, setup
-from cifarcnn.errors import ConfigError
-from cifarcnn.evaluate import evaluate_split
-from cifarcnn.precision import choose
-from cifarcnn.train import train
+from cifarcnn.base.config import make_config
+from cifarcnn.base.errors import ConfigError
+from cifarcnn.base.precision import choose
+from cifarcnn.data.cifar import load_cifar10
+from cifarcnn.data.loader import Loader, split_train_val
+from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.training.distributed import Dist, setup
+from cifarcnn.training.train import evaluate_split, train
 
 from .helpers import (
     finish,

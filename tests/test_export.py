@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.base.inference import infer
 from cifarcnn.cli import main
-from cifarcnn.data import CLASSES, MEAN, STD, load_cifar10, normalize_
-from cifarcnn.export import check_export
-from cifarcnn.inference import infer
+from cifarcnn.data.cifar import CLASSES, load_cifar10
+from cifarcnn.data.dataset import MEAN, STD, normalize_
+from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.use.export import check_export
 
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed")
@@ -20,7 +21,7 @@ ort = pytest.importorskip("onnxruntime", reason="the export extra is not install
 @pytest.fixture(scope="module")
 def exported(trained_run_dir, cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model.onnx"
-    from cifarcnn.export import export
+    from cifarcnn.use.export import export
 
     result = export(trained_run_dir, "onnx", out, data_dir=cifar_root)
     return out, result
@@ -103,9 +104,9 @@ def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(export
 
 def perturbed_export(monkeypatch):
     """Make `export` write a model whose classifier bias differs from the checkpoint's, so its check must fail."""
-    import cifarcnn.export
+    import cifarcnn.use.export
 
-    real = cifarcnn.export.to_onnx_bytes
+    real = cifarcnn.use.export.to_onnx_bytes
 
     def to_onnx_bytes(model, meta):
         with torch.no_grad():
@@ -115,7 +116,7 @@ def perturbed_export(monkeypatch):
             model.fc2.bias[3] -= 0.5
         return onnx_bytes
 
-    monkeypatch.setattr(cifarcnn.export, "to_onnx_bytes", to_onnx_bytes)
+    monkeypatch.setattr(cifarcnn.use.export, "to_onnx_bytes", to_onnx_bytes)
 
 
 def test_a_failing_check_exits_1_and_writes_nothing(trained_run_dir, cifar_root, tmp_path, capsys, monkeypatch):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cifarcnn.base.config import Config, make_config, preset_names
+from cifarcnn.base.inference import infer, tta_logits
+from cifarcnn.base.model import build_model
 from cifarcnn.cli import main
-from cifarcnn.config import Config, make_config, preset_names
-from cifarcnn.inference import infer, tta_logits
-from cifarcnn.model import build_model
-from cifarcnn.step import Lookahead, build_optimizer, learning_rate
+from cifarcnn.training.step import Lookahead, build_optimizer, learning_rate
 
 TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]
 
@@ -42,7 +42,7 @@ def test_overrides_apply_on_top_of_a_preset(tmp_path, cifar_root):
     code = main(["train", "--preset", "fast", *TINY_FAST, "epochs=1", "optimizer.lr=0.5", "--data-dir",
                  str(cifar_root), "--runs-dir", str(tmp_path), "--name", "r", "--device", "cpu"])
     assert code == 0
-    from cifarcnn.checkpoint import load_checkpoint
+    from cifarcnn.training.checkpoint import load_checkpoint
 
     cfg = load_checkpoint(tmp_path / "r" / "last.pt")["config"]
     assert cfg["model"] == "fastnet" and cfg["optimizer"]["lr"] == 0.5 and cfg["epochs"] == 1
@@ -68,7 +68,7 @@ def test_fast_preset_runs_end_to_end_with_every_artifact(tmp_path, cifar_root, c
 
 
 def test_training_without_a_validation_set(tmp_path, cifar_root):
-    from cifarcnn.train import train
+    from cifarcnn.training.train import train
 
     cfg = make_config({}, ["epochs=2", "batch_size=200", "data.val_size=0", "patience=1"])
     state = train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu", test=True)
@@ -201,7 +201,7 @@ def test_bench_prints_both_throughputs_and_their_ratio(tmp_path, cifar_root, cap
 
 
 def test_training_flops_are_counted_for_forward_and_backward():
-    from cifarcnn.bench import train_flops_per_image
+    from cifarcnn.reports.bench import train_flops_per_image
 
     def conv(size, c_in, c_out):
         return 2 * size * size * c_in * c_out * 9
@@ -218,8 +218,8 @@ def test_bench_rejects_zero_steps(capsys):
 
 
 def test_a_parameter_with_limited_epochs_stops_learning_after_them(tmp_path, cifar_root):
-    from cifarcnn.checkpoint import load_checkpoint
-    from cifarcnn.train import train
+    from cifarcnn.training.checkpoint import load_checkpoint
+    from cifarcnn.training.train import train
 
     cfg = make_config({}, ["model=fastnet", "epochs=4", "batch_size=250", "data.val_size=100",
                            "optimizer.name=sgd", "optimizer.lr=0.1"])
@@ -240,7 +240,8 @@ def test_a_parameter_with_limited_epochs_stops_learning_after_them(tmp_path, cif
 
 
 def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_root):
-    from cifarcnn.data import load_cifar10, training_split
+    from cifarcnn.data.cifar import load_cifar10
+    from cifarcnn.data.loader import training_split
 
     data = load_cifar10(cifar_root)
     (train_x, _), held_out = training_split(data, make_config({}, ["data.val_size=0"]).data)
@@ -255,7 +256,7 @@ def test_training_split_and_show_batch_without_a_validation_set(tmp_path, cifar_
 def _fresh_cpu_step(cfg, train_epochs=None):
     """A seeded SimpleCNN and its TrainStep on the CPU: two calls give identical starting points.
     `train_epochs` (parameter name -> epochs) limits how long some parameters train."""
-    from cifarcnn.step import TrainStep
+    from cifarcnn.training.step import TrainStep
 
     torch.manual_seed(0)
     model = build_model("simple_cnn")
@@ -272,7 +273,7 @@ def _assert_same_state(reference, other):
 def test_warm_up_steps_leave_no_trace(optimizer_name):
     """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go on
     exactly as if they never happened, from a fresh optimizer and from one mid-training."""
-    from cifarcnn.step import restored_afterwards
+    from cifarcnn.training.step import restored_afterwards
 
     cfg = make_config({}, [f"optimizer.name={optimizer_name}", "optimizer.nesterov=true", "optimizer.lr=0.01",
                            "optimizer.weight_decay=0.001"])
@@ -292,8 +293,9 @@ def test_warm_up_steps_leave_no_trace(optimizer_name):
 def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
     """warm_up runs every train and eval batch shape and set of frozen parameters (as compile and CUDA graphs
     need); the run must not notice."""
-    from cifarcnn.data import Loader, load_cifar10
-    from cifarcnn.step import warm_up
+    from cifarcnn.data.cifar import load_cifar10
+    from cifarcnn.data.loader import Loader
+    from cifarcnn.training.step import warm_up
 
     cfg = make_config({}, ["optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.01", "tta=2"])
     data = load_cifar10(cifar_root)
@@ -322,7 +324,7 @@ def test_freezing_the_whitening_bias_skips_its_backward_and_changes_no_update():
     skipped: the same weights as giving it learning rate 0, for fewer FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cifarcnn.step import TrainStep, frozen_at
+    from cifarcnn.training.step import TrainStep, frozen_at
 
     cfg = make_config({}, ["model=fastnet", "optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.05",
                            "optimizer.weight_decay=0.001"])

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from cifarcnn.checkpoint import load_checkpoint
 from cifarcnn.cli import main
-from cifarcnn.interrupt import StopRequest
+from cifarcnn.training.checkpoint import load_checkpoint
+from cifarcnn.training.interrupt import StopRequest
 
 from .helpers import child_env, finish, position, read_metrics, start, wait_for_checkpoint
 
@@ -149,7 +149,7 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(cif
                 return FullDisk(f)
         return f
 
-    monkeypatch.setattr("cifarcnn.storage.os.fdopen", fdopen)
+    monkeypatch.setattr("cifarcnn.base.storage.os.fdopen", fdopen)
     args = ["train", "epochs=3", "batch_size=100", "eval_batch_size=50", "data.val_size=100", "--runs-dir",
             str(tmp_path), "--name", "run", "--data-dir", str(cifar_root), "--device", "cpu"]
     assert main(args) == 1
@@ -174,7 +174,7 @@ def test_an_unwritable_run_folder_fails_before_training(cifar_root, tmp_path, ca
 def lock_held_by_another_process(run_dir):
     """A child process holding RUN/.lock, as a training there would; killed (without releasing it) on exit."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from cifarcnn.runlock import RunLock; "
+        [sys.executable, "-c", "import sys, time; from cifarcnn.training.runlock import RunLock; "
          "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(run_dir)],
         stdout=subprocess.PIPE, text=True)
     try:

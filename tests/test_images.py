@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarcnn.data import Loader
-from cifarcnn.errors import UsageError
-from cifarcnn.images import ImageReadError, find_images, load_image, to_model_input
+from cifarcnn.base.errors import UsageError
+from cifarcnn.data.images import ImageReadError, find_images, load_image, to_model_input
+from cifarcnn.data.loader import Loader
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from cifarcnn.config import make_config
-from cifarcnn.data import MEAN, STD, load_cifar10
-from cifarcnn.train import train
+from cifarcnn.base.config import make_config
+from cifarcnn.data.cifar import load_cifar10
+from cifarcnn.data.dataset import MEAN, STD
+from cifarcnn.training.train import train
 
 pytestmark = [
     pytest.mark.integration,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarcnn.checkpoint import load_checkpoint
+from cifarcnn.base.config import load_preset
 from cifarcnn.cli import main
-from cifarcnn.config import load_preset
-from cifarcnn.step import build_optimizer, learning_rate
+from cifarcnn.training.checkpoint import load_checkpoint
+from cifarcnn.training.step import build_optimizer, learning_rate
 
 from .conftest import write_cifar
 
@@ -96,7 +96,7 @@ def test_best_preset_follows_the_published_96_percent_method():
 
 
 def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp_path, capsys):
-    from cifarcnn.data import load_cifar10
+    from cifarcnn.data.cifar import load_cifar10
 
     from .test_predict import write_pngs
 

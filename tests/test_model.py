@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from cifarcnn.base.model import MODELS, SimpleCNN, SimpleCNNConfig, build_model, count_parameters
 from cifarcnn.cli import main
-from cifarcnn.model import MODELS, SimpleCNN, SimpleCNNConfig, build_model, count_parameters
 
 
 def test_simple_cnn_shapes_and_parameter_count():
@@ -123,7 +123,7 @@ def fastnet96_parameters(widths=(128, 384, 512), whiten=24, num_classes=10) -> t
 
 
 def test_fastnet96_is_a_wider_fastnet_with_residual_pairs():
-    from cifarcnn.model import FastNet, ResidualPair
+    from cifarcnn.base.model import FastNet, ResidualPair
 
     torch.manual_seed(0)
     model = build_model("fastnet96")

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from cifarcnn import precision
-from cifarcnn.config import make_config
-from cifarcnn.errors import ConfigError
-from cifarcnn.model import build_model
-from cifarcnn.step import TrainStep, build_optimizer
-from cifarcnn.train import train
+from cifarcnn.base import precision
+from cifarcnn.base.config import make_config
+from cifarcnn.base.errors import ConfigError
+from cifarcnn.base.model import build_model
+from cifarcnn.training.step import TrainStep, build_optimizer
+from cifarcnn.training.train import train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -8,13 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarcnn.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.base.config import make_config
+from cifarcnn.base.inference import predict_logits
+from cifarcnn.base.precision import choose
 from cifarcnn.cli import main
-from cifarcnn.config import make_config
-from cifarcnn.data import CLASSES, Loader, load_cifar10
-from cifarcnn.evaluate import evaluate, predict_logits
-from cifarcnn.precision import choose
-from cifarcnn.train import train
+from cifarcnn.data.cifar import CLASSES, load_cifar10
+from cifarcnn.data.loader import Loader
+from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
+from cifarcnn.training.train import train
+from cifarcnn.use.evaluate import evaluate
 
 
 def write_pngs(images: torch.Tensor, labels: torch.Tensor, root):

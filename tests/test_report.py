@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cifarcnn.base.config import make_config
 from cifarcnn.cli import main
-from cifarcnn.config import make_config
-from cifarcnn.data import CLASSES
-from cifarcnn.environment import read_sessions
-from cifarcnn.evaluate import evaluate
-from cifarcnn.report import SECTIONS, report
-from cifarcnn.train import train
+from cifarcnn.data.cifar import CLASSES
+from cifarcnn.reports.report import SECTIONS, report
+from cifarcnn.training.environment import read_sessions
+from cifarcnn.training.train import train
+from cifarcnn.use.evaluate import evaluate
 
 SECTION_IDS = [key for key, _ in SECTIONS]
 
@@ -85,7 +85,7 @@ def test_an_unevaluated_run_is_evaluated_first(trained_run_dir, cifar_root, tmp_
 
 
 def test_report_errors(trained_run_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("cifarcnn.data.URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr("cifarcnn.data.cifar.URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run_dir, run_dir, ignore=shutil.ignore_patterns("eval"))
     assert main(["report", str(run_dir), "--data-dir", str(tmp_path / "no-data")]) == 1

@@ -8,13 +8,13 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarcnn.checkpoint import load_checkpoint
+from cifarcnn.base.config import Config, make_config
+from cifarcnn.base.errors import UserError
 from cifarcnn.cli import main
-from cifarcnn.config import Config, make_config
-from cifarcnn.errors import UserError
-from cifarcnn.evaluate import evaluate
-from cifarcnn.step import learning_rate
-from cifarcnn.train import train
+from cifarcnn.training.checkpoint import load_checkpoint
+from cifarcnn.training.step import learning_rate
+from cifarcnn.training.train import train
+from cifarcnn.use.evaluate import evaluate
 
 TAGS = {"Loss/train", "Loss/val", "Accuracy/train", "Accuracy/val", "LearningRate", "GradientNorm"}
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")
@@ -128,7 +128,7 @@ def test_the_default_recipe_trains_with_its_declared_l2_decay_in_adam(trained_ru
 
 def test_l2_in_adam_moves_a_weight_without_loss_gradient_by_about_the_learning_rate():
     """Adam normalises the decay term with the gradient (L2); AdamW would shrink by lr x decay x weight only."""
-    from cifarcnn.step import build_optimizer
+    from cifarcnn.training.step import build_optimizer
 
     model = torch.nn.Linear(4, 1, bias=False)
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_evaluate_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("cifarcnn.data.URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setattr("cifarcnn.data.cifar.URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     assert main(["train", "epochs=1", "--data-dir", str(tmp_path / "empty"), "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "CIFAR10_DIR" in err and "--data-dir" in err
@@ -261,7 +261,7 @@ def test_output_redirected_to_a_file_holds_plain_lines_and_every_epoch_summary(t
 
 def test_a_log_gets_one_progress_line_per_interval_at_most(tmp_path, cifar_root, small_overrides, capsys,
                                                            monkeypatch):
-    from cifarcnn import progress
+    from cifarcnn.base import progress
 
     monkeypatch.setattr(progress, "PLAIN_LINE_SECONDS", 0.0)  # every logging interval is due
     train(make_config({}, [*small_overrides, "epochs=1"]), tmp_path / "r", data_dir=cifar_root, device="cpu")
@@ -275,7 +275,7 @@ def test_a_log_gets_one_progress_line_per_interval_at_most(tmp_path, cifar_root,
 
 
 def test_a_terminal_gets_a_live_bar(monkeypatch, capsys):
-    from cifarcnn import progress
+    from cifarcnn.base import progress
 
     monkeypatch.setattr(progress, "on_terminal", lambda: True)
     bar = progress.Progress(range(4), total=4, desc="epoch 1/1 train")
@@ -288,7 +288,7 @@ def test_a_terminal_gets_a_live_bar(monkeypatch, capsys):
 @pytest.mark.parametrize("threshold, shown", [(0, True), (10**9, False)])
 def test_a_long_cpu_run_says_how_long_and_points_at_the_quick_preset(tmp_path, cifar_root, small_overrides, capsys,
                                                                      monkeypatch, threshold, shown):
-    from cifarcnn import train as train_module
+    from cifarcnn.training import train as train_module
 
     monkeypatch.setattr(train_module, "LONG_RUN_SECONDS", threshold)
     train(make_config({}, small_overrides), tmp_path / "r", data_dir=cifar_root, device="cpu")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data import MEAN, STD, normalize_
-from .errors import UsageError
+from ..base.errors import UsageError
+from .dataset import MEAN, STD, normalize_
 
 SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".gif", ".webp")

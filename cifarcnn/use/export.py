@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .data import MEAN, STD, DataError, normalize_
-from .datasets import checkpoint_dataset, dataset_of_checkpoint
-from .errors import UserError
-from .inference import TTA_LEVELS, TTA_RECIPE, infer
-from .storage import atomic_write
+from .. import __version__
+from ..base.errors import UserError
+from ..base.inference import TTA_LEVELS, TTA_RECIPE, infer
+from ..base.storage import atomic_write
+from ..data.dataset import MEAN, STD, DataError, normalize_
+from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
 TOLERANCE = 1e-4

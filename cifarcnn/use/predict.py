@@ -18,15 +18,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .data import MEAN, STD
-from .datasets import checkpoint_dataset
-from .device import select_device
-from .errors import UsageError
-from .images import SIZE, find_images, read_image, to_model_input
-from .inference import infer, settings_for
-from .progress import bar_disabled
-from .storage import atomic_write_json, atomic_write_text
+from ..base.device import select_device
+from ..base.errors import UsageError
+from ..base.inference import infer, settings_for
+from ..base.progress import bar_disabled
+from ..base.storage import atomic_write_json, atomic_write_text
+from ..data.dataset import MEAN, STD
+from ..data.datasets import checkpoint_dataset
+from ..data.images import SIZE, find_images, read_image, to_model_input
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 OUTPUT_FORMATS = (".csv", ".json")
 

@@ -8,14 +8,18 @@ are averaged, so the average is the same whatever precision the views were compu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .errors import UsageError
 from .precision import autocast, choose
+from .progress import bar_disabled
 
 TTA_LEVELS = {0: "none", 1: "mirror", 2: "mirror + 1-pixel shifts"}
 TTA_RECIPE = (
@@ -70,3 +74,25 @@ def infer(model: nn.Module, x: torch.Tensor, tta: int, precision: str) -> torch.
     autocast when `precision` is "bf16"."""
     with autocast(x.device, precision):
         return tta_logits(model, x, tta)
+
+
+class Batches(Protocol):
+    """What `predict_logits` reads: a sized iterable of (normalised images, labels), such as `data.loader.Loader`."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader: Batches, desc: str | None = None, tta: int = 0,
+                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits (`inference.infer`, batch by batch) and labels for every image the loader yields, in order,
+    on the loader's device."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
+                     dynamic_ncols=True):
+        logits.append(infer(model, x, tta, precision))
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .device import select_device
-from .errors import ConfigError, UsageError
+from ..base.device import select_device
+from ..base.errors import ConfigError, UsageError
 
 
 def launched_by_torchrun() -> bool:

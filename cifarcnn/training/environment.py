@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .storage import atomic_write_json
+from ..base.storage import atomic_write_json
 
 FILE = "environment.json"
 

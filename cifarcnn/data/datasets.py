@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig, data_config
-from .data import CLASSES, MEAN, STD, DataError, Dataset, load_cifar10, load_cifar100
+from ..base.config import DataConfig, data_config
+from .cifar import CLASSES, load_cifar10, load_cifar100
+from .dataset import MEAN, STD, DataError, Dataset
 from .folders import load_folder, scan_folder
 
 

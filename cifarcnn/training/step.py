@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config
-from .data import MEAN, STD, Loader, normalize_
-from .inference import infer
-from .model import build_model
-from .precision import autocast, choose
+from ..base.config import Config
+from ..base.inference import infer
+from ..base.model import build_model
+from ..base.precision import autocast, choose
+from ..data.dataset import MEAN, STD, normalize_
+from ..data.loader import Loader
 
 CHANNELS_LAST = torch.channels_last
 

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .storage import atomic_write  # noqa: E402
+from .storage import atomic_write
 
 
 def png_bytes(fig, dpi: int = 110) -> bytes:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import UsageError, UserError
-from .model import MODELS, build_model
-from .storage import atomic_write
+from ..base.errors import UsageError, UserError
+from ..base.model import MODELS, build_model
+from ..base.storage import atomic_write
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "num_classes", "classes", "config", "model_state")

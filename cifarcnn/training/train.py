@@ -20,20 +20,23 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..base.config import Config, make_config, save_config
+from ..base.errors import ConfigError, UsageError, UserError
+from ..base.inference import predict_logits
+from ..base.progress import Progress
+from ..base.storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
+from ..data.datasets import load_dataset
+from ..data.loader import Loader, training_split
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import Config, make_config, save_config
-from .data import Loader, training_split
-from .datasets import load_dataset
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
 from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
-from .errors import ConfigError, UsageError, UserError
-from .evaluate import evaluate_split
 from .interrupt import Interrupted, StopRequest, resume_command
-from .progress import Progress
 from .runlock import RunLock
 from .step import (
     CHANNELS_LAST,
@@ -48,7 +51,19 @@ from .step import (
     trains_in,
     warm_up,
 )
-from .storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
+
+
+@torch.inference_mode()
+def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str, tta: int,
+                   precision: str) -> tuple[float, float, int]:
+    """(mean loss, accuracy, number of images) over a validation or test set; under torchrun each rank evaluates
+    its shard and the sums are reduced, so every image counts exactly once."""
+    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta, precision=precision)
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    correct = (logits.argmax(1) == labels).sum()
+    count = torch.tensor(len(labels), device=labels.device)
+    dist.sum_(loss, correct, count)
+    return loss.item() / count.item(), correct.item() / count.item(), int(count.item())
 
 
 class CheckpointWriter:

@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import Config
-from .data import Dataset, Loader, training_split
-from .datasets import load_dataset
-from .device import select_device
-from .errors import ConfigError
-from .evaluate import predict_logits
-from .precision import choose
-from .step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync, warm_up
-from .storage import atomic_write_json
+from ..base.config import Config
+from ..base.device import select_device
+from ..base.errors import ConfigError
+from ..base.inference import predict_logits
+from ..base.precision import choose
+from ..base.storage import atomic_write_json
+from ..data.dataset import Dataset
+from ..data.datasets import load_dataset
+from ..data.loader import Loader, training_split
+from ..training.step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync, warm_up
 
 
 def _rate(fn: Callable[[], object], calls: int, images_per_call: int, device: torch.device) -> float:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import DataConfig
-from .data import DataError, Dataset
-from .errors import ConfigError
+from ..base.config import DataConfig
+from ..base.errors import ConfigError
+from ..base.progress import bar_disabled
+from ..base.storage import StorageError, atomic_write
+from .dataset import DataError, Dataset
 from .images import read_image, walk_images
-from .progress import bar_disabled
-from .storage import StorageError, atomic_write
 
 CACHE_DIR = ".cifarcnn-cache"
 CACHE_VERSION = 1

@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import UsageError
+from ..base.errors import UsageError
 
 LOCK_FILE = ".lock"
 

@@ -9,12 +9,12 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .data import DataError
-from .environment import read_sessions
-from .errors import UsageError, UserError
-from .evaluate import confusion_count, evaluate, top_confusions
-from .plots import ANNOTATED_CLASSES, training_curve_pngs
-from .storage import atomic_write_text
+from ..base.errors import UsageError, UserError
+from ..base.plots import ANNOTATED_CLASSES, training_curve_pngs
+from ..base.storage import atomic_write_text
+from ..data.dataset import DataError
+from ..training.environment import read_sessions
+from ..use.evaluate import confusion_count, evaluate, top_confusions
 
 SECTIONS = (("summary", "Summary"), ("curves", "Training curves"), ("per-class", "Per-class accuracy"),
             ("confusion", "Confusion matrix"), ("misclassified", "Misclassified examples"), ("config", "Config"),

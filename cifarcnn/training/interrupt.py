@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import UserError
+from ..base.errors import UserError
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 

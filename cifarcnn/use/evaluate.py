@@ -6,46 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from .data import Loader
-from .datasets import checkpoint_dataset, dataset_of_checkpoint
-from .device import select_device
-from .distributed import Dist
-from .inference import Settings, infer, settings_for
-from .plots import save_confusion_matrix, save_image_grid
-from .progress import bar_disabled
-from .storage import atomic_write_json
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, loader: Loader, desc: str | None = None, tta: int = 0,
-                   precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits (`inference.infer`, batch by batch) and labels for every image the loader yields, in order,
-    on the loader's device."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
-                     dynamic_ncols=True):
-        logits.append(infer(model, x, tta, precision))
-        labels.append(y)
-    return torch.cat(logits), torch.cat(labels)
-
-
-@torch.inference_mode()
-def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str, tta: int,
-                   precision: str) -> tuple[float, float, int]:
-    """(mean loss, accuracy, number of images) over a validation or test set; under torchrun each rank evaluates
-    its shard and the sums are reduced, so every image counts exactly once."""
-    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta, precision=precision)
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.argmax(1) == labels).sum()
-    count = torch.tensor(len(labels), device=labels.device)
-    dist.sum_(loss, correct, count)
-    return loss.item() / count.item(), correct.item() / count.item(), int(count.item())
+from ..base.device import select_device
+from ..base.inference import Settings, predict_logits, settings_for
+from ..base.plots import save_confusion_matrix, save_image_grid
+from ..base.storage import atomic_write_json
+from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
+from ..data.loader import Loader
+from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> np.ndarray:
