@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures the README's speed table quotes, in one run of at most SUITE_SECONDS (default 570, under the
+# The GPU figures the tables in docs/speed.md quote, in one run of at most SUITE_SECONDS (default 570, under the
 # 10 minutes a device session allows one command) on an H100/H200:
 #
 #     bash benchmarks/gpu_suite.sh DATA_DIR [OUT_DIR]

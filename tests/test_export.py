@@ -75,7 +75,7 @@ def test_the_check_catches_a_model_that_does_not_match(exported, trained_run_dir
 
 
 def readme_tta(session, x: np.ndarray, level: int) -> np.ndarray:
-    """The README's recipe for the TTA logits from the ONNX model, written with numpy only."""
+    """The recipe in docs/predict-export-report.md for the TTA logits from the ONNX model, with numpy only."""
     def logits(v):
         return session.run(["logits"], {"input": np.ascontiguousarray(v, dtype=np.float32)})[0]
 
