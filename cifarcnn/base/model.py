@@ -255,7 +255,7 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
     "simple_cnn": lambda num_classes, image_size: SimpleCNN(SimpleCNNConfig(num_classes=num_classes,
                                                                             image_size=image_size)),
     "fastnet": lambda num_classes, image_size: FastNet(FastNetConfig(num_classes=num_classes)),
-    # the quick preset's net, sized for accuracy per CPU-second (README, "The quick preset")
+    # the quick preset's net, sized for accuracy per CPU-second (docs/presets.md, "The quick preset")
     "quicknet": lambda num_classes, image_size: FastNet(FastNetConfig(widths=(48, 96, 96), whiten_bias_epochs=0,
                                                                       num_classes=num_classes)),
     "fastnet96": lambda num_classes, image_size: FastNet96(FastNet96Config(num_classes=num_classes)),

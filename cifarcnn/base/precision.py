@@ -2,7 +2,7 @@
 
 `precision: auto` picks bf16 autocast on CUDA, and on a CPU that has bf16 instructions (AMX tiles or AVX-512
 BF16), where torch's bf16 convolutions and matmuls run about 2-5x faster than fp32 (measured on both CPU kinds
-of this project: README, Speed); elsewhere fp32 (a CPU without them only emulates bf16). The rule depends only
+of this project: docs/speed.md); elsewhere fp32 (a CPU without them only emulates bf16). The rule depends only
 on the machine, not on a timing, so the same run on the same machine always makes the same choice; training,
 evaluation and prediction all follow it. `fp32` or `bf16` force one.
 """
