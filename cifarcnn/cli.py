@@ -263,8 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. KEY=VALUE overrides may stand anywhere among the options (argparse alone takes
+    them only in one run); they keep the order they were typed in, so a later one wins."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        args.overrides = [*args.overrides, *late]
+        extra = [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     for option in ("batch_size", "count", "steps", "rounds", "workers"):
         value = getattr(args, option, None)
         if value is not None and value < 1:

@@ -19,7 +19,7 @@ from cifarcnn.base.config import (
     preset_text,
 )
 from cifarcnn.base.errors import ConfigError, UsageError
-from cifarcnn.cli import build_parser, config_from_args, main
+from cifarcnn.cli import build_parser, config_from_args, main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +198,27 @@ def test_val_size_at_least_the_training_set_is_refused_before_anything_is_writte
     assert code == 2
     assert "data.val_size" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "show-batch", "check"])
+def test_overrides_stand_anywhere_among_the_options(command):
+    args = parse_args([command, "seed=1", "--preset", "quick", "epochs=2", "--data-dir", "d", "seed=3"]
+                      if command != "check" else [command, "seed=1", "--preset", "quick", "epochs=2", "seed=3"])
+    assert args.overrides == ["seed=1", "epochs=2", "seed=3"]  # typed order: the later seed wins
+    cfg = config_from_args(args)
+    assert (cfg.seed, cfg.epochs) == (3, 2)
+
+
+def test_the_issue_command_line_parses_and_unknown_options_still_fail(capsys):
+    args = parse_args(["train", "epochs=1", "--test", "seed=3"])
+    assert args.overrides == ["epochs=1", "seed=3"] and args.test
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["train", "epochs=1", "--test", "--bogus", "seed=3"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["evaluate", "run", "epochs=1"])  # evaluate takes no overrides
+
+
+def test_a_late_override_reaches_the_command(capsys):
+    assert main(["check", "epochs=1", "--preset", "quick", "model=simple_cnn"]) == 0
+    assert "model:      simple_cnn" in capsys.readouterr().out
