@@ -23,9 +23,11 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def start(args: list[str], cwd: Path, torchrun: list[str] | None = None) -> subprocess.Popen:
-    """`python -m cifarcnn ARGS` (or `torchrun TORCHRUN -m cifarcnn ARGS`), output captured."""
-    head = [str(TORCHRUN), *torchrun, "-m", "cifarcnn"] if torchrun is not None else [sys.executable, "-m", "cifarcnn"]
+def start(args: list[str], cwd: Path, torchrun: list[str] | None = None,
+          program: tuple[str, ...] = ("-m", "cifarcnn")) -> subprocess.Popen:
+    """`python -m cifarcnn ARGS` (or `torchrun TORCHRUN -m cifarcnn ARGS`), output captured; `program` replaces
+    `-m cifarcnn` (e.g. a script and its own arguments)."""
+    head = [str(TORCHRUN), *torchrun, *program] if torchrun is not None else [sys.executable, *program]
     return subprocess.Popen([*head, *args], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 

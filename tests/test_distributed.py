@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.distributed
 RECIPE = ["epochs=2", "batch_size=50", "eval_batch_size=30", "data.val_size=100", "log_every=2",
           "checkpoint_every_steps=3"]
 STEPS_PER_EPOCH = 10  # 500 training images in global batches of 50
+NO_AUGMENT = ["augment.flip=none", "augment.crop_padding=0", "augment.brightness=0", "augment.contrast=0"]
+PROBE = Path(__file__).parent / "shard_probe.py"
 
 
 def global_step(where: tuple[int, int]) -> int:
@@ -86,8 +89,10 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
     precision = choose("auto", torch.device("cpu")).name
-    _, val_acc, _ = evaluate_split(model, loader, Dist(), "val", tta=0, precision=precision)
+    val_loss, val_acc, _ = evaluate_split(model, loader, Dist(), "val", tta=0, precision=precision)
     assert history[-1]["val_acc"] == val_acc
+    # The loss too: the model gets every validation image right, so only the loss tells the shards apart.
+    assert history[-1]["val_loss"] == pytest.approx(val_loss, rel=1e-5)
 
     # The configured batch is the global one: as many optimizer steps per epoch as a single process takes.
     single = train(make_config({}, [*RECIPE, "epochs=1"]), tmp_path / "single", data_dir=cifar_root, device="cpu")
@@ -95,6 +100,26 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     single_steps = [s["step"] for s in single["optimizer_state"]["state"].values()]
     assert {float(s) for s in steps} == {2.0 * STEPS_PER_EPOCH}
     assert {float(s) for s in single_steps} == {1.0 * STEPS_PER_EPOCH}
+
+
+def image_counts(images: torch.Tensor) -> Counter:
+    return Counter(bytes(image.contiguous().numpy()) for image in images)
+
+
+def test_each_rank_trains_and_validates_on_its_own_shard(cifar_root, tmp_path):
+    """The images each rank's trainer handed its training step and its validation (recorded by shard_probe.py):
+    each rank half of them, and together each training and each validation image exactly once."""
+    args = ["train", *RECIPE, "epochs=1", *NO_AUGMENT, "--data-dir", str(cifar_root), "--device", "cpu",
+            "--runs-dir", str(tmp_path), "--name", "run"]
+    code, output = finish(start(args, tmp_path, torchrun(), program=(str(PROBE), str(tmp_path / "seen"))))
+    assert code == 0, output
+    seen = [torch.load(tmp_path / "seen" / f"rank{rank}.pt") for rank in (0, 1)]
+    data = load_cifar10(cifar_root)
+    (train_x, _), (val_x, _) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    for key, images in (("train epoch 1", train_x), ("epoch 1/1 val", val_x)):
+        assert [len(s[key]) for s in seen] == [len(images) // 2] * 2, key
+        got, want = image_counts(torch.cat([s[key] for s in seen])), image_counts(images)
+        assert (key, (want - got).total(), (got - want).total()) == (key, 0, 0)  # (images missed, extra)
 
 
 def test_the_ranks_shards_are_disjoint_and_cover_each_batch():

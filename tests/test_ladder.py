@@ -3,15 +3,19 @@ CIFAR-10 (train, every artifact, evaluate and report on the checkpoint; predict 
 recipes they declare."""
 
 import json
+import math
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarcnn.base.config import load_preset
+from cifarcnn.base.inference import infer
+from cifarcnn.base.model import build_model, count_parameters
 from cifarcnn.cli import main
+from cifarcnn.data.images import to_model_input
 from cifarcnn.training.checkpoint import load_checkpoint
-from cifarcnn.training.step import build_optimizer, learning_rate
+from cifarcnn.training.step import TrainStep, build_optimizer, learning_rate, make_model
 
 from .conftest import write_cifar
 
@@ -38,7 +42,7 @@ def test_preset_trains_evaluates_and_reports_with_every_artifact(preset, model, 
     checkpoint = load_checkpoint(run / "best.pt")
     assert checkpoint["model"] == model and checkpoint["config"]["model"] == model and checkpoint["epoch"] == 1
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and 0 <= rows[0]["val_acc"] <= 1 and rows[0]["train_loss"] == rows[0]["train_loss"]
+    assert len(rows) == 1 and 0 <= rows[0]["val_acc"] <= 1 and math.isfinite(rows[0]["train_loss"])
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"Loss/train", "Accuracy/val", "LearningRate", "GradientNorm"} <= set(events.Tags()["scalars"])
@@ -55,7 +59,8 @@ def test_preset_trains_evaluates_and_reports_with_every_artifact(preset, model, 
 
 
 def test_check_builds_each_preset_model(capsys):
-    for preset, parameters in (("best", "9,918,776 total, 9,915,416 trainable"),
+    for preset, parameters in (("quick", "323,640 total, 322,848 trainable"),
+                               ("best", "9,918,776 total, 9,915,416 trainable"),
                                ("resnet18", "11,173,962 total, 11,173,962 trainable")):
         assert main(["check", "--preset", preset]) == 0
         out = capsys.readouterr().out
@@ -95,17 +100,71 @@ def test_best_preset_follows_the_published_96_percent_method():
     assert learning_rate(cfg, cfg.epochs) == 0
 
 
+def test_quick_preset_is_quicknet_at_48_96_96_with_a_frozen_whitening_bias_and_its_schedule():
+    cfg = load_preset("quick")
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.eval_batch_size, cfg.patience) == ("quicknet", 5, 256, 1000, 0)
+    assert (cfg.label_smoothing, cfg.tta, cfg.ema_decay, cfg.compile) == (0.2, 2, 0.99, False)
+    a = cfg.augment
+    assert (a.flip, a.crop_padding, a.padding_mode, a.brightness, a.contrast, a.cutout) == ("alternate", 2, "reflect",
+                                                                                            0, 0, 0)
+    o = cfg.optimizer
+    assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.bias_lr_scale, o.lookahead_steps) == (
+        "sgd", 0.375, 0.85, True, 0.00133, 64, 5)
+    assert o.lr == pytest.approx(1.5 * 256 / 1024)  # the fast preset's rate per batch of 1024, scaled to 256
+    # warm-up from 0.2x over the first epoch, then linear decay to zero at the end of the 5
+    assert learning_rate(cfg, 0) == pytest.approx(0.2 * o.lr) and learning_rate(cfg, 1) == pytest.approx(o.lr)
+    assert learning_rate(cfg, 3) == pytest.approx(o.lr / 2) and learning_rate(cfg, 5) == 0
+
+    model = build_model(cfg.model)
+    assert model.whiten.out_channels == 24
+    assert [(b.conv1.out_channels, b.conv2.out_channels) for b in model.blocks] == [(48, 48), (96, 96), (96, 96)]
+    # whitening 24*3*2*2 + 24 (all frozen); convs 9*(24*48 + 48*48 + 48*96 + 96*96 + 96*96 + 96*96) = 321,408;
+    # BatchNorm 2*(48 + 48 + 96 + 96 + 96 + 96) = 960, of which the scales (480) are frozen; the head 96*10, no bias
+    assert count_parameters(model) == (323_640, 322_848) == (312 + 321_408 + 960 + 960, 323_640 - 312 - 480)
+
+
+def test_quick_preset_never_changes_the_whitening_bias():
+    """Frozen from the start: no gradient, no optimizer group, and training steps leave it where it began."""
+    cfg = load_preset("quick")
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    model = make_model(cfg, 10, images, torch.device("cpu"))
+    assert not model.whiten.bias.requires_grad and model.train_epochs == {}
+    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+    assert all(p is not model.whiten.bias for g in step.optimizer.param_groups for p in g["params"])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = (images[:32].float() / 255 - 0.5) / 0.25, torch.arange(32) % 10
+    for _ in range(2):
+        for group in step.optimizer.param_groups:
+            step.set_lr(group, cfg.optimizer.lr * group["lr_scale"])
+        step(x.contiguous(memory_format=torch.channels_last), y)
+    assert torch.equal(model.whiten.bias, start["whiten.bias"])
+    assert not torch.equal(model.blocks[0].norm1.bias, start["blocks.0.norm1.bias"])  # the other shifts do train
+
+
+def per_image_probabilities(state: dict, checkpoint: dict, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """Class probabilities of the quicknet weights `state` for uint8 images (N, 3, H, W), with the checkpoint's TTA,
+    computed here rather than through the checkpoint loader predict uses."""
+    model = build_model(checkpoint["model"], checkpoint["num_classes"])
+    model.load_state_dict(state)
+    x = to_model_input(images.permute(0, 2, 3, 1), "cpu", tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
+    return infer(model.eval(), x.contiguous(memory_format=torch.channels_last), 2, precision).softmax(1)
+
+
 def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp_path, capsys):
     from cifarcnn.data.cifar import load_cifar10
 
     from .test_predict import write_pngs
 
     common = ["--data-dir", str(tiny_root), "--device", "cpu"]
-    assert main(["train", "--preset", "quick", *TINY, "--runs-dir", str(tmp_path), "--name", "q", *common]) == 0
+    # Stopped at the end of warm-up on a 2-epoch schedule: the rate is at its peak, so the average (decay 0.99 x
+    # lr / peak) is still far from the trained weights; with the full schedule the two end equal.
+    args = ["train", "--preset", "quick", *TINY, "scheduler.epochs=2", "--runs-dir", str(tmp_path), "--name", "q"]
+    assert main([*args, *common]) == 0
     run = tmp_path / "q"
     checkpoint = load_checkpoint(run / "last.pt")
     assert checkpoint["model"] == "quicknet" and checkpoint["config"]["ema_decay"] == 0.99
-    assert "train_model_state" in checkpoint  # model_state is the weight average the run validated
+    average, trained = checkpoint["model_state"], checkpoint["train_model_state"]  # model_state: the average
+    assert any(not torch.equal(v, trained[k]) for k, v in average.items())
     assert main(["evaluate", str(run), *common]) == 0
     evaluated = json.loads((run / "eval" / "test_metrics.json").read_text())
 
@@ -113,9 +172,21 @@ def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp
     write_pngs(data.test_images, data.test_labels, tmp_path / "pngs")
     out = tmp_path / "predictions.json"
     assert main(["predict", str(run), str(tmp_path / "pngs"), "--labels-from-folders", "-q", "--output", str(out),
-                 "--device", "cpu"]) == 0
-    predicted = json.loads(out.read_text())["accuracy"]
-    assert predicted["num_images"] == 40 and predicted["accuracy"] == evaluated["test_accuracy"]
+                 "--top-k", "10", "--device", "cpu"]) == 0
+    predictions = json.loads(out.read_text())
+    assert predictions["accuracy"]["num_images"] == 40
+    assert predictions["accuracy"]["accuracy"] == evaluated["test_accuracy"]
+    classes = checkpoint["classes"]
+    predicted = torch.zeros(40, len(classes))
+    for record in predictions["results"]:
+        for p in record["predictions"]:
+            predicted[int(record["path"].rsplit("/", 1)[1][:-4]), classes.index(p["class"])] = p["probability"]
+    precision = predictions["precision"]
+    expected = per_image_probabilities(average, checkpoint, data.test_images, precision)
+    assert torch.allclose(predicted, expected, atol=1e-5)
+    # the trained weights would predict measurably different probabilities, so the check above can tell them apart
+    other = per_image_probabilities(trained, checkpoint, data.test_images, precision)
+    assert (predicted - other).abs().max() > 1e-3
 
     assert main(["export", str(run), "--output", str(tmp_path / "quick.onnx"), "--data-dir", str(tiny_root)]) == 0
     assert (tmp_path / "quick.onnx").stat().st_size > 0
