@@ -77,7 +77,7 @@ class FastBatchNorm(nn.BatchNorm2d):
     """BatchNorm with a frozen unit scale: only the shift is learned."""
 
     def __init__(self, num_features: int, momentum: float):
-        super().__init__(num_features, eps=1e-12, momentum=momentum)
+        super().__init__(num_features, eps=1e-5, momentum=momentum)
         self.weight.requires_grad = False
 
 
@@ -128,16 +128,27 @@ class FastNet(nn.Module):
         return nn.Sequential(*(FastBlock(a, b, self.config.bn_momentum) for a, b in zip(widths, widths[1:])))
 
     @torch.no_grad()
-    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4, min_variance: float = 1e-2) -> None:
         """Set the whitening filters from normalised training images: the eigenvectors of the 2x2 patch
-        covariance, scaled by 1/sqrt(eigenvalue), each followed by its negation."""
+        covariance, scaled by 1/sqrt(eigenvalue + eps), each followed by its negation.
+
+        Only directions the images vary in are used: one whose whitened variance, eigenvalue / (eigenvalue + eps),
+        is under `min_variance` is dropped, and the filters kept are repeated to fill the layer. Such a direction
+        (the 8 colour ones of grey-scale images, or a constant channel) carries only rounding noise, which
+        1/sqrt(eps) amplifies 45x and the next BatchNorm scales up to unit variance, with its gradient multiplied
+        by 1/std (1e3-1e6x): the first steps then blow up the next conv's weights. On CIFAR-10 every direction is
+        kept (smallest eigenvalue 1.2e-4, threshold 5e-6), so the filters are exactly those of the plain method."""
         k = self.whiten.kernel_size[0]
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (n, c, h', w', k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k).double()
         covariance = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        keep = eigenvalues / (eigenvalues + eps) >= min_variance
+        keep[-1] = True  # the largest direction always: images of one colour have no other
+        eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
         filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).reshape(-1, 3, k, k)
-        filters = torch.cat([filters, -filters])[: self.config.whiten_width]
+        filters = torch.cat([filters, -filters])
+        filters = filters.repeat(-(-self.config.whiten_width // len(filters)), 1, 1, 1)[: self.config.whiten_width]
         self.whiten.weight.copy_(filters.to(self.whiten.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
