@@ -31,7 +31,7 @@ def main() -> int:
         cfg = load_preset(args.preset, ["data.val_size=0", *args.overrides, f"seed={seed}"])
         state = train(cfg, args.runs_dir / f"{args.preset}-seed{seed}", data_dir=args.data_dir, device=args.device,
                       test=True)
-        runs.append({"seed": seed, "test_acc": state["history"][-1]["test_acc"], "seconds": state["train_seconds"],
+        runs.append({"seed": seed, "test_acc": state["test"]["test_acc"], "seconds": state["train_seconds"],
                      "epochs": state["epoch"], "epoch_seconds": [round(m["seconds"], 4) for m in state["history"]]})
         print(json.dumps(runs[-1]), flush=True)
     accs, secs = [r["test_acc"] for r in runs], [r["seconds"] for r in runs]

@@ -21,7 +21,7 @@ from recipe_args import recipe_parser
 
 from cifarcnn.base.config import load_preset
 from cifarcnn.base.device import select_device
-from cifarcnn.base.precision import choose
+from cifarcnn.base.inference import checkpoint_settings
 from cifarcnn.base.storage import atomic_write_json
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.data.loader import Loader
@@ -53,8 +53,9 @@ def main() -> int:
             started = time.perf_counter()
             checkpoint = load_checkpoint(run_dir / "last.pt")
             model = model_from_checkpoint(checkpoint, run_dir / "last.pt").to(device, memory_format=torch.channels_last)
-            precision = choose(cfg.precision, device).name
-            _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, cfg.tta, precision)
+            settings = checkpoint_settings(checkpoint, device)  # the views and precision evaluate uses
+            _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, settings.tta,
+                                                     settings.precision, settings.mirror)
             point["eval_seconds"] = time.perf_counter() - started
         curve.append(point)
         print(json.dumps(point), flush=True)

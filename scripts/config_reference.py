@@ -90,6 +90,8 @@ def trailing_comments(source: str) -> dict[tuple[str, str], str]:
 
 def type_name(tp: typing.Any) -> str:
     args = typing.get_args(tp)
+    if str in args and len(args) > 1 and type(None) not in args:  # data.val_size: auto, a count or a fraction
+        return " or ".join(getattr(a, "__name__", str(a)) for a in args)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), tp) if args else tp
     name = getattr(base, "__name__", str(base))
@@ -106,6 +108,8 @@ def value_text(value: typing.Any) -> str:
 
 
 def allowed_text(tp: typing.Any, limits: dict, choices: list[str] | None = None) -> str:
+    if limits.get("special") == "val_size":
+        return "`auto`, an integer >= 0, or a fraction > 0 and < 1"
     choices = choices or limits.get("choices")
     if choices:
         return ", ".join(f"`{c}`" for c in choices)

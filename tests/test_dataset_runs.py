@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from cifarcnn.base.config import data_config
-from cifarcnn.base.inference import predict_logits
+from cifarcnn.base.inference import checkpoint_settings, infer, predict_logits
 from cifarcnn.base.plots import save_confusion_matrix
 from cifarcnn.cli import main
+from cifarcnn.data import splits
 from cifarcnn.data.dataset import MEAN, STD
 from cifarcnn.data.datasets import checkpoint_dataset, load_dataset
-from cifarcnn.data.images import walk_images
+from cifarcnn.data.images import load_image, walk_images
 from cifarcnn.data.loader import Loader
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -204,3 +205,95 @@ def test_a_100_class_confusion_matrix_renders_without_cell_numbers(tmp_path):
     assert 1000 < width < 2500 and 1000 < height < 2500
     save_confusion_matrix(matrix[:10, :10], [f"c{i}" for i in range(10)], tmp_path / "ten.png", title="10")
     assert Image.open(tmp_path / "ten.png").size[0] < width
+
+
+def test_predict_on_the_command_line_uses_the_runs_size_mean_and_std(folder_run, tmp_path):
+    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalised with the
+    run's mean and std (a predict using CIFAR's 32x32 or mean/std gives other ones)."""
+    run_dir, pictures = folder_run
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    info = checkpoint_dataset(checkpoint)
+    assert info["image_size"] == 16 and info["mean"] != MEAN
+    files, _ = walk_images(pictures / "test" / "dog")
+    out = tmp_path / "p.json"
+    assert main(["predict", str(run_dir), *map(str, files), "--output", str(out), "--device", "cpu", "-q",
+                 "--top-k", "3"]) == 0
+    model = model_from_checkpoint(checkpoint).eval()
+    x = torch.from_numpy(np.stack([load_image(f, 16) for f in files])).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(info["mean"])[:, None, None]) / torch.tensor(info["std"])[:, None, None]
+    precision = checkpoint_settings(checkpoint, torch.device("cpu")).precision  # as predict runs it
+    expected = infer(model, x.contiguous(memory_format=torch.channels_last), 0, precision).softmax(1)
+    for row, probabilities in zip(json.loads(out.read_text())["results"], expected):
+        got = {p["class"]: p["probability"] for p in row["predictions"]}
+        assert [got[c] for c in FOLDER_CLASSES] == pytest.approx(probabilities.tolist(), abs=1e-5)
+
+
+def test_a_run_without_mirroring_never_uses_mirrored_views(tmp_path, capsys):
+    """augment.flip=none: the banner says so, the checkpoint records it, and evaluate's tta 2 takes x and its
+    1-pixel shifts only; a checkpoint without the record (older runs) keeps its mirrored views."""
+    from cifarcnn.base.inference import tta_logits
+
+    pictures = write_image_folder(tmp_path / "pictures", per_class=8, test_per_class=4)
+    assert main(["train", "epochs=1", "batch_size=8", "data.image_size=16", "data.dataset=folder", "tta=2",
+                 "augment.flip=none", "precision=fp32", f"data.path={pictures}", "--runs-dir", str(tmp_path / "runs"),
+                 "--name", "r", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "mirroring: augment.flip=none (no training image mirrored); test-time views: tta 2 (1-pixel shifts, " \
+           "no mirror)" in out
+    checkpoint = load_checkpoint(tmp_path / "runs" / "r" / "best.pt")
+    assert checkpoint["tta_mirror"] is False
+    assert main(["evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu", "--out", str(tmp_path / "e")]) == 0
+    assert "tta 2 (1-pixel shifts, no mirror)" in capsys.readouterr().out
+    info = checkpoint_dataset(checkpoint)
+    data = load_dataset(data_config(checkpoint["config"]["data"]))
+    model = model_from_checkpoint(checkpoint).eval()
+    x, y = next(iter(Loader(data.test_images, data.test_labels, 100, device="cpu", mean=info["mean"],
+                            std=info["std"])))
+    with torch.no_grad():
+        loss, mirrored = (torch.nn.functional.cross_entropy(tta_logits(model, x, 2, mirror=m), y).item()
+                          for m in (False, True))
+    saved = json.loads((tmp_path / "e" / "test_metrics.json").read_text())["test_loss"]
+    assert saved == pytest.approx(loss, abs=1e-6) and saved != pytest.approx(mirrored, abs=1e-6)
+    del checkpoint["tta_mirror"]
+    assert checkpoint_settings(checkpoint, torch.device("cpu")).mirror
+
+
+def test_a_folder_run_with_mirroring_says_how_to_turn_it_off(folder_run):
+    run_dir, _ = folder_run
+    assert load_checkpoint(run_dir / "best.pt")["tta_mirror"] is True
+
+
+def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys):
+    """A run on a folder without test/; files then added, removed and renamed. No image the model trained on is
+    measured as a test image, and evaluate, report and predict --labels-from-folders say what changed."""
+    root = write_image_folder(tmp_path / "pics", per_class=20, test_per_class=None)
+    run = tmp_path / "runs" / "r"
+    assert main(["train", "epochs=1", "batch_size=8", "data.image_size=16", "data.dataset=folder",
+                 f"data.path={root}", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--device", "cpu"]) == 0
+    checkpoint = load_checkpoint(run / "best.pt")
+    split = checkpoint["split"]
+    assert split["train"]["count"] + split["val"]["count"] + split["test"]["count"] == 60
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e0")]) == 0
+    assert "split: unchanged since training" in capsys.readouterr().out
+    data = load_dataset(data_config(checkpoint["config"]["data"]))
+    trained = [k for k in data.train_ids if k not in set(data.test_ids)]
+    # a training image renamed to a name whose hash puts it on the test side; another file added, one removed
+    victim = next(k for k in trained if k.startswith("train/cat/"))
+    new_name = next(f"train/cat/moved-{i}.png" for i in range(1000)
+                    if splits.hash_held_out([f"train/cat/moved-{i}.png", "x"], np.array([0, 0]), 0.2, 0, b"test")[0])
+    Image.open(root / victim).save(root / new_name)  # png: the same pixels, decoded again
+    (root / victim).unlink()
+    shutil.copy(root / data.test_ids[0], root / "train" / "dog" / "copy-of-a-test-image.png")
+    (root / data.test_ids[1]).unlink()
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e1")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "e1" / "test_metrics.json").read_text())
+    now = load_dataset(data_config(checkpoint["config"]["data"]))
+    assert new_name in now.test_ids  # the renamed training image is on the test side now: left out, said so
+    assert saved["split"]["trained_on_left_out"] == 1 and "(1 were training images" in out and "LEFT OUT: 1" in out
+    assert saved["num_images"] == len(now.test_ids) - 1
+    assert main(["report", str(run), "--device", "cpu"]) == 0
+    assert "changed sides since training" in capsys.readouterr().out
+    assert main(["predict", str(run), str(root / "train" / "cat"), "--labels-from-folders", "-q", "--device",
+                 "cpu"]) == 0
+    assert "images the model trained on" in capsys.readouterr().out

@@ -57,7 +57,7 @@ def test_fast_preset_runs_end_to_end_with_every_artifact(tmp_path, cifar_root, c
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl"):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and rows[-1]["val_acc"] is not None and 0 <= rows[-1]["test_acc"] <= 1
+    assert len(rows) == 3 and rows[1]["val_acc"] is not None and 0 <= rows[-1]["test"]["test_acc"] <= 1
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"Loss/train", "Loss/val", "Accuracy/train", "Accuracy/val", "LearningRate",
@@ -73,7 +73,7 @@ def test_training_without_a_validation_set(tmp_path, cifar_root):
     cfg = make_config({}, ["epochs=2", "batch_size=200", "data.val_size=0", "patience=1"])
     state = train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu", test=True)
     assert state["epoch"] == 2 and state["best_epoch"] == 2 and not state["stopped_early"]
-    assert state["history"][0]["val_acc"] is None and "test_acc" in state["history"][-1]
+    assert state["history"][0]["val_acc"] is None and state["test"]["epoch"] == 2
     assert state["train_seconds"] > 0
     # the rest of the workflow copes with a run that has no validation metrics
     assert main(["report", str(tmp_path / "r"), "--data-dir", str(cifar_root), "--device", "cpu"]) == 0

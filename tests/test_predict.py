@@ -217,7 +217,8 @@ def test_files_outside_class_folders_are_left_out_of_the_accuracy(trained_run_di
     assert main(["predict", str(trained_run_dir), str(tmp_path), "--labels-from-folders", "-q", "--output",
                  str(out_file)]) == 0
     out = capsys.readouterr().out
-    assert "on 10 labelled images" in out and "1 unreadable file(s) or file(s) outside class folders" in out
+    assert "on 10 labelled images" in out
+    assert "1 file(s) left out: unreadable, outside class folders or trained on" in out
     assert "accuracy: 10.00%" in out
     scores = json.loads(out_file.read_text())["accuracy"]
     assert [row["total"] for row in scores["per_class"].values()] == [1] * 10

@@ -105,6 +105,22 @@ def test_early_stopping(cifar_root, tmp_path):
     assert state["stopped_early"] and len(state["history"]) == 3
 
 
+def test_an_early_stopped_test_run_ends_with_the_kept_models_test_accuracy(cifar_root, tmp_path, capsys):
+    """--test measures best.pt (the model evaluate uses) however the run ends, records it, and prints it last."""
+    args = ["train", "epochs=6", "patience=2", "batch_size=200", "data.val_size=100", "optimizer.lr=1e-12",
+            "scheduler.name=constant", "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(tmp_path),
+            "--name", "r", "--test"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[-1]["test"]["checkpoint"] == "best.pt" and rows[-1]["test"]["epoch"] == 1
+    result = json.loads((tmp_path / "r" / "test.json").read_text())
+    assert result == rows[-1]["test"]
+    evaluated = evaluate(tmp_path / "r", data_dir=cifar_root, device="cpu", out_dir=tmp_path / "eval")
+    assert result["test_acc"] == evaluated["test_accuracy"] and result["test_images"] == 200
+    assert out[-1].startswith(f"test accuracy {result['test_acc']:.2%} on 200 test images, model of epoch 1")
+
+
 def test_cosine_schedule_length_defaults_to_epochs():
     cfg = Config()
     assert learning_rate(cfg, 0) == pytest.approx(1e-3)

@@ -21,8 +21,8 @@ DATASETS = ("cifar10", "cifar100", "folder")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
-           choices: tuple[str, ...] | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+           choices: tuple[str, ...] | None = None, special: str | None = None) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "special": special}
 
 
 def _field(default: Any, **limits: Any) -> Any:
@@ -36,7 +36,7 @@ class DataConfig:
     labels: str = _field("fine", choices=("fine", "coarse"))  # cifar100: 100 fine classes or 20 superclasses
     image_size: int = _field(32, lo=16, hi=512)  # folder datasets: side of the square images decoded
     test_fraction: float = _field(0.2, lo=0, hi=1, lo_open=True, hi_open=True)  # folder without test/: held out
-    val_size: int = _field(5000, lo=0)  # 0: train on all, no validation
+    val_size: int | float | str = _field("auto", special="val_size")  # auto: a tenth (CIFAR 5,000); 0: none
     split_seed: int = _field(0, lo=0)
 
 
@@ -102,7 +102,19 @@ def _type_name(tp: Any) -> str:
     return name + (" or null" if type(None) in typing.get_args(tp) else "")
 
 
+def _val_size(key: str, value: Any) -> int | float | str:
+    """data.val_size: "auto", a whole number of images >= 0, or a fraction strictly between 0 and 1."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    raise ConfigError(f"config key '{key}' must be auto (a tenth of the training images), a number of images >= 0 "
+                      f"or a fraction between 0 and 1, got {value!r}")
+
+
 def _coerce(key: str, value: Any, tp: Any, limits: dict) -> Any:
+    if limits.get("special") == "val_size":
+        return _val_size(key, value)
     optional = isinstance(tp, types.UnionType) and type(None) in typing.get_args(tp)
     base = next(a for a in typing.get_args(tp) if a is not type(None)) if optional else tp
     if value is None and optional:
@@ -263,7 +275,7 @@ def _check_data(data: DataConfig) -> None:
                               "train/<class>/ (and optionally test/<class>/), e.g. data.path=~/pictures")
         return
     name = "CIFAR-10" if data.dataset == "cifar10" else "CIFAR-100"
-    if data.val_size >= CIFAR_TRAIN_SIZE:
+    if isinstance(data.val_size, int) and data.val_size >= CIFAR_TRAIN_SIZE:
         raise ConfigError(f"config key 'data.val_size' must be < {CIFAR_TRAIN_SIZE} ({name} has {CIFAR_TRAIN_SIZE:,} "
                           f"training images), got {data.val_size}")
     if data.image_size != 32:

@@ -31,6 +31,9 @@ class Dataset:
     name: str = "CIFAR-10"
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
+    # folder datasets: each image's path relative to the dataset root (its key in the split); None for CIFAR
+    train_ids: tuple[str, ...] | None = None
+    test_ids: tuple[str, ...] | None = None
 
     @property
     def image_size(self) -> int:

@@ -4,9 +4,10 @@ folder, the formats `predict` reads), turned into the same uint8 Dataset as CIFA
 Each file goes through predict's preprocessing (`images.load_image`) to `data.image_size`, once: files are decoded
 in parallel into a cache (DIR/.cifarcnn-cache/images-SIZE.npz, or the user's cache folder when DIR is read-only)
 keyed by their paths, sizes and modification times, so a later run decodes only new or changed files. Unreadable
-files are listed and left out. Without test/, a stratified, seeded fraction of each class is held out as the test
-set. Mean and std come from the training images. The memory the dataset needs is estimated, and checked against
-the device's, before anything is decoded.
+files are listed and left out, and tried again on the next run. Without test/, `data.test_fraction` of each class is
+held out as the test set by a keyed hash of each file's path (splits.py), so files added, removed or renamed never
+move another image to the other side. Mean and std come from the training images. The memory the dataset needs is
+estimated, and checked against the device's, before anything is decoded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..base.progress import bar_disabled
 from ..base.storage import StorageError, atomic_write
 from .dataset import DataError, Dataset
 from .images import read_image, walk_images
+from .splits import hash_held_out
 
 CACHE_DIR = ".cifarcnn-cache"
 CACHE_VERSION = 1
@@ -154,12 +156,16 @@ def _cache_dirs(root: Path) -> list[Path]:
     return [root / CACHE_DIR, user / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"]
 
 
+def relative_paths(files: list[Path], root: Path) -> list[str]:
+    """Each file's path relative to the dataset root, with / between folders: its key in the cache and the split."""
+    prefix = len(str(root)) + 1  # every file was found by walking the root
+    return [str(path)[prefix:].replace(os.sep, "/") for path in files]
+
+
 def _file_keys(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
     """(path relative to the root, size, modification time in ns) per file: what a cache entry must match."""
     keys = []
-    prefix = len(str(root)) + 1  # every file was found by walking the root
-    for path in map(str, files):
-        relative = path[prefix:].replace(os.sep, "/")
+    for path, relative in zip(map(str, files), relative_paths(files, root)):
         try:
             st = os.stat(path)
             keys.append((relative, st.st_size, st.st_mtime_ns))
@@ -219,6 +225,9 @@ def decode_files(files: list[Path], root: Path, size: int, workers: int | None =
     else:
         index, cached_images, cached_errors = cached
         rows = np.fromiter((index.get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
+        # a file that failed to decode is tried again: the failure may have been passing (permissions, a copy
+        # still being written)
+        rows[[i for i, row in enumerate(rows.tolist()) if row >= 0 and cached_errors[row]]] = -1
         images = cached_images[np.maximum(rows, 0)]  # rows not in the cache are decoded over below
         errors = [cached_errors[row] if row >= 0 else "" for row in rows.tolist()]
     hits = np.flatnonzero(rows >= 0)
@@ -250,17 +259,6 @@ def decode_files(files: list[Path], root: Path, size: int, workers: int | None =
 
 
 # --------------------------------------------------------------------------- the dataset
-
-def _hold_out(labels: np.ndarray, num_classes: int, fraction: float, seed: int) -> np.ndarray:
-    """A stratified test mask: round(fraction x n) random images of each class, always leaving one to train on."""
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(labels), dtype=bool)
-    for c in range(num_classes):
-        members = np.flatnonzero(labels == c)
-        count = min(round(len(members) * fraction), len(members) - 1)
-        test[rng.permutation(members)[:count]] = True
-    return test
-
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S) images,
@@ -309,8 +307,8 @@ def _classes(scan: Scan, readable: np.ndarray) -> list[str]:
     return found
 
 
-def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[str, int]):
-    """The test images and labels from test/, or None when there is none (or none usable)."""
+def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[str, int], keys: list[str]):
+    """The test images, labels and keys from test/, or None when there is none (or none usable)."""
     if scan.test is None:
         return None
     offset = len(scan.train)
@@ -322,7 +320,7 @@ def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[
         scan.notes.append(f"{scan.root}/test holds no readable image of a training class: holding out "
                           f"data.test_fraction of the training images instead")
         return None
-    return _as_tensors(images[offset:][keep], labels)
+    return (*_as_tensors(images[offset:][keep], labels), tuple(keys[offset + i] for i in keep))
 
 
 def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
@@ -336,16 +334,20 @@ def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
                         f"{root}/train/<class>/ (PNG, JPEG, BMP, GIF or WebP)")
     check_memory(len(pairs), len(scan.train), cfg.image_size, device)
     files = [path for path, _ in pairs]
+    keys = relative_paths(files, root)
     images, errors = decode_files(files, root, cfg.image_size)
     readable = np.array([not reason for reason in errors], dtype=bool)
     classes = _classes(scan, readable[:len(scan.train)])
     index = {name: i for i, name in enumerate(classes)}
     keep, labels = _select(scan.train, readable, index)
     train_x, train_y = _as_tensors(images[keep], labels)
-    test = _test_set(scan, images, readable, index)
-    if test is None:
-        held = torch.from_numpy(_hold_out(train_y.numpy(), len(classes), cfg.test_fraction, cfg.split_seed))
-        test, (train_x, train_y) = (train_x[held], train_y[held]), (train_x[~held], train_y[~held])
+    train_ids = tuple(keys[i] for i in keep)
+    test = _test_set(scan, images, readable, index, keys)
+    if test is None:  # held out by each image's keyed path hash: other files coming and going never move it
+        held = hash_held_out(train_ids, train_y.numpy(), cfg.test_fraction, cfg.split_seed, b"test")
+        test = (train_x[held], train_y[held], tuple(k for k, h in zip(train_ids, held) if h))
+        train_x, train_y = train_x[~held], train_y[~held]
+        train_ids = tuple(k for k, h in zip(train_ids, held) if not h)
     _note_small_classes(scan, classes, train_y, test[1])
     mean, std = channel_stats(train_x)
     for line in scan.notes + _listed_errors(files, errors):
@@ -353,7 +355,8 @@ def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
     print(f"folder dataset {root}: {len(classes)} classes, {len(train_x):,} training and {len(test[0]):,} test "
           f"images at {cfg.image_size}x{cfg.image_size}, mean {mean} std {std} "
           f"({time.perf_counter() - started:.1f}s)", flush=True)
-    return Dataset(train_x, train_y, *test, classes=tuple(classes), name=root.name, mean=mean, std=std)
+    return Dataset(train_x, train_y, test[0], test[1], classes=tuple(classes), name=root.name, mean=mean, std=std,
+                   train_ids=train_ids, test_ids=test[2])
 
 
 def _note_small_classes(scan: Scan, classes: list[str], train_y: torch.Tensor, test_y: torch.Tensor) -> None:

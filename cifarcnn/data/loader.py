@@ -15,6 +15,7 @@ import torch
 from ..base.config import AugmentConfig, DataConfig
 from ..base.errors import ConfigError
 from .dataset import MEAN, STD, Dataset, normalize_
+from .splits import hash_held_out
 
 
 def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
@@ -29,12 +30,44 @@ def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, s
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 
+def val_count(val_size: int | float | str, n: int) -> int:
+    """How many of `n` training images `data.val_size` holds out for validation: auto is a tenth (5,000 of CIFAR's
+    50,000), a fraction that share (rounded), a number itself."""
+    if val_size == "auto":
+        return n // 10
+    if isinstance(val_size, float):
+        return round(n * val_size)
+    return int(val_size)
+
+
+def validation_mask(data: Dataset, cfg: DataConfig) -> torch.Tensor | None:
+    """Which training images are validation images (None: no validation set). CIFAR: a seeded random choice of
+    `val_count` images. A folder dataset: each image by its keyed path hash (`splits.hash_held_out`), the fraction
+    being val_size's (auto: 0.1; a number N: N / the training images), so files coming and going move no image."""
+    n = len(data.train_images)
+    count = val_count(cfg.val_size, n)
+    if not count:
+        return None
+    if not 0 < count < n:
+        raise ConfigError(f"config key 'data.val_size' is {cfg.val_size}, but it must be between 1 and the "
+                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
+    if data.train_ids is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[perm[:count]] = True
+        return mask
+    fraction = cfg.val_size if isinstance(cfg.val_size, float) else 0.1 if cfg.val_size == "auto" else count / n
+    held = hash_held_out(data.train_ids, data.train_labels.numpy(), fraction, cfg.split_seed, b"val")
+    return torch.from_numpy(held) if held.any() else None
+
+
 def training_split(data: Dataset, cfg: DataConfig
                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    """The (images, labels) to train on and the validation pair held out of them (None when val_size is 0)."""
-    if not cfg.val_size:
+    """The (images, labels) to train on and the validation pair held out of them (None without validation)."""
+    mask = validation_mask(data, cfg)
+    if mask is None:
         return (data.train_images, data.train_labels), None
-    return split_train_val(data.train_images, data.train_labels, cfg.val_size, cfg.split_seed)
+    return (data.train_images[~mask], data.train_labels[~mask]), (data.train_images[mask], data.train_labels[mask])
 
 
 # --------------------------------------------------------------------------- augmentation and batching

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..base.config import Config
 from ..base.device import select_device
 from ..base.errors import ConfigError
-from ..base.inference import predict_logits
+from ..base.inference import predict_logits, settings_for
 from ..base.precision import choose
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
@@ -86,8 +86,9 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
     model = make_model(cfg, len(data.classes), train_x, device, mean=data.mean, std=data.std)
     step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device)
     precision = choose(cfg.precision, device)
+    settings = settings_for(cfg.to_dict(), device)  # the views evaluate would use on the run's checkpoint
     if cfg.compile:
-        warm_up(step, loader, [test_loader], cfg.tta)
+        warm_up(step, loader, [test_loader], cfg.tta, mirror=settings.mirror)
     model.train()
 
     size = data.image_size
@@ -106,7 +107,8 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
     for _ in range(rounds):
         pipeline.append(_rate(one_epoch, 1, len(loader.images), device))
         compute.append(_rate(lambda: step(fixed_x, fixed_y), steps, cfg.batch_size, device))
-    evaluate = functools.partial(predict_logits, step.forward, test_loader, tta=cfg.tta, precision=precision.name)
+    evaluate = functools.partial(predict_logits, step.forward, test_loader, tta=cfg.tta, precision=precision.name,
+                                 mirror=settings.mirror)
     evaluate()  # warm-up
     evaluation = _rate(evaluate, 1, len(data.test_images), device)
     result = {

@@ -13,6 +13,9 @@ from ..base.errors import UsageError, UserError
 from ..base.plots import ANNOTATED_CLASSES, training_curve_pngs
 from ..base.storage import atomic_write_text
 from ..data.dataset import DataError
+from ..data.datasets import dataset_of_checkpoint
+from ..data.splits import SCHEME, compare_split
+from ..training.checkpoint import load_checkpoint
 from ..training.environment import read_sessions
 from ..use.evaluate import confusion_count, evaluate, top_confusions
 
@@ -84,6 +87,8 @@ def read_history(run_dir: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError:
             raise UserError(f"{path}: line {number} is not valid JSON") from None
+        if isinstance(row, dict) and "test" in row and "epoch" not in row:
+            continue  # --test's result on the kept model, after the epochs
         if not isinstance(row, dict) or "epoch" not in row:
             raise UserError(f"{path}: line {number} is not an epoch record")
         rows.append(row)
@@ -182,6 +187,14 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
     return "".join(parts)
 
 
+def _test_caption(metrics: dict) -> str:
+    left_out = (metrics.get("split") or {}).get("trained_on_left_out", 0)
+    if left_out:
+        return (f"test accuracy on the {metrics.get('num_images', '?')} test images not trained on ({left_out} "
+                f"trained-on image(s) LEFT OUT: the split changed since training)")
+    return f"test accuracy ({metrics.get('num_images', '?')} images)"
+
+
 def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: str) -> str:
     """The whole page as a string; every image inlined."""
     eval_dir = run_dir / "eval"
@@ -193,9 +206,11 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
             and metrics["epoch"] != best["epoch"]:
         notes.append(f"The test results are from epoch {metrics['epoch']}, but the best validation epoch is now "
                      f"{best['epoch']}: run <code>cifarcnn evaluate {_e(run_dir)}</code> to refresh them.")
+    if metrics.get("split"):
+        notes.append(_e(metrics["split"]["description"]))
     total_seconds = sum(row.get("seconds", 0) for row in history)
     cards = "".join([
-        _card(f"{metrics['test_accuracy']:.2%}", f"test accuracy ({metrics.get('num_images', '?')} images)"),
+        _card(f"{metrics['test_accuracy']:.2%}", _test_caption(metrics)),
         _card(f"{best['val_acc']:.2%}", f"best validation accuracy (epoch {best['epoch']})") if validated
         else _card("-", "no validation set"),
         _card(str(history[-1]["epoch"]), "epochs trained"),
@@ -237,6 +252,29 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
             f"{sections}</main></body></html>\n")
 
 
+def _current_split(run_dir: Path, metrics: dict, evaluate_if_missing: bool, data_dir: str | Path | None,
+                   device: str | None) -> dict:
+    """For a folder dataset whose checkpoint records its split: how many images changed sides since training, as
+    the dataset is now. Test results measured on another split than today's are measured again (or refused)."""
+    checkpoint_path = run_dir / "best.pt"
+    if not checkpoint_path.exists():
+        return metrics
+    checkpoint = load_checkpoint(checkpoint_path)
+    if (checkpoint.get("split") or {}).get("scheme") != SCHEME:
+        return metrics
+    change = compare_split(checkpoint["split"], dataset_of_checkpoint(checkpoint, data_dir))
+    print(change.describe())
+    if int(change.trained_on.sum()) == (metrics.get("split") or {}).get("trained_on_left_out", 0) \
+            and change.test_images == metrics.get("num_images", 0) + int(change.trained_on.sum()):
+        return metrics
+    if not evaluate_if_missing:
+        raise UserError(f"{run_dir}: the dataset's test set changed since {run_dir / 'eval'} was measured "
+                        f"({change.describe()}): run `cifarcnn evaluate {run_dir}` again, then report")
+    print("the test set changed since the last evaluation; evaluating again")
+    evaluate(run_dir, data_dir=data_dir, device=device)
+    return load_test_metrics(run_dir, evaluate_if_missing=False, data_dir=data_dir, device=device)
+
+
 def report(run: str | Path, output: str | Path | None = None, *, data_dir: str | Path | None = None,
            device: str | None = None, evaluate_if_missing: bool = True) -> Path:
     """The `report` command: write RUN/report.html (or `output`) and return its path."""
@@ -250,6 +288,7 @@ def report(run: str | Path, output: str | Path | None = None, *, data_dir: str |
         raise UsageError(f"--out {output}: folder {output.parent} does not exist")
     history = read_history(run_dir)
     metrics = load_test_metrics(run_dir, evaluate_if_missing=evaluate_if_missing, data_dir=data_dir, device=device)
+    metrics = _current_split(run_dir, metrics, evaluate_if_missing, data_dir, device)
     config_path = run_dir / "config.yaml"
     config_text = config_path.read_text() if config_path.exists() else "(config.yaml missing from the run folder)"
     atomic_write_text(output, build_html(run_dir, history, metrics, config_text))

@@ -253,7 +253,7 @@ def frozen_at(optimizer: torch.optim.Optimizer, epoch: int) -> list[nn.Parameter
 
 
 def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int,
-            epochs: range = range(1)) -> None:
+            epochs: range = range(1), mirror: bool = True) -> None:
     """Run every batch shape and set of frozen parameters that training over `epochs` and evaluation will meet
     (torch.compile compiles, cuDNN autotunes, CUDA graphs are captured), then restore the state, so this
     one-time work happens before the clock starts and does not change the run. Call it after any checkpoint is
@@ -273,7 +273,7 @@ def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], t
         for loader in eval_loaders:
             x, _ = next(iter(loader))
             for size in _batch_sizes(loader):
-                infer(step.forward, x[:size], tta, step.precision)
+                infer(step.forward, x[:size], tta, step.precision, mirror)
     model.train(training)
     for p, requires_grad in zip(step.params, trainable):
         p.requires_grad_(requires_grad)

@@ -26,11 +26,12 @@ from tqdm import tqdm
 
 from ..base.config import Config, make_config, save_config
 from ..base.errors import ConfigError, UsageError, UserError
-from ..base.inference import predict_logits
+from ..base.inference import predict_logits, settings_for, tta_views
 from ..base.progress import Progress
 from ..base.storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
 from ..data.datasets import load_dataset
-from ..data.loader import Loader, training_split
+from ..data.loader import Loader, validation_mask
+from ..data.splits import split_record
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .distributed import Dist
 from .distributed import setup as setup_distributed
@@ -54,11 +55,13 @@ from .step import (
 
 
 @torch.inference_mode()
-def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str, tta: int,
-                   precision: str) -> tuple[float, float, int]:
+def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str | None, tta: int,
+                   precision: str, mirror: bool = True) -> tuple[float, float, int]:
     """(mean loss, accuracy, number of images) over a validation or test set; under torchrun each rank evaluates
-    its shard and the sums are reduced, so every image counts exactly once."""
-    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta, precision=precision)
+    its shard and the sums are reduced, so every image counts exactly once. `mirror`: whether TTA views may be
+    mirrored (`inference.settings_for`)."""
+    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta, precision=precision,
+                                    mirror=mirror)
     loss = F.cross_entropy(logits, labels, reduction="sum")
     correct = (logits.argmax(1) == labels).sum()
     count = torch.tensor(len(labels), device=labels.device)
@@ -183,6 +186,7 @@ class Trainer:
         self.cfg, self.run_dir, self.dist, self.device, self.lock = cfg, run_dir, dist, device, lock
         self.data_dir, self.device_arg, self.resume = data_dir, device_arg, resume
         self.checkpoint = self._open_run()
+        self.inference = settings_for(cfg.to_dict(), device)  # validation and test run as evaluate will
         train_images = self._load_data(test)
         self._build_model(train_images)
         self.steps_per_epoch = len(self.train_loader)
@@ -193,6 +197,7 @@ class Trainer:
             "image_size": self.data.image_size,
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
             "history": [], "train_seconds": 0.0, "precision": self.step.precision,
+            "tta_mirror": self.inference.mirror, "split": self.split,
         }
         self.start_step, self.start_order = 0, None
         self.last_good = "no checkpoint was saved yet"
@@ -223,7 +228,12 @@ class Trainer:
         self.data = data = load_dataset(cfg.data, self.data_dir, device=self.device)
         if dist.is_main:
             dist.barrier()
-        (train_x, train_y), held_out = training_split(data, cfg.data)
+        val = validation_mask(data, cfg.data)
+        (train_x, train_y), held_out = ((data.train_images, data.train_labels), None) if val is None else (
+            (data.train_images[~val], data.train_labels[~val]), (data.train_images[val], data.train_labels[val]))
+        # what the model trains, validates and is tested on: counts and digests per side (folder datasets: each
+        # image's path and pixel identity, so evaluate can tell what changed sides since)
+        self.split = split_record(data.train_ids, data.train_images, val, data.test_ids, data.test_images)
         shard = {"rank": dist.rank, "world_size": dist.world_size, "device": self.device,
                  "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
         if 0 < len(train_x) % cfg.batch_size < dist.world_size:
@@ -234,6 +244,7 @@ class Trainer:
                                    seed=cfg.seed, **shard)
         self.val_loader = Loader(*held_out, cfg.eval_batch_size, **shard) if held_out else None
         self.test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, **shard) if test else None
+        self.best_weights: dict | None = None  # with --test: the best model's weights, tested when the run ends
         return train_x
 
     def _build_model(self, train_images: torch.Tensor) -> None:
@@ -296,6 +307,8 @@ class Trainer:
                     self._train_epoch(epoch)
                     if self._end_epoch(epoch, started, on_epoch_end):
                         break
+            if self.test_loader is not None:
+                self._test_best()
         finally:
             self.writer.close()
             self.checkpoints.close()
@@ -308,7 +321,8 @@ class Trainer:
             return
         started = time.perf_counter()
         evaluated = [loader for loader in (self.val_loader, self.test_loader) if loader is not None]
-        warm_up(self.step, self.train_loader, evaluated, self.cfg.tta, range(self.state["epoch"], self.cfg.epochs))
+        warm_up(self.step, self.train_loader, evaluated, self.cfg.tta, range(self.state["epoch"], self.cfg.epochs),
+                self.inference.mirror)
         sync(self.device)
         if self.dist.is_main:
             work = ", ".join(name for name, done in (("torch.compile", self.cfg.compile),
@@ -343,8 +357,45 @@ class Trainer:
               f"({len(self.train_loader.images)} train / {val} images, {self.steps_per_epoch} steps per epoch"
               f"{processes}) -> {self.run_dir}")
         print(f"precision: {self.step.precision} ({self.step.precision_reason})")
+        if self.cfg.data.dataset == "folder":
+            self._announce_mirroring()
         if self.checkpoint is not None:
             print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}")
+
+    def _announce_mirroring(self) -> None:
+        """A folder run says whether its images are mirrored, in training and test-time views, and how to stop it."""
+        flip, tta = self.cfg.augment.flip, self.cfg.tta
+        flips = {"random": "each training image mirrored left-right with probability 1/2",
+                 "alternate": "each training image mirrored left-right every other epoch",
+                 "none": "no training image mirrored"}[flip]
+        views = tta_views(tta, self.inference.mirror)
+        print(f"mirroring: augment.flip={flip} ({flips}); test-time views: tta {tta} ({views})")
+        if flip != "none":
+            print("  if mirroring changes what an image shows (digits, text, signs, left/right classes), train with "
+                  "augment.flip=none tta=0")
+
+    def _test_best(self) -> None:
+        """With --test, however the run ended: the test accuracy of the model the run keeps (best.pt: the best
+        validation accuracy, or the last epoch without a validation set), recorded in the state, metrics.jsonl's
+        last line and test.json, and printed last by `_farewell`."""
+        self.checkpoints.wait()
+        weights = self.best_weights
+        if weights is None:  # a resumed run whose best epoch came before the resume
+            weights = load_checkpoint(self.run_dir / "best.pt")["model_state"]
+        current = _to_cpu(self.model.state_dict())
+        self.model.load_state_dict(weights)
+        self.dist.share_buffers(self.model)
+        loss, acc, count = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", self.cfg.tta,
+                                          self.step.precision, self.inference.mirror)
+        self.model.load_state_dict(current)
+        result = {"test_loss": loss, "test_acc": acc, "test_images": count, "checkpoint": "best.pt",
+                  "epoch": self.state["best_epoch"], "tta": self.cfg.tta, "precision": self.step.precision}
+        self.state["test"] = result
+        if self.dist.is_main:
+            self.writer.add_scalar("Accuracy/test", acc, self.state["epoch"] * self.steps_per_epoch)
+            rows = self.state["history"] + [{"test": result}]
+            atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in rows))
+            atomic_write_text(self.run_dir / "test.json", json.dumps(result, indent=2) + "\n")
 
     def _farewell(self) -> None:
         if not self.dist.is_main:
@@ -354,6 +405,10 @@ class Trainer:
                   end="")
         print(f"trained {self.state['train_seconds']:.1f}s; checkpoints in {self.run_dir} "
               f"(evaluate with: cifarcnn evaluate {self.run_dir})")
+        test = self.state.get("test")
+        if test is not None and self.test_loader is not None:
+            print(f"test accuracy {test['test_acc']:.2%} on {test['test_images']} test images, model of epoch "
+                  f"{test['epoch']} ({self.run_dir / 'best.pt'})")
 
     # -- one epoch of steps ----------------------------------------------------------------------------------
 
@@ -445,6 +500,9 @@ class Trainer:
         `on_epoch_end`); raises `Interrupted` when a signal came during the epoch."""
         metrics = self._epoch_metrics(epoch, started)
         improved = self._track_best(metrics)
+        if improved and self.test_loader is not None:  # kept on every rank for the test when the run ends
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                self.best_weights = _to_cpu(self.model.state_dict())
         self._save(epoch + 1, 0, None, None, best=improved)
         _log_epoch(self.writer, metrics, (epoch + 1) * self.steps_per_epoch)
         if self.dist.is_main:
@@ -481,10 +539,7 @@ class Trainer:
             if self.val_loader is not None:
                 metrics["val_loss"], metrics["val_acc"], metrics["val_images"] = evaluate_split(
                     self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
-                    self.step.precision)
-            if self.test_loader is not None and last_epoch:
-                _, metrics["test_acc"], _ = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
-                                                           cfg.tta, self.step.precision)
+                    self.step.precision, self.inference.mirror)
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)

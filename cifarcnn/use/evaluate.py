@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from ..base.device import select_device
-from ..base.inference import Settings, predict_logits, settings_for
+from ..base.inference import Settings, checkpoint_settings, predict_logits
 from ..base.plots import save_confusion_matrix, save_image_grid
 from ..base.storage import atomic_write_json
+from ..data.dataset import DataError, Dataset
 from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
 from ..data.loader import Loader
+from ..data.splits import SplitChange, compare_split
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 
@@ -65,17 +67,22 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     out_dir = Path(out_dir) if out_dir else path.parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    loader = Loader(data.test_images, data.test_labels, batch_size, device=device,
+    change = split_change(checkpoint, data)
+    test_images, test_labels = data.test_images, data.test_labels
+    if change is not None and change.trained_on.any():  # never a test accuracy on images the model trained on
+        keep = torch.from_numpy(~change.trained_on)
+        test_images, test_labels = test_images[keep], test_labels[keep]
+    loader = Loader(test_images, test_labels, batch_size, device=device,
                     memory_format=torch.channels_last, mean=info["mean"], std=info["std"])
-    settings = settings_for(checkpoint["config"], device)
+    settings = checkpoint_settings(checkpoint, device)
     logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, desc="test",
-                                    tta=settings.tta, precision=settings.precision)
+                                    tta=settings.tta, precision=settings.precision, mirror=settings.mirror)
     probabilities = logits.softmax(1)
     confidence, predictions = probabilities.max(1)
     matrix = confusion_matrix(labels, predictions, len(classes))
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     accuracy = float(matrix.diagonal().sum() / matrix.sum())
-    _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"])
+    _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"], change)
     _print_results(matrix, classes)
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
@@ -83,7 +90,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     wrong = (predictions != labels).nonzero().squeeze(1)
     # The most confident mistakes are the most informative ones to look at.
     shown = wrong[confidence[wrong].argsort(descending=True)][:num_misclassified].cpu()
-    images = data.test_images[shown].float() / 255
+    images = test_images[shown].float() / 255
     titles = [f"true {classes[labels[i]]}\npred {classes[predictions[i]]} {confidence[i]:.0%}" for i in shown.tolist()]
     save_image_grid(images, titles, out_dir / "misclassified.png",
                     title=f"{len(shown)} most confident of {len(wrong)} misclassified test images")
@@ -95,7 +102,11 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
         "per_class_accuracy": {name: float(acc) if total else None
                                for name, acc, total in zip(classes, per_class, matrix.sum(1))},
         "confusion_matrix": matrix.tolist(), "classes": classes, "dataset": info["dataset"],
-        "image_size": info["image_size"],
+        "image_size": info["image_size"], "mirror_views": settings.mirror,
+        "split": None if change is None else {
+            "description": change.describe(), "changed_sides": change.moved,
+            "trained_on_left_out": int(change.trained_on.sum()), "were_validation": change.was_val,
+            "new": change.new, "gone": change.gone},
     }
     atomic_write_json(out_dir / "test_metrics.json", results)
     print(f"\nwrote {out_dir / 'confusion_matrix.png'}, {out_dir / 'misclassified.png'}, "
@@ -103,10 +114,31 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     return results
 
 
+def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:
+    """How the test set changed sides since the checkpoint was trained, printed; refuses when every test image is
+    one the model trained on. None for CIFAR and for checkpoints that did not record their split."""
+    change = compare_split(checkpoint.get("split"), data)
+    if change is None:
+        if data.test_ids is not None:
+            print(f"split: {data.name}: this checkpoint does not record its split (trained before cifarcnn recorded "
+                  f"it), so whether test images changed sides since cannot be told")
+        return None
+    print(change.describe())
+    if change.trained_on.all():
+        raise DataError(f"every one of the {change.test_images} test images of {data.name} is an image the model "
+                        f"trained on (the split changed since training): there is no test accuracy to measure")
+    return change
+
+
 def _print_header(path: Path, checkpoint: dict, settings: Settings, accuracy: float, images: int,
-                  dataset: str) -> None:
+                  dataset: str, change: SplitChange | None = None) -> None:
     best_val = checkpoint.get("best_val_acc", -1.0)
     val_text = f"validation accuracy {best_val:.2%}" if best_val >= 0 else "trained without a validation set"
     print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, {val_text})")
     print(f"inference: {settings.describe()}")
-    print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")
+    trained = int(change.trained_on.sum()) if change is not None else 0
+    if trained:
+        print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train on "
+              f"(LEFT OUT: {trained} test image(s) the model trained on, moved to the test side since training)\n")
+    else:
+        print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..base.errors import UserError
-from ..base.inference import TTA_LEVELS, TTA_RECIPE, infer
+from ..base.inference import TTA_RECIPE, TTA_RECIPE_NO_MIRROR, infer, tta_views
 from ..base.storage import atomic_write
 from ..data.dataset import MEAN, STD, DataError, normalize_
 from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
@@ -53,6 +53,7 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
     info = checkpoint_dataset(checkpoint)
     size = info["image_size"]
     tta = int(checkpoint["config"].get("tta", 0))
+    mirror = bool(checkpoint.get("tta_mirror", True))
     return {
         "classes": json.dumps(info["classes"]),
         "mean": json.dumps(list(info["mean"])),
@@ -65,7 +66,8 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
                   "classes[i]",
         "preprocessing": preprocessing(size),
         "test_time_augmentation": f"this graph is the bare network, one view in fp32; cifarcnn evaluates this "
-                                  f"checkpoint with tta {tta} ({TTA_LEVELS[tta]}). {TTA_RECIPE}",
+                                  f"checkpoint with tta {tta} ({tta_views(tta, mirror)}). "
+                                  f"{TTA_RECIPE if mirror else TTA_RECIPE_NO_MIRROR}",
         "architecture": str(checkpoint["model"]),
         "num_classes": str(checkpoint["num_classes"]),
         "epoch": str(checkpoint.get("epoch")),

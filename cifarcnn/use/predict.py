@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from ..base.device import select_device
 from ..base.errors import UsageError
-from ..base.inference import infer, settings_for
+from ..base.inference import checkpoint_settings, infer
 from ..base.progress import bar_disabled
 from ..base.storage import atomic_write_json, atomic_write_text
 from ..data.dataset import MEAN, STD
 from ..data.datasets import checkpoint_dataset
 from ..data.images import SIZE, find_images, read_image, to_model_input
+from ..data.splits import SCHEME, path_ids, pixel_ids
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 OUTPUT_FORMATS = (".csv", ".json")
@@ -37,6 +38,8 @@ class FileResult:
     top: list[tuple[str, float]] = field(default_factory=list)  # (class, probability), most likely first
     error: str | None = None
     label: str | None = None  # the class its folder names, with --labels-from-folders
+    pixels: int | None = None  # the decoded image's identity (splits.pixel_ids): was it a training image?
+    trained_on: bool = False  # with --labels-from-folders: an image the model trained on (left out of the accuracy)
 
 
 def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndarray | str]:
@@ -53,7 +56,7 @@ def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndar
 def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
                   batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False, tta: int = 0,
                   precision: str = "fp32", image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
-                  std: tuple[float, ...] = STD) -> list[FileResult]:
+                  std: tuple[float, ...] = STD, mirror: bool = True) -> list[FileResult]:
     """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
     could not be read. Images are shrunk to `image_size` and normalised with `mean` and `std`, as the model was
     trained (default: CIFAR-10)."""
@@ -64,11 +67,12 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
 
     def flush() -> None:
         x = to_model_input(np.stack(arrays), device, mean, std).contiguous(memory_format=torch.channels_last)
-        probabilities = infer(model, x, tta, precision).softmax(1)
+        probabilities = infer(model, x, tta, precision, mirror).softmax(1)
         # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
         values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
-        for i, vals, idx in zip(pending, values.tolist(), indices.tolist()):
+        for i, vals, idx, pixels in zip(pending, values.tolist(), indices.tolist(), pixel_ids(np.stack(arrays))):
             results[i].top = [(classes[c], p) for c, p in zip(idx, vals)]
+            results[i].pixels = int(pixels)
         pending.clear()
         arrays.clear()
 
@@ -97,7 +101,7 @@ def folder_label(path: Path, classes: Sequence[str]) -> str | None:
 
 def accuracy_by_class(results: Sequence[FileResult], classes: Sequence[str]) -> dict | None:
     """Accuracy over the predicted files that have a folder label; None when there are none."""
-    scored = [r for r in results if r.label is not None and r.error is None]
+    scored = [r for r in results if r.label is not None and r.error is None and not r.trained_on]
     if not scored:
         return None
     correct = {c: 0 for c in classes}
@@ -181,7 +185,7 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
         raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
     torch_device = select_device(device)
     model = model_from_checkpoint(checkpoint, ckpt_path).to(torch_device, memory_format=torch.channels_last)
-    settings = settings_for(checkpoint["config"], torch_device, tta)  # as evaluate, unless --tta says otherwise
+    settings = checkpoint_settings(checkpoint, torch_device, tta)  # as evaluate, unless --tta says otherwise
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
@@ -189,11 +193,12 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     results = predict_files(model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
                             workers=workers, progress=not quiet and sys.stderr.isatty(), tta=settings.tta,
                             precision=settings.precision, image_size=info["image_size"], mean=info["mean"],
-                            std=info["std"])
+                            std=info["std"], mirror=settings.mirror)
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:
             r.label = folder_label(r.path, classes)
+        trained = mark_trained_on(results, checkpoint)
 
     if not quiet:
         _print_table(results, top_k)
@@ -209,6 +214,10 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     summary: dict = {"checkpoint": str(ckpt_path), "classes": classes, "top_k": top_k, "tta": settings.tta,
                      "precision": settings.precision, "num_files": len(results), "num_failed": len(failed)}
     if labels_from_folders:
+        if trained:
+            print(f"split: {trained} of these files are images the model trained on (by their path in "
+                  f"{checkpoint['config']['data']['path']} or their pixels): LEFT OUT of the accuracy below")
+            summary["trained_on_left_out"] = trained
         scores = _report_accuracy(results, classes)
         if scores is not None:
             summary["accuracy"] = scores
@@ -216,6 +225,23 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
         write_results(output, results, top_k, summary)
         print(f"wrote {output}")
     return 1 if failed else 0
+
+
+def mark_trained_on(results: Sequence[FileResult], checkpoint: dict) -> int:
+    """Mark the files the model trained on (the checkpoint's recorded training side, by path relative to its dataset
+    folder or by pixels); returns how many. 0 for checkpoints without such a record (CIFAR, older runs)."""
+    record = checkpoint.get("split") or {}
+    if record.get("scheme") != SCHEME:
+        return 0
+    root = Path(checkpoint["config"]["data"]["path"])
+    ids, pixels = set(record["train"]["ids"].tolist()), set(record["train"]["pixels"].tolist())
+    for r in results:
+        if r.error is not None:
+            continue
+        inside = r.path.resolve().is_relative_to(root)
+        key = r.path.resolve().relative_to(root).as_posix() if inside else None
+        r.trained_on = r.pixels in pixels or (key is not None and int(path_ids([key])[0]) in ids)
+    return sum(r.trained_on for r in results)
 
 
 def _report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> dict | None:
@@ -227,7 +253,7 @@ def _report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> d
         return None
     left_out = len(results) - scores["num_images"]
     print(f"accuracy: {scores['accuracy']:.2%} on {scores['num_images']} labelled images"
-          + (f" ({left_out} unreadable file(s) or file(s) outside class folders left out)" if left_out else ""))
+          + (f" ({left_out} file(s) left out: unreadable, outside class folders or trained on)" if left_out else ""))
     print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
     for name, row in scores["per_class"].items():
         acc = f"{row['accuracy']:.2%}" if row["accuracy"] is not None else "-"

@@ -1,0 +1,137 @@
+"""Which side of a folder dataset's split (training, validation or test) each image is on, what a checkpoint records
+of the split, and how the split changed since a checkpoint was trained.
+
+A folder image's side follows from its own path relative to the dataset root, never from its position in a list:
+a blake2b hash keyed with `data.split_seed` (personalised per split, "test" or "val") maps the path to a number u
+in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files therefore never
+moves an image to another side. The one exception keeps every class trainable: when every image of a class would be
+held out, the one with the largest u stays on the training side.
+
+Each class is split by its own images' hashes, so its held-out share is that of independent coin flips: for a class
+of n images and a fraction f, the held-out count lies within TOLERANCE_SIGMAS x sqrt(n f (1 - f)) + 1 of n f (the
+stated tolerance; outside it with a probability below 1 in 10,000 per class).
+
+CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .dataset import Dataset
+
+TOLERANCE_SIGMAS = 4
+SCHEME = "blake2b-path-v1"
+
+
+def _unit(key: str, seed: int, side: bytes) -> float:
+    """u in [0, 1) for `key` (a path relative to the dataset root), keyed by the split seed, one hash per side."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8, key=str(seed).encode(), person=side).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def hash_held_out(keys: list[str] | tuple[str, ...], labels: np.ndarray, fraction: float, seed: int,
+                  side: bytes) -> np.ndarray:
+    """The held-out mask: images whose keyed hash u is below `fraction`; in a class that would lose all its
+    images, the one with the largest u is kept for training."""
+    u = np.array([_unit(k, seed, side) for k in keys], dtype=np.float64)
+    held = u < fraction
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if held[members].all():
+            held[members[np.argmax(u[members])]] = False
+    return held
+
+
+def within_tolerance(count: int, n: int, fraction: float) -> bool:
+    """Whether a class of `n` images with `count` held out is within the stated tolerance of `fraction`."""
+    return abs(count - n * fraction) <= TOLERANCE_SIGMAS * (n * fraction * (1 - fraction)) ** 0.5 + 1
+
+
+def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
+    """An int64 identity per relative path."""
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, person=b"id").digest(), "big",
+                                    signed=True) for k in keys], dtype=np.int64)
+
+
+def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An int64 identity per image from its decoded pixels: the same picture under another name is recognised."""
+    array = images.numpy() if isinstance(images, torch.Tensor) else images
+    array = np.ascontiguousarray(array)
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)
+                     for row in array], dtype=np.int64)
+
+
+def _digest(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.sort(ids).tobytes()).hexdigest()[:16]
+
+
+def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
+    side = {"count": int(len(ids)), "digest": _digest(ids)}
+    if pixels is not None:
+        side.update(ids=torch.from_numpy(ids), pixels=torch.from_numpy(pixels))
+    return side
+
+
+def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor, val_mask: torch.Tensor | None,
+                 test_keys: tuple[str, ...] | None, test_images: torch.Tensor) -> dict:
+    """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the images'
+    keys; for a folder dataset also each image's path and pixel identity (to tell later what moved)."""
+    mask = val_mask.numpy() if val_mask is not None else np.zeros(len(train_images), dtype=bool)
+    if train_keys is None:  # CIFAR: the keys are positions in the official files
+        positions = np.arange(len(train_images), dtype=np.int64)
+        return {"scheme": "cifar", "train": _side(positions[~mask], None), "val": _side(positions[mask], None),
+                "test": _side(np.arange(len(test_images), dtype=np.int64), None)}
+    ids, pixels = path_ids(train_keys), pixel_ids(train_images)
+    return {"scheme": SCHEME, "train": _side(ids[~mask], pixels[~mask]), "val": _side(ids[mask], pixels[mask]),
+            "test": _side(path_ids(test_keys or ()), pixel_ids(test_images))}
+
+
+@dataclass
+class SplitChange:
+    """How the current test set relates to the split a checkpoint recorded."""
+
+    test_images: int
+    trained_on: np.ndarray  # bool per current test image: the model trained on it (by path or by pixels)
+    was_val: int  # current test images that were validation images
+    new: int  # current test images the checkpoint never saw on any side
+    gone: int  # images trained on that are no longer in the dataset under their name
+
+    @property
+    def moved(self) -> int:
+        return int(self.trained_on.sum()) + self.was_val
+
+    def describe(self) -> str:
+        if not self.moved and not self.new and not self.gone:
+            return f"split: unchanged since training ({self.test_images} test images, none trained on)"
+        parts = [f"{self.moved} of the {self.test_images} test images changed sides since training "
+                 f"({int(self.trained_on.sum())} were training images, {self.was_val} validation images)"]
+        if self.new:
+            parts.append(f"{self.new} test image(s) are new since training")
+        if self.gone:
+            parts.append(f"{self.gone} image(s) the model trained on are gone or renamed")
+        return "split: " + "; ".join(parts)
+
+
+def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
+    """The change since training of a folder dataset's test set (by path and by pixels); None when there is nothing
+    to compare (CIFAR, or a checkpoint written before splits were recorded)."""
+    if not record or record.get("scheme") != SCHEME or data.test_ids is None or data.train_ids is None:
+        return None
+    ids, pixels = path_ids(data.test_ids), pixel_ids(data.test_images)
+
+    def member(side: str) -> np.ndarray:
+        then = record[side]
+        return np.isin(ids, then["ids"].numpy()) | np.isin(pixels, then["pixels"].numpy())
+
+    trained, val, test = member("train"), member("val"), member("test")
+    val &= ~trained
+    now_ids = np.concatenate([ids, path_ids(data.train_ids)])
+    now_pixels = np.concatenate([pixels, pixel_ids(data.train_images)])
+    then = record["train"]
+    gone = ~np.isin(then["ids"].numpy(), now_ids) & ~np.isin(then["pixels"].numpy(), now_pixels)
+    return SplitChange(len(ids), trained, int(val.sum()), int((~(trained | val | test)).sum()), int(gone.sum()))
