@@ -23,6 +23,7 @@ from PIL import Image
 from cifarcnn.cli import main
 from cifarcnn.data.cifar import load_cifar10
 
+from .helpers import child_env
 from .serve_client import ServerProcess, multipart, predict_files, request
 
 serve = pytest.importorskip("cifarcnn.use.serve", reason="the serve extra is not installed")
@@ -262,11 +263,12 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, pngs):
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "example.invalid"])
-def test_refuses_a_non_loopback_address_without_a_token(trained_run_dir, host, capsys, monkeypatch):
-    monkeypatch.delenv("CIFARCNN_TOKEN", raising=False)
-    assert main(["serve", str(trained_run_dir), "--host", host, "--port", "0"]) == 2
-    err = capsys.readouterr().err
-    assert f"refusing to listen on {host} without a token" in err and "Traceback" not in err
+def test_refuses_a_non_loopback_address_without_a_token(trained_run_dir, host):
+    env = {k: v for k, v in child_env().items() if k != "CIFARCNN_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "cifarcnn", "serve", str(trained_run_dir), "--host", host,
+                           "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"refusing to listen on {host} without a token" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_token_is_required_on_the_api(trained_run_dir, pngs):

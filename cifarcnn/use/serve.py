@@ -37,6 +37,7 @@ from fastapi import FastAPI, HTTPException, Request  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
+from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
 from .. import __version__  # noqa: E402
 from ..base.config import load_preset, preset_names  # noqa: E402
@@ -169,7 +170,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 # --------------------------------------------------------------------------- the guard: token and body size
 
 
-async def _send_json(send, status: int, detail: str, headers: tuple = ()) -> None:
+async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -181,14 +182,14 @@ class Guard:
     """ASGI middleware in front of the app: with a token, 401 for a request without `Authorization: Bearer
     <token>` (except OPEN_PATHS); 413 for a body over `max_body` bytes, declared or streamed, read no further."""
 
-    def __init__(self, app, max_body: int, token: str | None):
+    def __init__(self, app: ASGIApp, max_body: int, token: str | None):
         self.app, self.max_body, self.token = app, max_body, token
 
-    def _authorized(self, scope: dict) -> bool:
+    def _authorized(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
         return hmac.compare_digest(given, f"Bearer {self.token}".encode())
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.token and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
