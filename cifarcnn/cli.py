@@ -1,4 +1,5 @@
-"""Command line: `cifarcnn train | evaluate | bench | predict | export | report | show-batch | check | presets`;
+"""Command line: `cifarcnn train | evaluate | bench | predict | serve | export | report | show-batch | check |
+presets`;
 config overrides as key=value."""
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return predict(args.target, args.paths, device=args.device, batch_size=args.batch_size, top_k=args.top_k,
                    output=args.output, labels_from_folders=args.labels_from_folders, quiet=args.quiet,
                    workers=args.workers, tta=args.tta)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .use.serve import ServeOptions, serve
+
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                           token=args.token, max_body_mb=args.max_body_mb)
+    return serve(args.target, options, device=args.device, tta=args.tta)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -219,6 +228,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no per-file table, only errors and the summary")
     p.set_defaults(func=cmd_predict)
 
+    _add_serve_command(sub)
+
     p = sub.add_parser("export", help="export a trained model to ONNX (checked with ONNX Runtime when installed)")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: onnx)")
@@ -236,6 +247,28 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="fail instead of evaluating a run that has no eval/test_metrics.json")
     p.set_defaults(func=cmd_report)
+
+
+def _add_serve_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a trained model over HTTP: a JSON API (/v1/predict) and a page at / "
+                                     "(needs the serve extra: pip install 'cifarcnn[serve]')")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="most images in one forward pass, gathered from concurrent requests (default: 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="longest an image waits for others to join its batch, in ms (default: 5)")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on /v1 requests (default: "
+                                   "$CIFARCNN_TOKEN); required on an address other than loopback")
+    p.add_argument("--max-body-mb", type=float, default=20.0,
+                   help="largest request body in MB; a larger one gets 413 (default: 20)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
+    p.add_argument("--tta", type=int, metavar="LEVEL",
+                   help="test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts (default: the "
+                        "checkpoint's tta, as predict and evaluate use)")
+    p.set_defaults(func=cmd_serve)
 
 
 def _add_inspection_commands(sub: argparse._SubParsersAction) -> None:

@@ -10,6 +10,7 @@ exactly as the training and test loaders do.
 from __future__ import annotations
 
 import glob
+import io
 import os
 import struct
 from collections.abc import Iterable
@@ -107,19 +108,33 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
-    """Decode one file to a (size, size, 3) uint8 RGB array; raises ImageReadError with a short reason."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
+def _decode(source: str | Path | bytes, size: int, max_pixels: int | None) -> Image.Image:
+    """The first frame of a file (or of its bytes: an upload), upright, in 8-bit RGB, not yet resized."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
             raise ImageReadError("empty file")
-        with Image.open(path) as image:
-            image.seek(0)  # GIF/WebP animations: the first frame
-            if image.format == "JPEG":
-                image.draft("RGB", (size * 2, size * 2))  # let the JPEG decoder downscale big photos for free
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+        opened = Image.open(io.BytesIO(source))
+    else:
+        if Path(source).stat().st_size == 0:
+            raise ImageReadError("empty file")
+        opened = Image.open(source)
+    with opened as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageReadError(f"image too large to decode safely ({image.width}x{image.height} pixels; the "
+                                 f"limit is {max_pixels:,})")
+        image.seek(0)  # GIF/WebP animations: the first frame
+        if image.format == "JPEG":
+            image.draft("RGB", (size * 2, size * 2))  # let the JPEG decoder downscale big photos for free
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+
+
+def load_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | None = None) -> np.ndarray:
+    """Decode one file (a path, or its bytes) to a (size, size, 3) uint8 RGB array; raises ImageReadError with a
+    short reason. `max_pixels`: a larger image is refused before decoding (default: Pillow's bomb limit)."""
+    try:
+        image = _decode(source, size, max_pixels)
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -144,10 +159,11 @@ def load_image(path: str | Path, size: int = SIZE) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_image(path: str | Path, size: int = SIZE) -> np.ndarray | str:
-    """`load_image`, or the reason the file could not be read as a string (never raises for a bad file)."""
+def read_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | None = None) -> np.ndarray | str:
+    """`load_image`, or the reason the file (or upload) could not be read as a string (never raises for a bad
+    one)."""
     try:
-        return load_image(path, size)
+        return load_image(source, size, max_pixels)
     except ImageReadError as e:
         return str(e)
     except Exception as e:  # a decoder bug on a hostile file must not stop the other files

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..base.device import select_device
 from ..base.errors import UsageError
-from ..base.inference import checkpoint_settings, infer
+from ..base.inference import Settings, checkpoint_settings, infer
 from ..base.progress import bar_disabled
 from ..base.storage import atomic_write_json, atomic_write_text
 from ..data.dataset import MEAN, STD
@@ -40,6 +40,53 @@ class FileResult:
     label: str | None = None  # the class its folder names, with --labels-from-folders
     pixels: int | None = None  # the decoded image's identity (splits.pixel_ids): was it a training image?
     trained_on: bool = False  # with --labels-from-folders: an image the model trained on (left out of the accuracy)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint ready to classify images, as `predict` (and `serve`) run it: on `device`, in eval mode, with
+    the TTA level and precision `evaluate` would use (unless overridden) and its dataset's size, mean and std."""
+
+    path: Path
+    checkpoint: dict
+    model: nn.Module
+    classes: list[str]
+    device: torch.device
+    settings: Settings
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def classify(self, images: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        """`classify` for a stack of decoded (N, H, W, 3) uint8 images."""
+        return classify(self.model, images, self.classes, device=self.device, top_k=top_k, tta=self.settings.tta,
+                        precision=self.settings.precision, mean=self.mean, std=self.std, mirror=self.settings.mirror)
+
+
+def load_model(target: str | Path, device: str | None = None, tta: int | None = None) -> LoadedModel:
+    """The checkpoint a run folder or file names, loaded onto `device` (default: the fastest available); `tta`
+    overrides the checkpoint's test-time augmentation level."""
+    path = resolve_checkpoint(target)
+    checkpoint = load_checkpoint(path)
+    torch_device = select_device(device)
+    model = model_from_checkpoint(checkpoint, path).to(torch_device, memory_format=torch.channels_last).eval()
+    settings = checkpoint_settings(checkpoint, torch_device, tta)  # as evaluate, unless --tta says otherwise
+    info = checkpoint_dataset(checkpoint)
+    return LoadedModel(path, checkpoint, model, list(checkpoint["classes"]), torch_device, settings,
+                       info["image_size"], info["mean"], info["std"])
+
+
+@torch.inference_mode()
+def classify(model: nn.Module, images: np.ndarray, classes: Sequence[str], *, device: torch.device, top_k: int,
+             tta: int, precision: str, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
+             mirror: bool = True) -> list[list[tuple[str, float]]]:
+    """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward pass
+    (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
+    x = to_model_input(images, device, mean, std).contiguous(memory_format=torch.channels_last)
+    probabilities = infer(model, x, tta, precision, mirror).softmax(1)
+    # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
+    values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
+    return [[(classes[c], p) for c, p in zip(idx, vals)] for vals, idx in zip(values.tolist(), indices.tolist())]
 
 
 def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndarray | str]:
@@ -66,12 +113,10 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
     arrays: list[np.ndarray] = []
 
     def flush() -> None:
-        x = to_model_input(np.stack(arrays), device, mean, std).contiguous(memory_format=torch.channels_last)
-        probabilities = infer(model, x, tta, precision, mirror).softmax(1)
-        # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
-        values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
-        for i, vals, idx, pixels in zip(pending, values.tolist(), indices.tolist(), pixel_ids(np.stack(arrays))):
-            results[i].top = [(classes[c], p) for c, p in zip(idx, vals)]
+        tops = classify(model, np.stack(arrays), classes, device=device, top_k=top_k, tta=tta, precision=precision,
+                        mean=mean, std=std, mirror=mirror)
+        for i, top, pixels in zip(pending, tops, pixel_ids(np.stack(arrays))):
+            results[i].top = top
             results[i].pixels = int(pixels)
         pending.clear()
         arrays.clear()
@@ -178,27 +223,22 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     if not files:
         raise UsageError(f"no image files found in {' '.join(map(str, paths))} "
                          f"(looked for {', '.join(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'))})")
-    ckpt_path = resolve_checkpoint(target)
-    checkpoint = load_checkpoint(ckpt_path)
-    classes = list(checkpoint["classes"])
+    loaded = load_model(target, device, tta)
+    ckpt_path, classes, torch_device, settings = loaded.path, loaded.classes, loaded.device, loaded.settings
     if not 1 <= top_k <= len(classes):
         raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
-    torch_device = select_device(device)
-    model = model_from_checkpoint(checkpoint, ckpt_path).to(torch_device, memory_format=torch.channels_last)
-    settings = checkpoint_settings(checkpoint, torch_device, tta)  # as evaluate, unless --tta says otherwise
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
-    info = checkpoint_dataset(checkpoint)
-    results = predict_files(model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
+    results = predict_files(loaded.model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
                             workers=workers, progress=not quiet and sys.stderr.isatty(), tta=settings.tta,
-                            precision=settings.precision, image_size=info["image_size"], mean=info["mean"],
-                            std=info["std"], mirror=settings.mirror)
+                            precision=settings.precision, image_size=loaded.image_size, mean=loaded.mean,
+                            std=loaded.std, mirror=settings.mirror)
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:
             r.label = folder_label(r.path, classes)
-        trained = mark_trained_on(results, checkpoint)
+        trained = mark_trained_on(results, loaded.checkpoint)
 
     if not quiet:
         _print_table(results, top_k)
@@ -216,7 +256,7 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     if labels_from_folders:
         if trained:
             print(f"split: {trained} of these files are images the model trained on (by their path in "
-                  f"{checkpoint['config']['data']['path']} or their pixels): LEFT OUT of the accuracy below")
+                  f"{loaded.checkpoint['config']['data']['path']} or their pixels): LEFT OUT of the accuracy below")
             summary["trained_on_left_out"] = trained
         scores = _report_accuracy(results, classes)
         if scores is not None:

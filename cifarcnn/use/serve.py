@@ -1,0 +1,408 @@
+"""`cifarcnn serve`: an HTTP API (and a page at /) that classifies uploaded images with a trained checkpoint.
+
+Answers are `cifarcnn predict`'s: the model is loaded by `predict.load_model`, uploads are decoded by
+`images.read_image` (the same function predict uses on files, on a thread pool) and classified by
+`LoadedModel.classify` (the one inference path), in batches gathered from concurrent requests (`batching`).
+Requests carry image bytes only: nothing in a request names a file on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import importlib.util
+import ipaddress
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Generator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from ..base.errors import UsageError, UserError
+
+if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None or \
+        importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
+    raise UserError("cifarcnn serve needs the `serve` extra (FastAPI, uvicorn, python-multipart): "
+                    "pip install 'cifarcnn[serve]'")
+
+import uvicorn  # noqa: E402
+from fastapi import FastAPI, HTTPException, Request  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from starlette.datastructures import UploadFile  # noqa: E402
+from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from ..base.config import load_preset, preset_names  # noqa: E402
+from ..data.images import read_image  # noqa: E402
+from .batching import Batcher  # noqa: E402
+from .predict import LoadedModel, load_model  # noqa: E402
+
+MAX_BODY_MB = 20
+MAX_PIXELS = 40_000_000  # an upload with more pixels is refused before decoding (Pillow warns at 89M, fails at 179M)
+TOKEN_ENV = "CIFARCNN_TOKEN"
+OPEN_PATHS = ("/", "/healthz", "/docs", "/openapi.json")  # need no token: they hold no model output
+FIELD = "file"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `serve` listens and batches."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    token: str | None = None
+    max_body_mb: float = MAX_BODY_MB
+    decode_workers: int = 4
+
+
+# --------------------------------------------------------------------------- what the model is
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def closest_preset(config: dict) -> tuple[str | None, dict]:
+    """The packaged preset a checkpoint's config differs from in the fewest keys, and those keys with the
+    checkpoint's values (a checkpoint does not record the preset it was trained from)."""
+    mine = _flatten(config)
+    best: tuple[str | None, dict] = (None, mine)
+    for name in preset_names():
+        theirs = _flatten(load_preset(name).to_dict())
+        changed = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if best[0] is None or len(changed) < len(best[1]):
+            best = (name, changed)
+    return best
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return f"sha256:{sha.hexdigest()}"
+
+
+def _accuracies(loaded: LoadedModel) -> tuple[float | None, float | None]:
+    """The checkpoint's validation accuracy, and its test accuracy when training (--test) or `evaluate` measured
+    it (RUN/eval/test_metrics.json for this checkpoint and epoch)."""
+    history = loaded.checkpoint.get("history") or [{}]
+    val, test = history[-1].get("val_acc"), history[-1].get("test_acc")
+    metrics = loaded.path.parent / "eval" / "test_metrics.json"
+    if test is None and metrics.is_file():
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            saved = json.loads(metrics.read_text())
+            if Path(saved["checkpoint"]).resolve() == loaded.path.resolve() and \
+                    saved.get("epoch") == loaded.checkpoint.get("epoch"):
+                test = saved["test_accuracy"]
+    return val, test
+
+
+def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
+    """(identity, details): what every prediction names, and what GET /v1/model answers."""
+    preset, overrides = closest_preset(loaded.checkpoint["config"])
+    identity = {"run": loaded.path.parent.name, "checkpoint": loaded.path.name, "digest": _digest(loaded.path),
+                "preset": preset, "preset_overrides": overrides, "tta": loaded.settings.tta,
+                "precision": loaded.settings.precision}
+    val, test = _accuracies(loaded)
+    details = {**identity, "architecture": loaded.checkpoint["model"], "epoch": loaded.checkpoint.get("epoch"),
+               "dataset": loaded.checkpoint.get("dataset", "CIFAR-10"), "classes": loaded.classes,
+               "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
+               "validation_accuracy": val, "test_accuracy": test, "inference": loaded.settings.describe(),
+               "device": str(loaded.device)}
+    return identity, details
+
+
+# --------------------------------------------------------------------------- response shapes (for /docs)
+
+
+class Prediction(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    label: str = Field(alias="class", description="class name")
+    probability: float
+
+
+class ImageResult(BaseModel):
+    name: str = Field(description="the upload's file name, or 'body' for a raw request body")
+    predictions: list[Prediction] = Field(description="the top classes, most likely first")
+
+
+class ModelIdentity(BaseModel):
+    run: str
+    checkpoint: str
+    digest: str
+    preset: str | None
+    preset_overrides: dict
+    tta: int
+    precision: str
+
+
+class PredictResponse(BaseModel):
+    model: ModelIdentity
+    results: list[ImageResult]
+
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": [FIELD], "properties": {
+        FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                "description": "one or more image files (PNG, JPEG, BMP, GIF, WebP)"},
+        "top_k": {"type": "integer", "description": "classes per image (default 3)"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "one image as the raw body"}}}}}
+
+
+# --------------------------------------------------------------------------- the guard: token and body size
+
+
+async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware in front of the app: with a token, 401 for a request without `Authorization: Bearer
+    <token>` (except OPEN_PATHS); 413 for a body over `max_body` bytes, declared or streamed, read no further."""
+
+    def __init__(self, app: ASGIApp, max_body: int, token: str | None):
+        self.app, self.max_body, self.token = app, max_body, token
+
+    def _authorized(self, scope: Scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.token}".encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.token and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+            return await _send_json(send, 401, "missing or wrong token: send the header 'Authorization: Bearer "
+                                               "<token>' with the token the server was started with",
+                                    ((b"www-authenticate", b"Bearer"),))
+        too_big = f"request body over the {self.max_body / 2**20:g} MB limit"
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_body:
+            return await _send_json(send, 413 if declared.isdigit() else 400,
+                                    too_big if declared.isdigit() else "bad Content-Length header")
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                return await _send_json(send, 413, too_big)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | None]:
+    """The uploaded images as (name, bytes) and the form's top_k, from a multipart form (field FIELD, repeated)
+    or from the raw body (one image)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=1000, max_fields=100)
+        except Exception as e:  # a malformed form: python-multipart's errors vary
+            raise HTTPException(400, f"malformed multipart form ({type(e).__name__}: {e})") from None
+        fields = form.getlist(FIELD)
+        if not fields:
+            raise HTTPException(400, f"missing field {FIELD!r}: send each image as a multipart form file named "
+                                     f"{FIELD!r}, or one image as the raw request body")
+        if not all(isinstance(f, UploadFile) for f in fields):
+            raise HTTPException(400, f"field {FIELD!r} must be a file upload, not text")
+        top_k = form.get("top_k")
+        return [(f.filename or f"{FIELD}{i + 1}", await f.read()) for i, f in enumerate(fields)], \
+            top_k if isinstance(top_k, str) else None
+    body = await request.body()
+    if not body:
+        raise HTTPException(400, f"empty request body: send one image as the body, or multipart form files named "
+                                 f"{FIELD!r}")
+    return [("body", body)], None
+
+
+def _top_k(raw: str | None, classes: int) -> int:
+    if raw is None:
+        return min(3, classes)
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= classes:
+        raise HTTPException(400, f"top_k must be a whole number from 1 to {classes} (the number of classes), "
+                                 f"got {raw!r}")
+    return int(raw)
+
+
+def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
+    """The FastAPI app for one loaded model; its lifespan starts and stops the batcher and the decoding pool.
+    `app.state.batcher` is the Batcher (its `batch_sizes` show how requests were batched)."""
+    identity, details = describe_model(loaded)
+    batcher = Batcher(lambda images: loaded.classify(images, len(loaded.classes)), options.max_batch,
+                      options.max_wait_ms / 1000)
+    decoders = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="cifarcnn-decode")
+    page = (resources.files("cifarcnn.use") / "serve_page.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        batcher.stop()
+        decoders.shutdown()
+
+    app = FastAPI(title="cifarcnn serve", version=__version__, lifespan=lifespan,
+                  description="Classify images with a trained cifarcnn checkpoint; answers equal `cifarcnn "
+                              "predict`'s for the same file.")
+    app.state.batcher = batcher
+
+    async def classify(name: str, data: bytes, top_k: int) -> dict:
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            decoders, read_image, data, loaded.image_size, MAX_PIXELS)
+        if isinstance(decoded, str):
+            raise HTTPException(422, f"{name}: {decoded}")
+        ranked = await batcher.submit(decoded)
+        return {"name": name, "predictions": [{"class": c, "probability": p} for c, p in ranked[:top_k]]}
+
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY,
+              summary="classify one or more images")
+    async def predict(request: Request, top_k: str | None = None) -> dict:
+        uploads, form_top_k = await _uploads(request)
+        k = _top_k(top_k if top_k is not None else form_top_k, len(loaded.classes))
+        results = await asyncio.gather(*(classify(name, data, k) for name, data in uploads))
+        return {"model": identity, "results": list(results)}
+
+    @app.get("/v1/model", summary="the model: classes, input, accuracy, inference settings")
+    async def model() -> dict:
+        return details
+
+    @app.get("/healthz", summary="liveness")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:  # logged by uvicorn, not sent
+        return JSONResponse({"detail": f"internal error ({type(error).__name__})"}, status_code=500)
+
+    return app
+
+
+# --------------------------------------------------------------------------- the command
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by SIGINT or SIGTERM as usual (no new connections, requests in flight
+    answered) but without re-raising the signal afterwards: a requested stop exits 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_options(options: ServeOptions) -> None:
+    """UsageError for an option out of range, or a non-loopback address without a token."""
+    if not 0 <= options.port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535, got {options.port}")
+    if options.max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {options.max_batch}")
+    if options.max_wait_ms < 0:
+        raise UsageError(f"--max-wait-ms must be 0 or more, got {options.max_wait_ms:g}")
+    if options.max_body_mb <= 0:
+        raise UsageError(f"--max-body-mb must be more than 0, got {options.max_body_mb:g}")
+    if not is_loopback(options.host) and not options.token:
+        raise UsageError(f"refusing to listen on {options.host} without a token: anyone who can reach it could use "
+                         f"the model. Give --token TOKEN (or set {TOKEN_ENV}), or listen on 127.0.0.1")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one), or a one-line UsageError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise UsageError(f"--host {host}: not an address this machine can listen on ({e})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Server, socket.socket, FastAPI]:
+    """A uvicorn server for the model behind the Guard, its listening socket (`server.run(sockets=[sock])`) and
+    the app."""
+    app = create_app(loaded, options)
+    sock = listen(options.host, options.port)
+    config = uvicorn.Config(Guard(app, int(options.max_body_mb * 2**20), options.token), log_level="info",
+                            access_log=False, timeout_graceful_shutdown=60, lifespan="on")
+    return _Server(config), sock, app
+
+
+def serve(target: str | Path, options: ServeOptions, *, device: str | None = None, tta: int | None = None) -> int:
+    """The `serve` command: load the checkpoint, listen, answer until SIGINT or SIGTERM; returns the exit code."""
+    options = ServeOptions(**{**options.__dict__, "token": options.token or os.environ.get(TOKEN_ENV) or None})
+    check_options(options)
+    loaded = load_model(target, device, tta)
+    server, sock, _ = make_server(loaded, options)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {loaded.path} ({len(loaded.classes)} classes; {loaded.settings.describe()}) on "
+          f"http://{shown}:{port}/ (API docs: /docs){'; token required' if options.token else ''}", flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise UserError("the server did not start (see the log above)")
+    print("stopped", flush=True)
+    return 0

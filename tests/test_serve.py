@@ -1,0 +1,386 @@
+"""`cifarcnn serve`: the same answers as `cifarcnn predict`, batching, bad input, the token, stopping, the page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarcnn.cli import main
+from cifarcnn.data.cifar import load_cifar10
+
+from .helpers import child_env
+from .serve_client import ServerProcess, multipart, predict_files, request
+
+serve = pytest.importorskip("cifarcnn.use.serve", reason="the serve extra is not installed")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pngs(cifar_root, tmp_path_factory) -> list[Path]:
+    """Twelve synthetic test images as PNG files."""
+    root = tmp_path_factory.mktemp("serve-pngs")
+    data = load_cifar10(cifar_root)
+    files = []
+    for n, pixels in enumerate(data.test_images[:12].permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(pixels).save(root / f"{n}.png")
+        files.append(root / f"{n}.png")
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(trained_run_dir):
+    """A server with a 1 MB body limit, shared by the tests that do not stop it."""
+    process = ServerProcess(trained_run_dir, "--max-body-mb", "1")
+    yield process
+    assert process.stop() == 0, process.output
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_run_dir):
+    from cifarcnn.use.predict import load_model
+
+    return load_model(trained_run_dir, "cpu")
+
+
+@contextlib.contextmanager
+def in_process(loaded, **options):
+    """A server for `loaded` on a thread of this process (free 127.0.0.1 port): yields (app, port)."""
+    server, sock, app = serve.make_server(loaded, serve.ServeOptions(port=0, **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.02)
+        yield app, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+def printed(p: float) -> str:
+    return f"{p:.2%}"  # how `predict` prints a probability
+
+
+# --------------------------------------------------------------------------- same answers as predict
+
+
+def test_answers_equal_predict_for_the_same_files(server, trained_run_dir, pngs, tmp_path, capsys):
+    out = tmp_path / "predict.json"
+    assert main(["predict", str(trained_run_dir), *map(str, pngs), "--top-k", "3", "--device", "cpu",
+                 "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    expected = {Path(r["path"]).name: r["predictions"] for r in json.loads(out.read_text())["results"]}
+    status, together = predict_files(server.port, pngs, top_k=3)  # one request, several files
+    assert status == 200, together
+    answers = {r["name"]: r["predictions"] for r in together["results"]}
+    for png in pngs[:4]:  # and one raw body per request
+        status, alone, _ = request(server.port, "POST", "/v1/predict?top_k=3", png.read_bytes())
+        assert status == 200 and alone["results"][0]["name"] == "body"
+        assert [p["class"] for p in alone["results"][0]["predictions"]] == [p["class"] for p in answers[png.name]]
+        assert [printed(p["probability"]) for p in alone["results"][0]["predictions"]] == \
+            [printed(p["probability"]) for p in expected[png.name]]
+    assert set(answers) == set(expected)
+    for name, predictions in answers.items():
+        assert [p["class"] for p in predictions] == [p["class"] for p in expected[name]]
+        assert [printed(p["probability"]) for p in predictions] == [printed(p["probability"]) for p in expected[name]]
+        top = predictions[0]
+        assert any(line.split()[:3] == [str(Path(pngs[0].parent) / name), top["class"], printed(top["probability"])]
+                   for line in table.splitlines())
+    identity = together["model"]
+    assert identity["run"] == trained_run_dir.name and identity["checkpoint"] == "best.pt"
+    assert identity["digest"].startswith("sha256:") and len(identity["digest"]) == 71
+    assert identity["preset"] == "seed" and identity["preset_overrides"]["epochs"] == 2
+    assert (identity["tta"], identity["precision"]) == (json.loads(out.read_text())["tta"],
+                                                        json.loads(out.read_text())["precision"])
+
+
+def test_model_endpoint_describes_the_checkpoint(server, trained_run_dir, loaded):
+    status, model, _ = request(server.port, "GET", "/v1/model")
+    assert status == 200
+    checkpoint = loaded.checkpoint
+    assert model["classes"] == list(checkpoint["classes"]) and model["image_size"] == 32
+    assert model["mean"] == pytest.approx(checkpoint["mean"]) and model["std"] == pytest.approx(checkpoint["std"])
+    assert model["validation_accuracy"] == checkpoint["best_val_acc"]
+    assert model["test_accuracy"] is None  # trained without --test, never evaluated
+    assert model["preset"] == "seed" and model["tta"] == loaded.settings.tta
+    assert request(server.port, "GET", "/healthz")[:2] == (200, {"status": "ok"})
+    docs = request(server.port, "GET", "/openapi.json")[1]
+    assert {"/v1/predict", "/v1/model", "/healthz"} <= set(docs["paths"])
+
+
+def test_closest_preset_names_the_overrides():
+    from cifarcnn.base.config import load_preset
+
+    config = load_preset("quick", ["epochs=1", "data.val_size=100"]).to_dict()
+    assert serve.closest_preset(config) == ("quick", {"epochs": 1, "data.val_size": 100})
+    assert serve.closest_preset(load_preset("fast").to_dict()) == ("fast", {})
+
+
+# --------------------------------------------------------------------------- batching and threads
+
+
+def test_batcher_gathers_concurrent_images_into_one_pass_off_the_event_loop():
+    calls: list[tuple[int, str]] = []
+
+    def run(images: np.ndarray) -> list[int]:
+        calls.append((len(images), threading.current_thread().name))
+        return [int(image[0, 0, 0]) for image in images]
+
+    async def submit_all(batcher, count):
+        return await asyncio.gather(*(batcher.submit(np.full((2, 2, 3), i, np.uint8)) for i in range(count)))
+
+    for max_batch, sizes in ((4, [4, 3]), (1, [1] * 7)):
+        calls.clear()
+        batcher = serve.Batcher(run, max_batch=max_batch, max_wait=0.5)
+        batcher.start()
+        try:
+            assert asyncio.run(submit_all(batcher, 7)) == list(range(7))  # each request gets its own row
+        finally:
+            batcher.stop()
+        assert [size for size, _ in calls] == sizes
+        assert all(thread == "cifarcnn-batcher" for _, thread in calls)
+        assert list(batcher.batch_sizes) == sizes
+
+
+def test_concurrent_requests_share_forward_passes(loaded, pngs):
+    with in_process(loaded, max_batch=16, max_wait_ms=400) as (app, port):
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda png: request(port, "POST", "/v1/predict", png.read_bytes()), pngs[:8]))
+        sizes = list(app.state.batcher.batch_sizes)
+        assert all(status == 200 for status, _, _ in answers)
+        assert sum(sizes) == 8 and len(sizes) <= 2, sizes  # 8 requests, one or two forward passes
+        _, alone = predict_files(port, pngs[:1])
+    assert [p["class"] for p in answers[0][1]["results"][0]["predictions"]] == \
+        [p["class"] for p in alone["results"][0]["predictions"]]
+
+
+def test_decoding_runs_on_a_thread_pool_and_does_not_block_other_requests(loaded, pngs, monkeypatch):
+    real = serve.read_image
+
+    def slow_read(*args):
+        time.sleep(0.6)
+        return real(*args)
+
+    monkeypatch.setattr(serve, "read_image", slow_read)
+    with in_process(loaded, max_batch=1, max_wait_ms=0) as (_, port):
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            slow = [pool.submit(request, port, "POST", "/v1/predict", png.read_bytes()) for png in pngs[:3]]
+            time.sleep(0.2)
+            assert request(port, "GET", "/healthz")[0] == 200
+            health_seconds = time.monotonic() - started
+            assert all(f.result()[0] == 200 for f in slow)
+        total = time.monotonic() - started
+    assert health_seconds < 0.55, "a decode blocked the event loop"
+    assert total < 1.5, f"3 decodes of 0.6 s took {total:.2f} s: they did not overlap"
+
+
+def test_an_unexpected_error_is_a_500_without_a_traceback_and_the_server_goes_on(loaded, pngs, monkeypatch):
+    real = loaded.classify
+    monkeypatch.setattr(loaded, "classify", lambda *a: (_ for _ in ()).throw(RuntimeError("/secret/path boom")))
+    with in_process(loaded) as (_, port):
+        status, answer, _ = request(port, "POST", "/v1/predict", pngs[0].read_bytes())
+        assert status == 500 and answer == {"detail": "internal error (RuntimeError)"}
+        monkeypatch.setattr(loaded, "classify", real)
+        assert request(port, "POST", "/v1/predict", pngs[0].read_bytes())[0] == 200
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def png_bytes(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def raw_exchange(port: int, head: bytes, body_chunks=()) -> bytes:
+    """Send a request by hand (headers, then chunks), and what the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):  # the server may answer and close before the body is all sent
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, pngs):
+    port, good = server.port, pngs[0].read_bytes()
+    cases = {
+        "bomb": (b"", png_bytes((8000, 6000), "1"), 422, "too large to decode safely"),
+        "not an image": (b"", b"hello, world", 422, "not an image"),
+        "truncated": (b"", good[: len(good) // 2], 422, "truncated"),
+        "empty": (b"", b"", 400, "empty request body"),
+        "a server path as the body": (b"", str(pngs[0]).encode(), 422, "not an image"),
+        "bad top_k": (b"?top_k=11", good, 400, "top_k must be a whole number from 1 to 10"),
+    }
+    for name, (query, body, status, words) in cases.items():
+        got, answer, _ = request(port, "POST", "/v1/predict" + query.decode(), body)
+        assert got == status and words in answer["detail"], (name, got, answer)
+        assert "Traceback" not in json.dumps(answer)
+    body, headers = multipart([], {"image": "x"})
+    got, answer, _ = request(port, "POST", "/v1/predict", body, headers)
+    assert got == 400 and "missing field 'file'" in answer["detail"]
+    # a multipart file named after a real image on the server: its content counts, never the path
+    body, headers = multipart([(str(pngs[1]), b"not image bytes")])
+    got, answer, _ = request(port, "POST", "/v1/predict", body, headers)
+    assert got == 422 and "not an image" in answer["detail"]
+    assert request(port, "GET", "/../../../etc/passwd")[0] == 404
+    # over the 1 MB limit: declared (answered before the body is sent), then streamed without a length
+    answer = raw_exchange(port, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and b"1 MB limit" in answer
+    chunks = [b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)] * 20 + [b"0\r\n\r\n"]
+    answer = raw_exchange(port, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", chunks)
+    assert answer.startswith(b"HTTP/1.1 413") and b"1 MB limit" in answer
+    status, answer = predict_files(port, pngs[:2])
+    assert status == 200 and len(answer["results"]) == 2
+    assert server.proc.poll() is None
+
+
+# --------------------------------------------------------------------------- token, address, stopping
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "example.invalid"])
+def test_refuses_a_non_loopback_address_without_a_token(trained_run_dir, host):
+    env = {k: v for k, v in child_env().items() if k != "CIFARCNN_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "cifarcnn", "serve", str(trained_run_dir), "--host", host,
+                           "--port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"refusing to listen on {host} without a token" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_token_is_required_on_the_api(trained_run_dir, pngs):
+    process = ServerProcess(trained_run_dir, env={"CIFARCNN_TOKEN": "s3cret"})
+    try:
+        port, image = process.port, pngs[0].read_bytes()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, answer, got = request(port, "POST", "/v1/predict", image, headers)
+            assert status == 401 and "token" in answer["detail"] and got.get("www-authenticate") == "Bearer"
+            assert request(port, "GET", "/v1/model", headers=headers)[0] == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert request(port, "POST", "/v1/predict", image, good)[0] == 200
+        assert request(port, "GET", "/v1/model", headers=good)[0] == 200
+        assert request(port, "GET", "/healthz")[0] == 200 and request(port, "GET", "/")[0] == 200
+    finally:
+        assert process.stop() == 0, process.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_finishes_requests_in_flight_then_exits_0(trained_run_dir, pngs, sig):
+    process = ServerProcess(trained_run_dir, "--max-wait-ms", "2500")  # each request waits 2.5 s for company
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(request, process.port, "POST", "/v1/predict", pngs[0].read_bytes())
+        time.sleep(1.0)
+        process.proc.send_signal(sig)
+        time.sleep(0.5)
+        with pytest.raises(OSError):  # no longer accepting
+            socket.create_connection(("127.0.0.1", process.port), timeout=5).close()
+        status, answer, _ = in_flight.result(60)
+    assert status == 200 and answer["results"][0]["predictions"]
+    assert process.stop(None) == 0, process.output
+    assert "Traceback" not in process.output and "stopped" in process.output
+
+
+def test_without_fastapi_serve_names_the_extra(trained_run_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "cifarcnn.use.serve")
+    assert main(["serve", str(trained_run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'cifarcnn[serve]'" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_page_is_self_contained(server):
+    status, page, _ = request(server.port, "GET", "/")
+    assert status == 200 and "<input" in page and 'type="file"' in page
+    assert "http://" not in page and "https://" not in page and "//cdn" not in page  # nothing from elsewhere
+
+
+def chromium_and_driver() -> tuple[str, str]:
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+    if browser is None:
+        if __import__("os").environ.get("CI"):
+            pytest.fail("CI is set but Chromium is not installed (.ci/run installs chromium and chromium-driver)")
+        pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)")
+    driver = shutil.which("chromedriver")
+    assert driver, "Chromium is installed but chromedriver is not: apt-get install chromium-driver"
+    return browser, driver
+
+
+def test_page_in_chromium_shows_the_top_classes_of_an_uploaded_png(server, pngs, tmp_path):
+    browser, driver_path = chromium_and_driver()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        chooser = driver.find_element(By.ID, "files")
+        driver.execute_script("arguments[0].hidden = false", chooser)
+        chooser.send_keys(str(pngs[3]))
+        card = WebDriverWait(driver, 60).until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, ".result[data-top], .result[data-error]"))[0]
+        assert card.get_attribute("data-error") is None, card.get_attribute("data-error")
+        shown = [(r.find_element(By.CLASS_NAME, "name").text, r.find_element(By.CLASS_NAME, "pct").text)
+                 for r in card.find_elements(By.CLASS_NAME, "row")]
+        model_line = driver.find_element(By.ID, "model").text
+    finally:
+        driver.quit()
+    _, answer = predict_files(server.port, [pngs[3]])
+    expected = [(p["class"], printed(p["probability"])) for p in answer["results"][0]["predictions"]]
+    assert shown == expected and len(shown) == 3
+    assert "classes" in model_line and "tta" in model_line
+
+
+# --------------------------------------------------------------------------- the load benchmark
+
+
+def test_load_benchmark_runs_end_to_end(trained_run_dir, cifar_root, tmp_path):
+    pngs_dir = tmp_path / "pngs"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "test_set_as_pngs.py"), str(pngs_dir), "--data-dir",
+                    str(cifar_root)], check=True, capture_output=True, timeout=120)
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(trained_run_dir),
+                           str(pngs_dir), "--requests", "60", "--clients", "4", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    for key in ("batched", "max_batch_1"):
+        run = summary[key]
+        assert run["requests"] == 60 and run["errors"] == 0 and run["requests_per_second"] > 0
+        assert 0 < run["p50_ms"] <= run["p99_ms"] and run["rss_start_mb"] > 0 and run["rss_end_mb"] > 0
+    assert summary["predict"]["images"] == 60 and summary["predict"]["images_per_second"] > 0
+    assert set(summary["targets"]) == {"zero errors", "throughput >= 0.3x predict", "p99 <= 250 ms",
+                                       "memory growth < 50 MB", "batching >= 1.5x max-batch 1"}
+    assert "req/s" in done.stdout
