@@ -31,29 +31,29 @@ def _field(default: Any, **limits: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = _field("cifar10", choices=DATASETS)
+    dataset: str = _field("cifar10", choices=DATASETS)  # cifar10, cifar100, or a folder of your own images (path)
     path: str | None = None  # the folder of a folder dataset (DIR/train/<class>/..., DIR/test/<class>/...)
     labels: str = _field("fine", choices=("fine", "coarse"))  # cifar100: 100 fine classes or 20 superclasses
     image_size: int = _field(32, lo=16, hi=512)  # folder datasets: side of the square images decoded
     test_fraction: float = _field(0.2, lo=0, hi=1, lo_open=True, hi_open=True)  # folder without test/: held out
     val_size: int | float | str = _field("auto", special="val_size")  # auto: a tenth (CIFAR 5,000); 0: none
-    split_seed: int = _field(0, lo=0)
+    split_seed: int = _field(0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
 
 
 @dataclass
 class AugmentConfig:
-    flip: str = _field("random", choices=("random", "alternate", "none"))
-    crop_padding: int = _field(4, lo=0, hi=16)
-    padding_mode: str = _field("zeros", choices=("zeros", "reflect"))
-    brightness: float = _field(0.2, lo=0, hi=1)
-    contrast: float = _field(0.2, lo=0, hi=1)
+    flip: str = _field("random", choices=("random", "alternate", "none"))  # mirror left-right; none for digits, text
+    crop_padding: int = _field(4, lo=0, hi=16)  # random crops of the image padded by this many pixels; 0: off
+    padding_mode: str = _field("zeros", choices=("zeros", "reflect"))  # what the crop padding holds
+    brightness: float = _field(0.2, lo=0, hi=1)  # each image scaled by a factor in [1 - b, 1 + b]; 0: off
+    contrast: float = _field(0.2, lo=0, hi=1)  # each image pulled to or from its mean by [1 - c, 1 + c]; 0: off
     cutout: int = _field(0, lo=0, hi=32)  # side of the square set to the mean colour, one per image; 0: off
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = _field("adam", choices=("adam", "adamw", "sgd"))
-    lr: float = _field(1e-3, lo=0, lo_open=True)
+    name: str = _field("adam", choices=("adam", "adamw", "sgd"))  # sgd uses momentum and nesterov below
+    lr: float = _field(1e-3, lo=0, lo_open=True)  # the peak learning rate the scheduler starts from
     weight_decay: float = _field(1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
     momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd only
     nesterov: bool = False  # sgd only
@@ -63,23 +63,23 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = _field("cosine", choices=("cosine", "linear", "constant"))
+    name: str = _field("cosine", choices=("cosine", "linear", "constant"))  # how lr falls to min_lr
     epochs: int | None = _field(None, lo=1)  # decay length in epochs; None: the training epochs
-    min_lr: float = _field(0.0, lo=0)
+    min_lr: float = _field(0.0, lo=0)  # the rate at the end of the decay
     warmup_epochs: float = _field(0.0, lo=0)  # linear warm-up from warmup_factor x lr to lr
-    warmup_factor: float = _field(0.0, lo=0, hi=1)
+    warmup_factor: float = _field(0.0, lo=0, hi=1)  # the warm-up starts at this fraction of lr
 
 
 @dataclass
 class Config:
-    model: str = "simple_cnn"
-    seed: int = _field(0, lo=0)
-    epochs: int = _field(50, lo=1)
-    batch_size: int = _field(128, lo=1)
-    eval_batch_size: int = _field(1000, lo=1)
+    model: str = "simple_cnn"  # the architecture, by its name in the model registry (cifarcnn check shows it)
+    seed: int = _field(0, lo=0)  # weights, batch order and augmentation: the same seed gives the same run
+    epochs: int = _field(50, lo=1)  # passes over the training images (early stopping may end the run sooner)
+    batch_size: int = _field(128, lo=1)  # images per optimizer step (the global batch under torchrun)
+    eval_batch_size: int = _field(1000, lo=1)  # images per forward pass in validation and test (memory only)
     patience: int = _field(10, lo=0)  # early stopping on validation accuracy; 0 switches it off
     log_every: int = _field(10, lo=1)  # batches between progress-bar refreshes and per-step loss logs
-    label_smoothing: float = _field(0.0, lo=0, hi=1, hi_open=True)
+    label_smoothing: float = _field(0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes
     tta: int = _field(0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
     compile: bool = False  # torch.compile the model (warm-up is done before training starts)
     precision: str = _field("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on CUDA and bf16 CPUs, else fp32
