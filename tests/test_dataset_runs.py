@@ -267,20 +267,32 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
     """A run on a folder without test/; files then added, removed and renamed. No image the model trained on is
     measured as a test image, and evaluate, report and predict --labels-from-folders say what changed."""
     root = write_image_folder(tmp_path / "pics", per_class=20, test_per_class=None)
+
+    def held(key: str, fraction: float, side: bytes) -> bool:
+        return bool(splits.hash_held_out([key, "x"], np.array([0, 0]), fraction, 0, side)[0])
+
+    def test_side_name(stem: str) -> str:  # a file name whose hash puts it on the test side
+        return next(f"{stem}-{i}.png" for i in range(1000) if held(f"{stem}-{i}.png", 0.2, b"test"))
+
+    # a duplicate in the folder from the start: the same picture as a training image, on the test side
+    source = next(f"train/fox/{i}.png" for i in (0, 8, 12, 16)  # PNG files at the class folder's top
+                  if not held(f"train/fox/{i}.png", 0.2, b"test") and not held(f"train/fox/{i}.png", 0.5, b"val"))
+    shutil.copy(root / source, root / test_side_name("train/fox/dup"))
     run = tmp_path / "runs" / "r"
     assert main(["train", "epochs=1", "batch_size=8", "data.image_size=16", "data.dataset=folder",
                  f"data.path={root}", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--device", "cpu"]) == 0
     checkpoint = load_checkpoint(run / "best.pt")
     split = checkpoint["split"]
-    assert split["train"]["count"] + split["val"]["count"] + split["test"]["count"] == 60
+    assert split["train"]["count"] + split["val"]["count"] + split["test"]["count"] == 61
     assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e0")]) == 0
-    assert "split: unchanged since training" in capsys.readouterr().out
+    out = capsys.readouterr().out  # nothing moved: the duplicate is left out as a copy, not reported as a move
+    assert "changed sides" not in out and "1 test image(s) have the pixels of a training image" in out
+    assert "LEFT OUT: 1" in out
     data = load_dataset(data_config(checkpoint["config"]["data"]))
     trained = [k for k in data.train_ids if k not in set(data.test_ids)]
     # a training image renamed to a name whose hash puts it on the test side; another file added, one removed
     victim = next(k for k in trained if k.startswith("train/cat/"))
-    new_name = next(f"train/cat/moved-{i}.png" for i in range(1000)
-                    if splits.hash_held_out([f"train/cat/moved-{i}.png", "x"], np.array([0, 0]), 0.2, 0, b"test")[0])
+    new_name = test_side_name("train/cat/moved")
     Image.open(root / victim).save(root / new_name)  # png: the same pixels, decoded again
     (root / victim).unlink()
     shutil.copy(root / data.test_ids[0], root / "train" / "dog" / "copy-of-a-test-image.png")
@@ -290,10 +302,11 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
     saved = json.loads((tmp_path / "e1" / "test_metrics.json").read_text())
     now = load_dataset(data_config(checkpoint["config"]["data"]))
     assert new_name in now.test_ids  # the renamed training image is on the test side now: left out, said so
-    assert saved["split"]["trained_on_left_out"] == 1 and "(1 were training images" in out and "LEFT OUT: 1" in out
-    assert saved["num_images"] == len(now.test_ids) - 1
+    # left out: the renamed training image and the duplicate, both by their pixels
+    assert saved["split"]["trained_on_left_out"] == 2 and "2 test image(s) have the pixels of a training image" in out
+    assert "LEFT OUT: 2" in out and saved["num_images"] == len(now.test_ids) - 2
     assert main(["report", str(run), "--device", "cpu"]) == 0
-    assert "changed sides since training" in capsys.readouterr().out
+    assert "have the pixels of a training image" in capsys.readouterr().out
     assert main(["predict", str(run), str(root / "train" / "cat"), "--labels-from-folders", "-q", "--device",
                  "cpu"]) == 0
     assert "images the model trained on" in capsys.readouterr().out

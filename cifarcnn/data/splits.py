@@ -97,19 +97,26 @@ class SplitChange:
 
     test_images: int
     trained_on: np.ndarray  # bool per current test image: the model trained on it (by path or by pixels)
-    was_val: int  # current test images that were validation images
+    was_train: int  # current test images whose path was a training image's
+    was_val: int  # current test images whose path was a validation image's
+    copies: int  # test images under a path not trained on, with the pixels of a training image (duplicates)
     new: int  # current test images the checkpoint never saw on any side
     gone: int  # images trained on that are no longer in the dataset under their name
 
     @property
     def moved(self) -> int:
-        return int(self.trained_on.sum()) + self.was_val
+        return self.was_train + self.was_val
 
     def describe(self) -> str:
-        if not self.moved and not self.new and not self.gone:
+        if not self.moved and not self.copies and not self.new and not self.gone:
             return f"split: unchanged since training ({self.test_images} test images, none trained on)"
-        parts = [f"{self.moved} of the {self.test_images} test images changed sides since training "
-                 f"({int(self.trained_on.sum())} were training images, {self.was_val} validation images)"]
+        parts = []
+        if self.moved:
+            parts.append(f"{self.moved} of the {self.test_images} test images changed sides since training "
+                         f"({self.was_train} were training images, {self.was_val} validation images)")
+        if self.copies:
+            parts.append(f"{self.copies} test image(s) have the pixels of a training image (the same picture under "
+                         f"another name, at the decoded size)")
         if self.new:
             parts.append(f"{self.new} test image(s) are new since training")
         if self.gone:
@@ -124,14 +131,20 @@ def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
         return None
     ids, pixels = path_ids(data.test_ids), pixel_ids(data.test_images)
 
-    def member(side: str) -> np.ndarray:
-        then = record[side]
-        return np.isin(ids, then["ids"].numpy()) | np.isin(pixels, then["pixels"].numpy())
+    def by_path(side: str) -> np.ndarray:
+        return np.isin(ids, record[side]["ids"].numpy())
 
-    trained, val, test = member("train"), member("val"), member("test")
-    val &= ~trained
+    def by_pixels(side: str) -> np.ndarray:
+        return np.isin(pixels, record[side]["pixels"].numpy())
+
+    was_train = by_path("train")
+    was_val = by_path("val") & ~was_train
+    copies = by_pixels("train") & ~was_train
+    trained = was_train | copies
+    seen = was_train | by_path("val") | by_path("test") | by_pixels("train") | by_pixels("val") | by_pixels("test")
     now_ids = np.concatenate([ids, path_ids(data.train_ids)])
     now_pixels = np.concatenate([pixels, pixel_ids(data.train_images)])
     then = record["train"]
     gone = ~np.isin(then["ids"].numpy(), now_ids) & ~np.isin(then["pixels"].numpy(), now_pixels)
-    return SplitChange(len(ids), trained, int(val.sum()), int((~(trained | val | test)).sum()), int(gone.sum()))
+    return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()), int(copies.sum()),
+                       int((~seen).sum()), int(gone.sum()))

@@ -106,6 +106,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
         "split": None if change is None else {
             "description": change.describe(), "changed_sides": change.moved,
             "trained_on_left_out": int(change.trained_on.sum()), "were_validation": change.was_val,
+            "copies_of_training_images": change.copies,
             "new": change.new, "gone": change.gone},
     }
     atomic_write_json(out_dir / "test_metrics.json", results)
@@ -139,6 +140,7 @@ def _print_header(path: Path, checkpoint: dict, settings: Settings, accuracy: fl
     trained = int(change.trained_on.sum()) if change is not None else 0
     if trained:
         print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train on "
-              f"(LEFT OUT: {trained} test image(s) the model trained on, moved to the test side since training)\n")
+              f"(LEFT OUT: {trained} test image(s) the model trained on: moved to the test side, or copies of "
+              f"training images)\n")
     else:
         print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")
