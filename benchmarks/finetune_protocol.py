@@ -10,8 +10,8 @@ datasets of N training images per class (a seeded choice, the same for every see
 official test images as test/. Per target size and seed (0, 1, 2) three ways are trained with the same preset and
 epochs: from scratch, `init_from` + `finetune=all`, and `finetune=head` (a linear probe). Epochs: the quick
 preset's 5, raised to give at least MIN_STEPS optimizer steps (at 100 images per class, 500 images are 2 batches
-of 256 a epoch, so 5 epochs would be 10 steps; 50 epochs are 100). `--compare-normalization` also runs the
-fine-tuned ways of the first size normalised with the target dataset's own mean and std instead of the source
+of 256 a epoch, so 5 epochs would be 10 steps; 50 epochs are 100). `--compare-normalization` also runs
+`finetune=all` at the first size normalised with the target dataset's own mean and std instead of the source
 model's. Seconds are the trainer's `train_seconds` (training plus the final test with TTA). KEY=VALUE overrides
 apply to every run (source included). The work folder keeps the datasets and the source run: a rerun with the same
 --work reuses them (delete it to start over).
@@ -83,9 +83,9 @@ def prepare(work: Path, data_dir: str | None, sizes: list[int], source_limit: in
     return folders
 
 
-def epochs_for(images: int, batch_size: int, preset_epochs: int) -> int:
-    """The preset's epochs, raised to give at least MIN_STEPS optimizer steps."""
-    return max(preset_epochs, math.ceil(MIN_STEPS / math.ceil(images / batch_size)))
+def epochs_for(images: int, batch_size: int, preset_epochs: int, min_steps: int = MIN_STEPS) -> int:
+    """The preset's epochs, raised to give at least `min_steps` optimizer steps."""
+    return max(preset_epochs, math.ceil(min_steps / math.ceil(images / batch_size)))
 
 
 def train_source(work: Path, folder: Path, overrides: list[str], device: str | None) -> dict:
@@ -103,9 +103,9 @@ def train_source(work: Path, folder: Path, overrides: list[str], device: str | N
 
 
 def run_cell(work: Path, folder: Path, per_class: int, way: str, seed: int, source: str, overrides: list[str],
-             device: str | None, normalization: str = "source") -> dict:
+             device: str | None, normalization: str = "source", min_steps: int = MIN_STEPS) -> dict:
     base = load_preset(PRESET, overrides)
-    epochs = epochs_for(per_class * len(TARGET_CLASSES), base.batch_size, base.epochs)
+    epochs = epochs_for(per_class * len(TARGET_CLASSES), base.batch_size, base.epochs, min_steps)
     extra = [] if way == "scratch" else [f"init_from={source}", f"finetune={way.split()[-1]}"]
     cfg = load_preset(PRESET, ["data.dataset=folder", f"data.path={folder}", "data.val_size=0", f"epochs={epochs}",
                                f"seed={seed}", *extra, *overrides])
@@ -149,6 +149,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="cifarcnn-finetune-")))
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="training images per class")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--min-steps", type=int, default=MIN_STEPS, help="raise the epochs to this many steps")
     parser.add_argument("--source-per-class", type=int, help="fewer source images (for trying the script out)")
     parser.add_argument("--source-only", action="store_true", help="prepare the data and train the source, then stop")
     parser.add_argument("--compare-normalization", action="store_true",
@@ -161,17 +162,16 @@ def main() -> int:
     print(f"source: {source['test_acc']:.2%} test accuracy on its 5 classes, {source['seconds']:.1f}s", flush=True)
     if args.source_only:
         return 0
+    plan = [(n, way, seed, "source") for n in args.sizes for seed in range(args.seeds) for way in WAYS]
+    if args.compare_normalization:  # after the first size's cells
+        plan[args.seeds * len(WAYS):args.seeds * len(WAYS)] = [(args.sizes[0], "finetune all", seed, "target")
+                                                               for seed in range(args.seeds)]
     cells = []
-    for n in args.sizes:
-        for seed in range(args.seeds):
-            for way in WAYS:
-                cells.append(run_cell(args.work, folders[f"target{n}"], n, way, seed, source["run"], args.overrides,
-                                      args.device))
-    if args.compare_normalization:
-        for seed in range(args.seeds):
-            for way in WAYS[1:]:
-                cells.append(run_cell(args.work, folders[f"target{args.sizes[0]}"], args.sizes[0], way, seed,
-                                      source["run"], args.overrides, args.device, normalization="target"))
+    for n, way, seed, normalization in plan:
+        cells.append(run_cell(args.work, folders[f"target{n}"], n, way, seed, source["run"], args.overrides,
+                              args.device, normalization, args.min_steps))
+        atomic_write_json(args.out, {"preset": PRESET, "overrides": args.overrides, "source": source,
+                                     "cells": cells, "complete": False})
     rows = summarise(cells)
     mean = {(r["per_class"], r["way"], r["normalization"]): r["mean_test_acc"] for r in rows}
     small = args.sizes[0]
@@ -180,7 +180,7 @@ def main() -> int:
     print(f"source model: {source['test_acc']:.2%}; at {small} images per class, finetune all - scratch = "
           f"{gain * 100:+.1f} points (target: >= +8)")
     atomic_write_json(args.out, {"preset": PRESET, "overrides": args.overrides, "source": source, "cells": cells,
-                                 "rows": rows, "gain_points": gain * 100})
+                                 "rows": rows, "gain_points": gain * 100, "complete": True})
     return 0
 
 
