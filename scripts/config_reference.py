@@ -56,6 +56,7 @@ Checked when the config is built, with the same one-line errors:
 - `data.dataset=folder` needs `data.path`.
 - For `cifar10` and `cifar100`, `data.val_size` must be below 50,000 (the training images), `data.image_size`
   must be 32, and `data.labels=coarse` applies to `cifar100` only.
+- `finetune=head` needs `init_from` (see [Fine-tuning](finetune.md)).
 """
 
 

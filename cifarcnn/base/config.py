@@ -86,6 +86,8 @@ class Config:
     ema_decay: float = _field(0.0, lo=0, hi=1, hi_open=True)  # > 0: validate, test and save a weight average (EMA)
     checkpoint_every_steps: int = _field(0, lo=0)  # also save last.pt every N optimizer steps mid-epoch; 0: off
     sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
+    init_from: str | None = None  # start from a trained model: a run folder (its best.pt) or a checkpoint file
+    finetune: str = _field("all", choices=("all", "head"))  # with init_from: train every layer, or the classifier only
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -257,6 +259,9 @@ def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config
     if cfg.model not in MODELS:
         raise ConfigError(f"config key 'model' must be one of {', '.join(sorted(MODELS))}; got {cfg.model!r}")
     _check_data(cfg.data)
+    if cfg.finetune == "head" and not cfg.init_from:
+        raise ConfigError("config key 'finetune' is head, which trains only the classifier of a model loaded with "
+                          "init_from: set init_from=RUN_DIR (or a .pt file), or finetune=all")
     return cfg
 
 

@@ -191,8 +191,25 @@ def _test_caption(metrics: dict) -> str:
     left_out = (metrics.get("split") or {}).get("trained_on_left_out", 0)
     if left_out:
         return (f"test accuracy on the {metrics.get('num_images', '?')} test images not trained on ({left_out} "
-                f"trained-on image(s) LEFT OUT: the split changed since training)")
+                f"trained-on image(s) LEFT OUT: moved to the test side since training, or copies of training images)")
     return f"test accuracy ({metrics.get('num_images', '?')} images)"
+
+
+def _origin(run_dir: Path) -> str:
+    """For a fine-tuned run (`init_from`), the model it started from: path, weights digest, what was loaded."""
+    path = next((run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).exists()), None)
+    if path is None:
+        return ""
+    try:
+        origin = load_checkpoint(path).get("init_from")
+    except UserError:
+        return ""
+    if not origin:
+        return ""
+    new = ", ".join(origin.get("new") or []) or "none"
+    return (f"<p>Fine-tuned (<code>finetune: {_e(origin.get('finetune', '?'))}</code>) from "
+            f"<code>{_e(origin.get('path', '?'))}</code>, weights sha256 <code>{_e(origin.get('sha256', '?'))}</code>: "
+            f"{_e(origin.get('loaded', '?'))} tensors loaded, new: {_e(new)}.</p>")
 
 
 def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: str) -> str:
@@ -222,7 +239,7 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
         "summary": (f'<div class="cards">{cards}</div>'
                     + "".join(f'<p class="note">{n}</p>' for n in notes)
                     + f"<p>Evaluated checkpoint: <code>{_e(metrics.get('checkpoint', '?'))}</code> "
-                      f"(epoch {_e(metrics.get('epoch', '?'))}).</p>"),
+                      f"(epoch {_e(metrics.get('epoch', '?'))}).</p>" + _origin(run_dir)),
         "curves": ('<div class="curves">'
                    + "".join(f'<figure><img src="{_data_uri(png)}" alt="{_e(title)} per epoch"></figure>'
                              for title, png in training_curve_pngs(history))

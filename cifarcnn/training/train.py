@@ -37,6 +37,7 @@ from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
 from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
+from .finetune import check_size, freeze_body, normalised_like, open_source, start_from, train_mode
 from .interrupt import Interrupted, StopRequest, resume_command
 from .runlock import RunLock
 from .step import (
@@ -151,6 +152,8 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     if cfg.data.path:  # the run folder records where the images are, whatever the current folder later
         path = str(Path(cfg.data.path).expanduser().resolve())
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+    if cfg.init_from and not resume:  # likewise the model it started from
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
     dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
     lock = RunLock(run_dir)
     try:
@@ -187,6 +190,8 @@ class Trainer:
         self.data_dir, self.device_arg, self.resume = data_dir, device_arg, resume
         self.checkpoint = self._open_run()
         self.inference = settings_for(cfg.to_dict(), device)  # validation and test run as evaluate will
+        # fine-tuning: the model to start from (on resume the run's own weights are loaded instead)
+        self.source = open_source(cfg) if cfg.init_from and self.checkpoint is None else None
         train_images = self._load_data(test)
         self._build_model(train_images)
         self.steps_per_epoch = len(self.train_loader)
@@ -196,7 +201,7 @@ class Trainer:
             "dataset": self.data.name, "mean": list(self.data.mean), "std": list(self.data.std),
             "image_size": self.data.image_size,
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
-            "history": [], "train_seconds": 0.0, "precision": self.step.precision,
+            "history": [], "train_seconds": 0.0, "precision": self.step.precision, "init_from": self.origin,
             "tta_mirror": self.inference.mirror, "split": self.split,
         }
         self.start_step, self.start_order = 0, None
@@ -228,6 +233,11 @@ class Trainer:
         self.data = data = load_dataset(cfg.data, self.data_dir, device=self.device)
         if dist.is_main:
             dist.barrier()
+        if self.source is not None:
+            check_size(self.source, data, cfg)
+        if cfg.init_from:
+            self.data = data = normalised_like(data, self.checkpoint or self.source.checkpoint,
+                                               resumed=self.checkpoint is not None)
         val = validation_mask(data, cfg.data)
         (train_x, train_y), held_out = ((data.train_images, data.train_labels), None) if val is None else (
             (data.train_images[~val], data.train_labels[~val]), (data.train_images[val], data.train_labels[val]))
@@ -251,6 +261,11 @@ class Trainer:
         cfg = self.cfg
         self.model = make_model(cfg, len(self.classes), train_images, self.device, mean=self.data.mean,
                                 std=self.data.std)
+        self.origin = None  # what a fine-tuning run started from
+        if self.source is not None:
+            self.origin = start_from(self.model, self.source, self.classes, cfg, self.dist.is_main)
+        if cfg.init_from and cfg.finetune == "head":
+            freeze_body(self.model)
         # DistributedDataParallel under torchrun, else the model itself; the parameters are shared
         trained = self.dist.wrap(self.model, cfg.sync_batchnorm)
         self.optimizer = build_optimizer(cfg, self.model, self.device)
@@ -277,6 +292,7 @@ class Trainer:
             for name, value in checkpoint["lookahead"].items():
                 self.lookahead.average[name].copy_(value)
         self.state.update({k: checkpoint[k] for k in RESUMED_KEYS})
+        self.state["init_from"] = checkpoint.get("init_from")
         self.start_step, self.start_order = checkpoint.get("step", 0), checkpoint.get("order")
         self.last_good = self._checkpoint_note(self.state["epoch"], self.start_step)
 
@@ -415,7 +431,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> None:
         """The epoch's steps from `start_step` on; its running sums end in `self.totals`."""
         cfg, start = self.cfg, self.start_step
-        self.model.train()
+        train_mode(self.model, cfg)
         self.order = self.start_order if self.start_order is not None else self.train_loader.order(epoch)
         self.step.freeze(frozen_at(self.optimizer, epoch))
         self.totals = EpochTotals(self.device, saved_totals(self.checkpoint, self.dist) if start else None)

@@ -1,0 +1,142 @@
+"""Fine-tuning: a new run whose model starts from a trained model's weights (`init_from`), then trains every layer
+(`finetune: all`) or only the classifier (`finetune: head`, a linear probe: the rest frozen, BatchNorm statistics
+included).
+
+Every tensor whose name and shape match is copied, the data-initialised layers (FastNet's whitening) included;
+the classifier starts new when the classes differ (their number or their names). Inputs are normalised with the
+source model's mean and std (NORMALIZATION; measured against the new dataset's own in
+benchmarks/finetune_protocol.py, docs/finetune.md): the loaded layers keep seeing inputs scaled as in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..base.config import Config
+from ..base.errors import ConfigError, UserError
+from ..base.model import ClassifierHead
+from ..data.dataset import Dataset
+from ..data.datasets import checkpoint_dataset
+from .checkpoint import load_checkpoint, resolve_checkpoint
+
+NORMALIZATION = "source"  # "source": the source model's mean and std; "target": the new dataset's own
+
+
+@dataclass
+class Source:
+    """The checkpoint a fine-tuning run starts from."""
+
+    path: Path
+    checkpoint: dict
+
+    @property
+    def digest(self) -> str:
+        return weights_digest(self.checkpoint["model_state"])
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def open_source(cfg: Config) -> Source:
+    """The checkpoint `init_from` names, checked against the config's model; a mistake is a ConfigError."""
+    try:
+        path = resolve_checkpoint(cfg.init_from)
+        checkpoint = load_checkpoint(path)
+    except UserError as e:
+        raise ConfigError(f"config key 'init_from': {e}") from None
+    if checkpoint["model"] != cfg.model:
+        raise ConfigError(f"config key 'init_from': the checkpoint {path} holds a {checkpoint['model']}, the config "
+                          f"asks for {cfg.model}: set model={checkpoint['model']}")
+    return Source(path.resolve(), checkpoint)
+
+
+def check_size(source: Source, data: Dataset, cfg: Config) -> None:
+    """The source model's image size must be the dataset's."""
+    theirs, ours = checkpoint_dataset(source.checkpoint)["image_size"], data.image_size
+    if theirs == ours:
+        return
+    fix = (f"set data.image_size={theirs}" if cfg.data.dataset == "folder"
+           else f"{data.name} images are {ours}x{ours}: start from a model trained at that size")
+    raise ConfigError(f"config key 'init_from': the checkpoint {source.path} was trained on {theirs}x{theirs} images, "
+                      f"the dataset gives {ours}x{ours}: {fix}")
+
+
+def normalised_like(data: Dataset, checkpoint: dict, resumed: bool) -> Dataset:
+    """`data` with the mean and std a fine-tuning run uses: the source model's (`checkpoint`), unless
+    NORMALIZATION says the dataset's own; on resume (`checkpoint` is the run's own) those it recorded."""
+    if not resumed and NORMALIZATION != "source":
+        return data
+    info = checkpoint_dataset(checkpoint)
+    return dataclasses.replace(data, mean=tuple(info["mean"]), std=tuple(info["std"]))
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """The parameter names of the model's classifier (its ClassifierHead)."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            if isinstance(module, ClassifierHead) for name, _ in module.named_parameters(recurse=False)}
+
+
+@torch.no_grad()
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], new_head: bool) -> tuple[list[str], list[str]]:
+    """Copy every tensor of `state` whose name and shape match the model's (the classifier's only when not
+    `new_head`); returns the names (loaded, left as initialised)."""
+    head, loaded, new = head_names(model), [], []
+    for name, tensor in model.state_dict().items():
+        value = state.get(name)
+        if value is None or value.shape != tensor.shape or (new_head and name in head):
+            new.append(name)
+            continue
+        tensor.copy_(value)
+        loaded.append(name)
+    return loaded, new
+
+
+def start_from(model: nn.Module, source: Source, classes: list[str], cfg: Config, announce: bool = True) -> dict:
+    """Load the source weights into `model`, say what was loaded in one line, and return what the checkpoint
+    records: the source's path and weights digest, the fine-tuning mode, and the tensors loaded and made new."""
+    theirs = list(source.checkpoint["classes"])
+    new_head = theirs != list(classes)
+    loaded, new = load_matching(model, source.checkpoint["model_state"], new_head)
+    why = ""
+    if new_head:
+        why = (f" ({len(theirs)} classes there, {len(classes)} here)" if len(theirs) != len(classes)
+               else " (the class names differ)")
+    norm = "its" if NORMALIZATION == "source" else "the dataset's"
+    if announce:  # once under torchrun: rank 0
+        print(f"init_from {source.path}: loaded {len(loaded)} of {len(loaded) + len(new)} tensors; new: "
+              f"{', '.join(new) or 'none'}{why}; finetune: {cfg.finetune}; inputs normalised with "
+              f"{norm} mean and std")
+    return {"path": str(source.path), "sha256": source.digest, "finetune": cfg.finetune, "loaded": len(loaded),
+            "new": new}
+
+
+def freeze_body(model: nn.Module) -> None:
+    """`finetune: head`: no gradient, hence no update, weight decay or optimizer state, for any parameter but the
+    classifier's."""
+    head = head_names(model)
+    for name, p in model.named_parameters():
+        if name not in head:
+            p.requires_grad_(False)
+
+
+def train_mode(model: nn.Module, cfg: Config) -> None:
+    """The model in training mode, except under `finetune: head`, where BatchNorm layers stay in eval mode: they
+    normalise with the loaded statistics and do not update them."""
+    model.train()
+    if cfg.init_from and cfg.finetune == "head":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()

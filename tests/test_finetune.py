@@ -1,0 +1,153 @@
+"""Fine-tuning (`init_from`, `finetune`): what is loaded, what is new, what a linear probe leaves alone, the errors,
+resume, and the commands that read a run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from cifarcnn.base.config import load_preset, make_config
+from cifarcnn.base.errors import ConfigError
+from cifarcnn.base.model import build_model
+from cifarcnn.cli import main
+from cifarcnn.training.checkpoint import load_checkpoint
+from cifarcnn.training.finetune import Source, load_matching, start_from, weights_digest
+from cifarcnn.training.train import train
+from tests.conftest import FOLDER_CLASSES, write_image_folder
+from tests.test_train import metrics_of, read_metrics
+
+QUICK = ["batch_size=32", "eval_batch_size=50", "log_every=2", "tta=0"]
+
+
+@pytest.fixture(scope="module")
+def source_run(cifar_root, tmp_path_factory):
+    """A quicknet (the quick preset: lookahead and a weight average) trained 1 epoch on the synthetic CIFAR-10."""
+    run_dir = tmp_path_factory.mktemp("source") / "run"
+    train(load_preset("quick", [*QUICK, "epochs=1", "data.val_size=100"]), run_dir, data_dir=cifar_root, device="cpu")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A 3-class folder dataset (cat, dog, fox) with a test/ folder."""
+    return write_image_folder(tmp_path_factory.mktemp("folder"), per_class=16, test_per_class=4)
+
+
+def finetune_config(folder, source_run, *more):
+    return load_preset("quick", [*QUICK, "epochs=2", "data.dataset=folder", f"data.path={folder}",
+                                 "data.val_size=8", f"init_from={source_run}", *more])
+
+
+def test_loading_copies_every_tensor_whose_name_and_shape_match():
+    source = build_model("simple_cnn", 10)
+    state = {k: v + 1 for k, v in source.state_dict().items()}
+    state["fc1.weight"] = torch.ones(7, 7)  # the right name, another shape
+    state["elsewhere.weight"] = torch.ones(3)  # a name the model does not have
+    del state["blocks.0.bn.running_var"]
+    model = build_model("simple_cnn", 4)  # another number of classes: fc2 has other shapes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loaded, new = load_matching(model, state, new_head=True)
+    assert sorted(new) == ["blocks.0.bn.running_var", "fc1.weight", "fc2.bias", "fc2.weight"]
+    after = model.state_dict()
+    assert sorted(loaded) == sorted(set(after) - set(new))
+    assert all(torch.equal(after[k], state[k]) for k in loaded)
+    assert all(torch.equal(after[k], before[k]) for k in new)
+
+
+def test_the_same_number_of_classes_under_other_names_gets_a_new_head(source_run, capsys):
+    checkpoint = load_checkpoint(source_run / "best.pt")
+    source = Source(source_run / "best.pt", checkpoint)
+    cfg = make_config({}, ["model=quicknet", f"init_from={source_run}"])
+    for classes, head_is_new in ((checkpoint["classes"], False), ([f"c{i}" for i in range(10)], True)):
+        torch.manual_seed(0)
+        model = build_model("quicknet", 10)
+        record = start_from(model, source, classes, cfg)
+        state = model.state_dict()
+        assert torch.equal(state["head.weight"], checkpoint["model_state"]["head.weight"]) != head_is_new
+        assert record["new"] == (["head.weight"] if head_is_new else [])
+        assert all(torch.equal(state[k], checkpoint["model_state"][k]) for k in state if k != "head.weight")
+    assert "loaded 38 of 39 tensors; new: head.weight (the class names differ)" in capsys.readouterr().out
+
+
+def test_a_finetuned_run_keeps_the_source_whitening_records_its_origin_and_normalisation(source_run, folder,
+                                                                                         tmp_path):
+    source = load_checkpoint(source_run / "best.pt")
+    state = train(finetune_config(folder, source_run), tmp_path / "ft", device="cpu")
+    assert state["init_from"] == {"path": str((source_run / "best.pt").resolve()), "finetune": "all",
+                                  "sha256": weights_digest(source["model_state"]), "loaded": 38,
+                                  "new": ["head.weight"]}
+    saved = load_checkpoint(tmp_path / "ft" / "best.pt")
+    assert saved["init_from"] == state["init_from"] and saved["classes"] == list(FOLDER_CLASSES)
+    # the frozen whitening layer: the source's, not one computed from the new images
+    assert torch.equal(saved["model_state"]["whiten.weight"], source["model_state"]["whiten.weight"])
+    assert (saved["mean"], saved["std"]) == (source["mean"], source["std"])
+
+
+def test_finetune_head_changes_no_other_weight_and_no_batchnorm_statistic(source_run, folder, tmp_path):
+    source = load_checkpoint(source_run / "best.pt")["model_state"]
+    train(finetune_config(folder, source_run, "finetune=head"), tmp_path / "probe", device="cpu")
+    saved = load_checkpoint(tmp_path / "probe" / "last.pt")
+    groups = saved["optimizer_state"]["param_groups"]
+    assert sum(len(g["params"]) for g in groups) == 1  # the head alone: nothing else decays or has momentum
+    for key in ("model_state", "train_model_state"):  # the weight average and the trained weights
+        state = saved[key]
+        assert not torch.equal(state["head.weight"], source["head.weight"][:3])
+        changed = [k for k in state if k != "head.weight" and not torch.equal(state[k], source[k])]
+        assert changed == [], key  # running means, variances and batch counts included
+
+
+@pytest.mark.parametrize("more, words", [
+    (["model=simple_cnn"], "holds a quicknet, the config asks for simple_cnn: set model=quicknet"),
+    (["data.image_size=40"], "trained on 32x32 images, the dataset gives 40x40: set data.image_size=32"),
+    (["init_from=no/such/run"], "no/such/run: no such run folder or checkpoint file"),
+])
+def test_a_source_that_does_not_fit_is_an_error_and_nothing_is_written(source_run, folder, tmp_path, capsys,
+                                                                       monkeypatch, more, words):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--preset", "quick", *QUICK, "data.dataset=folder", f"data.path={folder}", "data.val_size=8",
+            f"init_from={source_run}", *more, "--device", "cpu", "--name", "ft"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_finetune_head_needs_init_from():
+    with pytest.raises(ConfigError, match="set init_from="):
+        make_config({}, ["finetune=head"])
+
+
+def test_resume_of_a_finetuned_run_is_exact_and_does_not_reload_the_source(source_run, folder, tmp_path):
+    own_source = tmp_path / "source"
+    shutil.copytree(source_run, own_source)
+    cfg = finetune_config(folder, own_source, "epochs=3")
+    full = train(cfg, tmp_path / "full", device="cpu")
+    interrupted = train(cfg, tmp_path / "resumed", device="cpu", on_epoch_end=lambda metrics: metrics["epoch"] == 1)
+    assert len(interrupted["history"]) == 1
+    shutil.rmtree(own_source)  # resume reads the run's own checkpoint only
+    cfg = make_config(load_checkpoint(tmp_path / "resumed" / "last.pt")["config"])
+    resumed = train(cfg, tmp_path / "resumed", device="cpu", resume=True)
+    assert metrics_of(resumed["history"]) == metrics_of(full["history"])
+    assert metrics_of(read_metrics(tmp_path / "resumed")) == metrics_of(full["history"])
+    assert resumed["init_from"] == full["init_from"]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    for key in ("model_state", "train_model_state"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_evaluate_predict_export_and_report_work_on_a_finetuned_run(source_run, folder, tmp_path, capsys):
+    run_dir = tmp_path / "ft"
+    train(finetune_config(folder, source_run, "epochs=1"), run_dir, device="cpu")
+    assert main(["evaluate", str(run_dir), "--device", "cpu"]) == 0
+    assert main(["predict", str(run_dir), str(folder / "test"), "--labels-from-folders", "-q", "--device", "cpu"]) == 0
+    assert main(["export", str(run_dir), "--output", str(tmp_path / "m.onnx")]) == 0
+    assert main(["report", str(run_dir), "--device", "cpu"]) == 0
+    page = (run_dir / "report.html").read_text()
+    digest = load_checkpoint(run_dir / "last.pt")["init_from"]["sha256"]
+    assert "Fine-tuned (<code>finetune: all</code>)" in page and digest in page
+    assert str((source_run / "best.pt").resolve()) in page
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
