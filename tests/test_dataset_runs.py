@@ -286,7 +286,8 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
     assert split["train"]["count"] + split["val"]["count"] + split["test"]["count"] == 61
     assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e0")]) == 0
     out = capsys.readouterr().out  # nothing moved: the duplicate is left out as a copy, not reported as a move
-    assert "changed sides" not in out and "1 test image(s) have the pixels of a training image" in out
+    assert "changed sides" not in out
+    assert f"1 of the {split['test']['count']} test images have the pixels of a training image" in out
     assert "LEFT OUT: 1" in out
     data = load_dataset(data_config(checkpoint["config"]["data"]))
     trained = [k for k in data.train_ids if k not in set(data.test_ids)]
@@ -303,7 +304,8 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
     now = load_dataset(data_config(checkpoint["config"]["data"]))
     assert new_name in now.test_ids  # the renamed training image is on the test side now: left out, said so
     # left out: the renamed training image and the duplicate, both by their pixels
-    assert saved["split"]["trained_on_left_out"] == 2 and "2 test image(s) have the pixels of a training image" in out
+    assert saved["split"]["trained_on_left_out"] == 2
+    assert f"2 of the {len(now.test_ids)} test images have the pixels of a training image" in out
     assert "LEFT OUT: 2" in out and saved["num_images"] == len(now.test_ids) - 2
     assert main(["report", str(run), "--device", "cpu"]) == 0
     assert "have the pixels of a training image" in capsys.readouterr().out

@@ -115,8 +115,8 @@ class SplitChange:
             parts.append(f"{self.moved} of the {self.test_images} test images changed sides since training "
                          f"({self.was_train} were training images, {self.was_val} validation images)")
         if self.copies:
-            parts.append(f"{self.copies} test image(s) have the pixels of a training image (the same picture under "
-                         f"another name, at the decoded size)")
+            parts.append(f"{self.copies} of the {self.test_images} test images have the pixels of a training image "
+                         f"(the same picture under another name, at the decoded size)")
         if self.new:
             parts.append(f"{self.new} test image(s) are new since training")
         if self.gone:
