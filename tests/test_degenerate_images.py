@@ -83,7 +83,7 @@ def test_trains_past_warm_up_on_degenerate_images(pictures, kind, count, preset,
 def test_every_whitening_filter_sees_variance(kind, tmp_path):
     """No whitening channel is left with (near-)zero variance, the input BatchNorm cannot normalise."""
     _write(tmp_path, kind)
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
                           for p in sorted((tmp_path / "train").rglob("*.png"))]).float() / 255
     images = (images - images.mean((0, 2, 3), keepdim=True)) / images.std((0, 2, 3), keepdim=True).clamp_min(1e-4)
     model = build_model("fastnet", 2)
