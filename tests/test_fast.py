@@ -269,7 +269,7 @@ def _assert_same_state(reference, other):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "muon"])
 def test_warm_up_steps_leave_no_trace(optimizer_name):
     """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go on
     exactly as if they never happened, from a fresh optimizer and from one mid-training."""

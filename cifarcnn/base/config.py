@@ -52,12 +52,13 @@ class AugmentConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = _field("adam", choices=("adam", "adamw", "sgd"))  # sgd uses momentum and nesterov below
+    name: str = _field("adam", choices=("adam", "adamw", "sgd", "muon"))  # sgd, muon use momentum and nesterov
     lr: float = _field(1e-3, lo=0, lo_open=True)  # the peak learning rate the scheduler starts from
     weight_decay: float = _field(1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
-    momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd only
-    nesterov: bool = False  # sgd only
+    momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd and muon only
+    nesterov: bool = False  # sgd and muon only
     bias_lr_scale: float = _field(1.0, lo=0, lo_open=True)  # BatchNorm parameters: lr x this, decay / this
+    muon_lr: float = _field(0.05, lo=0, lo_open=True)  # muon only: conv filters' peak rate (scheduled like lr)
     lookahead_steps: int = _field(0, lo=0)  # every N steps pull the weights to their running average; 0: off
 
 

@@ -18,6 +18,7 @@ from ..base.model import build_model
 from ..base.precision import autocast, choose
 from ..data.dataset import MEAN, STD, normalize_
 from ..data.loader import Loader
+from .muon import MuonSGD
 
 CHANNELS_LAST = torch.channels_last
 
@@ -40,6 +41,14 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     groups += [{"params": [p], "lr_scale": 1.0, "weight_decay": o.weight_decay, "until_epoch": limited[n]}
                for n, p in named if n in limited]
     cuda = device.type == "cuda"
+    if o.name == "muon":  # conv filters (4-D) to Muon at muon_lr, each in a copy of its group; the rest: SGD
+        split = []
+        for group in groups:
+            filters = [p for p in group["params"] if p.ndim == 4]
+            rest = [p for p in group["params"] if p.ndim != 4]
+            split += [{**group, "params": rest, "muon": False}] if rest else []
+            split += [{**group, "params": filters, "muon": True, "lr_scale": o.muon_lr / o.lr}] if filters else []
+        return MuonSGD(split, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, fused=cuda or None)
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam

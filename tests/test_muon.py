@@ -1,0 +1,90 @@
+"""optimizer.name=muon: Muon (orthogonalised momentum) for conv filters, Nesterov SGD for everything else."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cifarcnn.base.config import make_config
+from cifarcnn.base.errors import ConfigError
+from cifarcnn.training.checkpoint import load_checkpoint
+from cifarcnn.training.step import build_optimizer
+from cifarcnn.training.train import train
+
+from .test_train import metrics_of, read_metrics
+
+MUON = ["optimizer.name=muon", "optimizer.lr=0.02", "optimizer.muon_lr=0.1", "optimizer.momentum=0.8",
+        "optimizer.nesterov=true", "optimizer.weight_decay=0.01"]
+
+
+def _small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(10))
+
+
+def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
+    model = _small_model()
+    x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
+    model(x)  # materialise the lazy head
+    reference = _small_model()
+    reference(x)
+    reference.load_state_dict(model.state_dict())
+    cfg = make_config({}, MUON)
+    optimizer = build_optimizer(cfg, model, torch.device("cpu"))
+    assert [g["muon"] for g in optimizer.param_groups] == [False, True, False]  # head, conv filters, BatchNorm
+    for group in optimizer.param_groups:  # as the trainer sets them: the peak rate x each group's lr_scale
+        group["lr"] = 0.02 * group["lr_scale"]
+    sgd = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim != 4]}], lr=0.02, momentum=0.8,
+                          nesterov=True, weight_decay=0.01)
+    conv = model[0].weight
+    grads = []
+    for _ in range(2):  # the second step has momentum
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for a, b in zip(model.parameters(), reference.parameters()):  # the same gradients for SGD
+            b.grad = a.grad.clone()
+        before = conv.detach().clone()
+        grads.append(conv.grad.clone())
+        optimizer.step()
+        sgd.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        if a.ndim != 4:
+            assert torch.allclose(a, b, atol=1e-6), name
+
+    # The filter update, undoing the decoupled decay: the shape of the weight, singular values near 1 (Newton-Schulz
+    # lands them in about [0.7, 1.2]), and the singular vectors of the Nesterov momentum direction it came from.
+    update = (before * (1 - 0.1 * 0.01) - conv.detach()) / 0.1
+    assert update.shape == conv.shape == (8, 3, 3, 3)
+    matrix = update.reshape(8, -1)
+    s = torch.linalg.svdvals(matrix)
+    assert s.min() > 0.6 and s.max() < 1.3, s
+    direction = grads[1] + 0.8 * (0.8 * grads[0] + grads[1])  # g2 + m x buffer, buffer = m x g1 + g2
+    u, _, vh = torch.linalg.svd(direction.reshape(8, -1), full_matrices=False)
+    rotated = u.T @ matrix @ vh.T  # diagonal if the update is U S' V^T with the direction's U and V
+    off = rotated - torch.diag(torch.diagonal(rotated))
+    assert off.norm() < 1e-3 * rotated.norm(), (off.norm(), rotated.norm())
+    assert torch.diagonal(rotated).min() > 0.6
+
+
+def test_resume_with_muon_reproduces_an_uninterrupted_run(cifar_root, tmp_path, small_overrides):
+    cfg = make_config({}, [*small_overrides, *MUON])
+    full = train(cfg, tmp_path / "full", data_dir=cifar_root, device="cpu")
+    interrupted = train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu",
+                        on_epoch_end=lambda metrics: metrics["epoch"] == 1)
+    assert len(interrupted["history"]) == 1
+    resumed = train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu", resume=True)
+    assert metrics_of(resumed["history"]) == metrics_of(full["history"])
+    assert metrics_of(read_metrics(tmp_path / "resumed")) == metrics_of(full["history"])
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    assert any(g["muon"] for g in b["optimizer_state"]["param_groups"])
+
+
+def test_muon_config_validates():
+    cfg = make_config({}, MUON)
+    assert (cfg.optimizer.name, cfg.optimizer.muon_lr) == ("muon", 0.1)
+    for bad in ("optimizer.muon_lr=0", "optimizer.muon_lr=-1", "optimizer.muon_lr=fast"):
+        with pytest.raises(ConfigError, match="optimizer.muon_lr"):
+            make_config({}, ["optimizer.name=muon", bad])
+    with pytest.raises(ConfigError, match="optimizer.name"):
+        make_config({}, ["optimizer.name=Muon"])
