@@ -6,11 +6,10 @@ import torch.nn as nn
 
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.step import build_optimizer
 from cifarcnn.training.train import train
 
-from .test_train import metrics_of, read_metrics
+from .test_train import assert_resume_reproduces
 
 MUON = ["optimizer.name=muon", "optimizer.lr=0.02", "optimizer.muon_lr=0.1", "optimizer.momentum=0.8",
         "optimizer.nesterov=true", "optimizer.weight_decay=0.01"]
@@ -68,16 +67,8 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
 def test_resume_with_muon_reproduces_an_uninterrupted_run(cifar_root, tmp_path, small_overrides):
     cfg = make_config({}, [*small_overrides, *MUON])
     full = train(cfg, tmp_path / "full", data_dir=cifar_root, device="cpu")
-    interrupted = train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu",
-                        on_epoch_end=lambda metrics: metrics["epoch"] == 1)
-    assert len(interrupted["history"]) == 1
-    resumed = train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu", resume=True)
-    assert metrics_of(resumed["history"]) == metrics_of(full["history"])
-    assert metrics_of(read_metrics(tmp_path / "resumed")) == metrics_of(full["history"])
-    a = load_checkpoint(tmp_path / "full" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
-    assert any(g["muon"] for g in b["optimizer_state"]["param_groups"])
+    resumed = assert_resume_reproduces(cfg, full, tmp_path / "resumed", tmp_path / "full", cifar_root)
+    assert any(g["muon"] for g in resumed["optimizer_state"]["param_groups"])
 
 
 def test_muon_config_validates():

@@ -28,6 +28,20 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resume_reproduces(cfg, full, run_dir, full_dir, data_dir) -> dict:
+    """Train `cfg` into `run_dir` stopping after epoch 1, resume it, and check that its metrics (returned and in
+    metrics.jsonl) and final weights equal the uninterrupted run `full` in `full_dir`; the resumed last.pt."""
+    interrupted = train(cfg, run_dir, data_dir=data_dir, device="cpu", on_epoch_end=lambda m: m["epoch"] == 1)
+    assert len(interrupted["history"]) == 1
+    resumed = train(cfg, run_dir, data_dir=data_dir, device="cpu", resume=True)
+    assert metrics_of(resumed["history"]) == metrics_of(full["history"])
+    assert metrics_of(read_metrics(run_dir)) == metrics_of(full["history"])
+    a = load_checkpoint(full_dir / "last.pt")["model_state"]
+    b = load_checkpoint(run_dir / "last.pt")
+    assert all(torch.equal(a[k], b["model_state"][k]) for k in a)
+    return b
+
+
 @pytest.fixture(scope="module")
 def trained_run(cifar_root, tmp_path_factory):
     """One short run shared by the artifact and evaluation tests."""
@@ -70,16 +84,7 @@ def test_same_seed_same_metrics_and_resume_reproduces_an_uninterrupted_run(cifar
     full = train(small_config, tmp_path / "full", data_dir=cifar_root, device="cpu")
     again = train(small_config, tmp_path / "again", data_dir=cifar_root, device="cpu")
     assert metrics_of(full["history"]) == metrics_of(again["history"])
-
-    interrupted = train(small_config, tmp_path / "resumed", data_dir=cifar_root, device="cpu",
-                        on_epoch_end=lambda metrics: metrics["epoch"] == 1)
-    assert len(interrupted["history"]) == 1
-    resumed = train(small_config, tmp_path / "resumed", data_dir=cifar_root, device="cpu", resume=True)
-    assert metrics_of(resumed["history"]) == metrics_of(full["history"])
-    assert metrics_of(read_metrics(tmp_path / "resumed")) == metrics_of(full["history"])
-    a = load_checkpoint(tmp_path / "full" / "last.pt")["model_state"]
-    b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model_state"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_reproduces(small_config, full, tmp_path / "resumed", tmp_path / "full", cifar_root)
 
 
 def test_resume_of_a_finished_run_does_nothing(trained_run, cifar_root, capsys):
