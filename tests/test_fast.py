@@ -46,7 +46,7 @@ def test_overrides_apply_on_top_of_a_preset(tmp_path, cifar_root):
 
     cfg = load_checkpoint(tmp_path / "r" / "last.pt")["config"]
     assert cfg["model"] == "fastnet" and cfg["optimizer"]["lr"] == 0.5 and cfg["epochs"] == 1
-    assert cfg["optimizer"]["name"] == "sgd" and cfg["augment"]["flip"] == "alternate"
+    assert cfg["optimizer"]["name"] == "muon" and cfg["augment"]["flip"] == "alternate"
 
 
 def test_fast_preset_runs_end_to_end_with_every_artifact(tmp_path, cifar_root, capsys):

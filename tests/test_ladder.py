@@ -60,6 +60,7 @@ def test_preset_trains_evaluates_and_reports_with_every_artifact(preset, model, 
 
 def test_check_builds_each_preset_model(capsys):
     for preset, parameters in (("quick", "323,640 total, 322,848 trainable"),
+                               ("fast", "1,972,792 total, 1,971,352 trainable"),
                                ("best", "9,918,776 total, 9,915,416 trainable"),
                                ("resnet18", "11,173,962 total, 11,173,962 trainable")):
         assert main(["check", "--preset", preset]) == 0
@@ -100,6 +101,27 @@ def test_best_preset_follows_the_published_96_percent_method():
     assert learning_rate(cfg, cfg.epochs) == 0
 
 
+def test_fast_preset_follows_the_published_muon_method():
+    cfg = load_preset("fast")
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.label_smoothing, cfg.tta, cfg.patience) == ("fastnet", 8, 1000,
+                                                                                                   0.2, 2, 0)
+    a = cfg.augment
+    assert (a.flip, a.crop_padding, a.padding_mode, a.cutout, a.brightness, a.contrast) == ("alternate", 2,
+                                                                                            "reflect", 0, 0, 0)
+    o = cfg.optimizer
+    assert (o.name, o.nesterov, o.momentum, o.muon_lr, o.muon_momentum, o.lookahead_steps) == ("muon", True, 0.85,
+                                                                                                0.24, 0.6, 0)
+    # The method's rates per summed loss, on a unit-std head divided by 256, converted to the mean loss of 1000
+    # images and this head's 1/9 scale: classifier 0.67, biases 0.053, decay 2e-6 x batch per step.
+    assert o.lr == pytest.approx(0.67 * 1000 * (9 / 256) ** 2, rel=1e-3)
+    assert o.lr * o.bias_lr_scale == pytest.approx(0.053 * 1000, rel=1e-2)
+    assert o.lr * o.weight_decay == pytest.approx(2e-6 * 1000, rel=1e-3)
+    assert build_model(cfg.model).config.logit_scale == pytest.approx(1 / 9)
+    # no warm-up: the peak at step 0, then linear decay to zero
+    assert learning_rate(cfg, 0) == pytest.approx(o.lr) and learning_rate(cfg, 4) == pytest.approx(o.lr / 2)
+    assert learning_rate(cfg, 8) == 0
+
+
 def test_quick_preset_is_quicknet_at_48_96_96_with_a_frozen_whitening_bias_and_its_schedule():
     cfg = load_preset("quick")
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.eval_batch_size, cfg.patience) == ("quicknet", 5, 256, 1000, 0)
@@ -109,8 +131,9 @@ def test_quick_preset_is_quicknet_at_48_96_96_with_a_frozen_whitening_bias_and_i
                                                                                             0, 0, 0)
     o = cfg.optimizer
     assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.bias_lr_scale, o.lookahead_steps) == (
-        "sgd", 0.375, 0.85, True, 0.00133, 64, 5)
-    assert o.lr == pytest.approx(1.5 * 256 / 1024)  # the fast preset's rate per batch of 1024, scaled to 256
+        "muon", 0.375, 0.85, True, 0.00133, 64, 5)
+    assert (o.muon_lr, o.muon_momentum) == (0.1, 0.6)
+    assert o.lr == pytest.approx(1.5 * 256 / 1024)  # fast_sgd's rate per batch of 1024, scaled to 256
     # warm-up from 0.2x over the first epoch, then linear decay to zero at the end of the 5
     assert learning_rate(cfg, 0) == pytest.approx(0.2 * o.lr) and learning_rate(cfg, 1) == pytest.approx(o.lr)
     assert learning_rate(cfg, 3) == pytest.approx(o.lr / 2) and learning_rate(cfg, 5) == 0

@@ -6,13 +6,14 @@ import torch.nn as nn
 
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
+from cifarcnn.base.model import build_model
 from cifarcnn.training.step import build_optimizer
 from cifarcnn.training.train import train
 
 from .test_train import assert_resume_reproduces
 
 MUON = ["optimizer.name=muon", "optimizer.lr=0.02", "optimizer.muon_lr=0.1", "optimizer.momentum=0.8",
-        "optimizer.nesterov=true", "optimizer.weight_decay=0.01"]
+        "optimizer.muon_momentum=0.7", "optimizer.nesterov=true", "optimizer.weight_decay=0.01"]
 
 
 def _small_model() -> nn.Module:
@@ -29,7 +30,8 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
     reference.load_state_dict(model.state_dict())
     cfg = make_config({}, MUON)
     optimizer = build_optimizer(cfg, model, torch.device("cpu"))
-    assert [g["muon"] for g in optimizer.param_groups] == [False, True, False]  # head, conv filters, BatchNorm
+    # head weight, head bias, conv filters, BatchNorm
+    assert [g["muon"] for g in optimizer.param_groups] == [False, False, True, False]
     for group in optimizer.param_groups:  # as the trainer sets them: the peak rate x each group's lr_scale
         group["lr"] = 0.02 * group["lr_scale"]
     sgd = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim != 4]}], lr=0.02, momentum=0.8,
@@ -49,19 +51,38 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
         if a.ndim != 4:
             assert torch.allclose(a, b, atol=1e-6), name
 
-    # The filter update, undoing the decoupled decay: the shape of the weight, singular values near 1 (Newton-Schulz
-    # lands them in about [0.7, 1.2]), and the singular vectors of the Nesterov momentum direction it came from.
-    update = (before * (1 - 0.1 * 0.01) - conv.detach()) / 0.1
+    # The filter update, after the filter was rescaled to norm sqrt(8): the shape of the weight, singular values
+    # near 1 (Newton-Schulz lands them in about [0.7, 1.2]), and the singular vectors of the Nesterov momentum
+    # direction (at the filters' own momentum, 0.7) it came from.
+    update = (before * 8**0.5 / before.norm() - conv.detach()) / 0.1
     assert update.shape == conv.shape == (8, 3, 3, 3)
     matrix = update.reshape(8, -1)
     s = torch.linalg.svdvals(matrix)
     assert s.min() > 0.6 and s.max() < 1.3, s
-    direction = grads[1] + 0.8 * (0.8 * grads[0] + grads[1])  # g2 + m x buffer, buffer = m x g1 + g2
+    direction = grads[1] + 0.7 * (0.7 * grads[0] + grads[1])  # g2 + m x buffer, buffer = m x g1 + g2
     u, _, vh = torch.linalg.svd(direction.reshape(8, -1), full_matrices=False)
     rotated = u.T @ matrix @ vh.T  # diagonal if the update is U S' V^T with the direction's U and V
     off = rotated - torch.diag(torch.diagonal(rotated))
     assert off.norm() < 1e-3 * rotated.norm(), (off.norm(), rotated.norm())
     assert torch.diagonal(rotated).min() > 0.6
+
+
+def test_muon_gives_every_bias_the_bias_rate_at_the_same_decay_per_step():
+    """As the published recipe groups them: biases (BatchNorm's, FastNet's whitening bias, a linear bias) at lr x
+    bias_lr_scale, with weight decay / bias_lr_scale, so each step decays them as much as the other parameters;
+    the whitening bias keeps its limited epochs."""
+    cfg = make_config({}, [*MUON, "optimizer.bias_lr_scale=64", "model=fastnet"])
+    model = build_model("fastnet")
+    optimizer = build_optimizer(cfg, model, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        kinds = {p.ndim for p in group["params"]}
+        assert len(kinds) == 1, [names[id(p)] for p in group["params"]]
+        scale = {1: 64, 2: 1, 4: 0.1 / 0.02}[kinds.pop()]
+        assert group["lr_scale"] == pytest.approx(scale)
+        assert group["lr_scale"] * group["weight_decay"] == pytest.approx(0.0 if group["muon"] else 0.01)
+    whiten = next(g for g in optimizer.param_groups if any(names[id(p)] == "whiten.bias" for p in g["params"]))
+    assert (whiten["lr_scale"], whiten["until_epoch"]) == (64, 3)
 
 
 def test_resume_with_muon_reproduces_an_uninterrupted_run(cifar_root, tmp_path, small_overrides):

@@ -59,6 +59,7 @@ class OptimizerConfig:
     nesterov: bool = False  # sgd and muon only
     bias_lr_scale: float = _field(1.0, lo=0, lo_open=True)  # BatchNorm parameters: lr x this, decay / this
     muon_lr: float = _field(0.05, lo=0, lo_open=True)  # muon only: conv filters' peak rate (scheduled like lr)
+    muon_momentum: float = _field(0.6, lo=0, hi=1, hi_open=True)  # muon only: conv filters' momentum
     lookahead_steps: int = _field(0, lo=0)  # every N steps pull the weights to their running average; 0: off
 
 

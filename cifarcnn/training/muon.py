@@ -35,10 +35,12 @@ def orthogonalise(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
 
 class MuonSGD(torch.optim.Optimizer):
     """Groups with `muon: True` (4-D conv filters): momentum (Nesterov if `nesterov`), the result orthogonalised as
-    an (out_channels, in_channels x kh x kw) matrix and scaled by sqrt(max(1, rows / cols)), decoupled weight decay
-    (p x (1 - lr x weight_decay)). Other groups: exactly torch.optim.SGD with dampening 0 (L2 decay added to the
-    gradient, then momentum, Nesterov if set). The learning rate may be a device tensor (CUDA graph replay), so
-    it only ever multiplies tensors."""
+    an (out_channels, in_channels x kh x kw) matrix and scaled by sqrt(max(1, rows / cols)); before each step the
+    filter is rescaled to norm sqrt(out_channels), as the published recipe does, in place of weight decay (every
+    conv here feeds a BatchNorm, so a filter's scale only sets its effective learning rate). Other groups: exactly
+    torch.optim.SGD with dampening 0 (L2 decay added to the gradient, then momentum, Nesterov if set). Each group
+    has its own momentum. The learning rate may be a device tensor (CUDA graph replay), so it only ever multiplies
+    tensors."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -68,7 +70,6 @@ class MuonSGD(torch.optim.Optimizer):
                     matrix = d.reshape(d.shape[0], -1)
                     scale = max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
                     d = orthogonalise(matrix).reshape(d.shape) * scale
-                    if wd:
-                        p.mul_(1 - lr * wd)
+                    p.mul_(p.shape[0] ** 0.5 / (p.norm() + 1e-12))
                 p.sub_(d * lr)
         return loss

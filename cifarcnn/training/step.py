@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..base.config import Config
+from ..base.config import Config, OptimizerConfig
 from ..base.inference import infer
 from ..base.model import build_model
 from ..base.precision import autocast, choose
@@ -41,19 +41,31 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     groups += [{"params": [p], "lr_scale": 1.0, "weight_decay": o.weight_decay, "until_epoch": limited[n]}
                for n, p in named if n in limited]
     cuda = device.type == "cuda"
-    if o.name == "muon":  # conv filters (4-D) to Muon at muon_lr, each in a copy of its group; the rest: SGD
-        split = []
-        for group in groups:
-            filters = [p for p in group["params"] if p.ndim == 4]
-            rest = [p for p in group["params"] if p.ndim != 4]
-            split += [{**group, "params": rest, "muon": False}] if rest else []
-            split += [{**group, "params": filters, "muon": True, "lr_scale": o.muon_lr / o.lr}] if filters else []
-        return MuonSGD(split, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    if o.name == "muon":
+        return MuonSGD(_muon_groups(groups, o), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, fused=cuda or None)
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     # capturable: the step may be recorded in a CUDA graph (TrainStep)
     return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
+
+
+def _muon_groups(groups: list[dict], o: OptimizerConfig) -> list[dict]:
+    """Each group split three ways, as the airbench94_muon recipe groups them: conv filters (4-D) to Muon at
+    muon_lr and muon_momentum; biases (1-D: BatchNorm's and the whitening bias) to SGD at lr x bias_lr_scale; the
+    rest (the classifier's weights) to SGD at lr. Weight decay stays per step what the group had (lr x decay)."""
+    split = []
+    for group in groups:
+        filters = [p for p in group["params"] if p.ndim == 4]
+        biases = [p for p in group["params"] if p.ndim == 1]
+        rest = [p for p in group["params"] if p.ndim not in (1, 4)]
+        per_step_decay = group["lr_scale"] * group["weight_decay"]
+        split += [{**group, "params": rest, "muon": False}] if rest else []
+        split += [{**group, "params": biases, "muon": False, "lr_scale": o.bias_lr_scale,
+                   "weight_decay": per_step_decay / o.bias_lr_scale}] if biases else []
+        split += [{**group, "params": filters, "muon": True, "lr_scale": o.muon_lr / o.lr,
+                   "momentum": o.muon_momentum, "weight_decay": 0.0}] if filters else []
+    return split
 
 
 def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device, *,
