@@ -56,7 +56,8 @@ def main() -> None:
     step_seconds = (time.perf_counter() - started) / args.steps
     shares: dict[str, float] = {}
     for event in prof.key_averages():
-        shares[kind_of(event.key)] = shares.get(kind_of(event.key), 0.0) + event.self_cpu_time_total
+        kind = kind_of(event.key)
+        shares[kind] = shares.get(kind, 0.0) + event.self_cpu_time_total
     total = sum(shares.values())
     started = time.perf_counter()
     for _ in range(args.steps):  # the optimizer alone, on the last step's gradients
