@@ -79,10 +79,10 @@ def test_gpu_suite_parses_and_runs_every_recipe_within_its_budget():
     suite = ROOT / "benchmarks" / "gpu_suite.sh"
     assert subprocess.run(["bash", "-n", str(suite)], capture_output=True).returncode == 0
     text = suite.read_text()
-    commands = ["fast_preset.py --seeds 5", "fast_preset.py --preset fast_sgd --seeds 5",
+    commands = ["fast_preset.py --seeds 5",
                 "fast_preset.py --preset best --seeds 3",
                 "fast_preset.py --preset quick --seeds 2", "compile=true --data-dir",
                 "fast_preset.py --preset resnet18 --seeds 1"]
     assert all(c in text for c in commands)
     assert sorted(commands, key=text.index) == commands  # best before the optional steps, resnet18 last
-    assert text.count('timeout "$(limit ') == 9  # every step has its own timeout, cut to the time left
+    assert text.count('timeout "$(limit ') == 8  # every step has its own timeout, cut to the time left

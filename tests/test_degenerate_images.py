@@ -17,7 +17,7 @@ from cifarcnn.cli import main
 from cifarcnn.training.checkpoint import load_checkpoint
 
 # epochs: a step or more past the end of each preset's warm-up (1 step per epoch: 32 training images)
-PRESETS = {"quick": 3, "fast": 4, "fast_sgd": 4, "best": 5, "seed": 2, "resnet18": 2}
+PRESETS = {"quick": 3, "fast": 4, "best": 5, "seed": 2, "resnet18": 2}
 PRECISIONS = ["fp32", "bf16"]
 
 

@@ -133,7 +133,7 @@ def test_quick_preset_is_quicknet_at_48_96_96_with_a_frozen_whitening_bias_and_i
     assert (o.name, o.lr, o.momentum, o.nesterov, o.weight_decay, o.bias_lr_scale, o.lookahead_steps) == (
         "muon", 0.375, 0.85, True, 0.00133, 64, 5)
     assert (o.muon_lr, o.muon_momentum) == (0.1, 0.6)
-    assert o.lr == pytest.approx(1.5 * 256 / 1024)  # fast_sgd's rate per batch of 1024, scaled to 256
+    assert o.lr == pytest.approx(1.5 * 256 / 1024)  # airbench94's rate per batch of 1024, scaled to 256
     # warm-up from 0.2x over the first epoch, then linear decay to zero at the end of the 5
     assert learning_rate(cfg, 0) == pytest.approx(0.2 * o.lr) and learning_rate(cfg, 1) == pytest.approx(o.lr)
     assert learning_rate(cfg, 3) == pytest.approx(o.lr / 2) and learning_rate(cfg, 5) == 0

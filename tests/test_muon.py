@@ -7,7 +7,6 @@ import torch.nn as nn
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.base.model import build_model
-from cifarcnn.training.muon import orthogonalise
 from cifarcnn.training.step import build_optimizer
 from cifarcnn.training.train import train
 
@@ -22,15 +21,14 @@ def _small_model() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(10))
 
 
-@pytest.mark.parametrize("precision, off_diagonal", [("fp32", 1e-3), ("bf16", 5e-2)])
-def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd(precision, off_diagonal):
+def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
     model = _small_model()
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
     model(x)  # materialise the lazy head
     reference = _small_model()
     reference(x)
     reference.load_state_dict(model.state_dict())
-    cfg = make_config({}, [*MUON, f"precision={precision}"])
+    cfg = make_config({}, MUON)
     optimizer = build_optimizer(cfg, model, torch.device("cpu"))
     # head weight, head bias, conv filters, BatchNorm
     assert [g["muon"] for g in optimizer.param_groups] == [False, False, True, False]
@@ -65,25 +63,8 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd(precisi
     u, _, vh = torch.linalg.svd(direction.reshape(8, -1), full_matrices=False)
     rotated = u.T @ matrix @ vh.T  # diagonal if the update is U S' V^T with the direction's U and V
     off = rotated - torch.diag(torch.diagonal(rotated))
-    assert off.norm() < off_diagonal * rotated.norm(), (off.norm(), rotated.norm())
+    assert off.norm() < 1e-3 * rotated.norm(), (off.norm(), rotated.norm())
     assert torch.diagonal(rotated).min() > 0.6
-
-
-def test_newton_schulz_runs_in_the_training_precision():
-    """bf16 where the run trains in bf16 (as published), fp32 otherwise; the bf16 result is still near-orthogonal,
-    close to the fp32 one, and returned in the gradient's dtype."""
-    model = _small_model()
-    model(torch.randn(1, 3, 6, 6))
-    for setting, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        cfg = make_config({}, [*MUON, f"precision={setting}"])
-        assert build_optimizer(cfg, model, torch.device("cpu")).ns_dtype == dtype
-    torch.manual_seed(0)
-    g = torch.randn(64, 576)
-    exact, rough = orthogonalise(g), orthogonalise(g, dtype=torch.bfloat16)
-    assert rough.dtype == torch.float32
-    s = torch.linalg.svdvals(rough)
-    assert s.min() > 0.6 and s.max() < 1.3, s
-    assert 1e-3 < (rough - exact).norm() / exact.norm() < 0.05
 
 
 def test_muon_gives_every_bias_the_bias_rate_at_the_same_decay_per_step():

@@ -42,9 +42,7 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
                for n, p in named if n in limited]
     cuda = device.type == "cuda"
     if o.name == "muon":
-        bf16 = choose(cfg.precision, device).name == "bf16"
-        return MuonSGD(_muon_groups(groups, o), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                       ns_dtype=torch.bfloat16 if bf16 else torch.float32)
+        return MuonSGD(_muon_groups(groups, o), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, fused=cuda or None)
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
