@@ -24,8 +24,8 @@ def select_device(name: str | None = None) -> torch.device:
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve large blocks from its heap and keep what is freed, as CUDA's caching allocator
     does on a GPU. By default every block over 32 MB is a fresh mmap, so each activation of a training step
-    page-faults in again on first touch and is zeroed by the kernel: 60,000-90,000 faults per step of the fast
-    preset, 4-9% of its time on a 2-core Xeon (docs/speed.md). The process keeps its peak memory instead of
+    page-faults in again on first touch and is zeroed by the kernel: 60,000-94,000 faults per step of the fast
+    preset, about 8% of its time on a 2-core Xeon (docs/speed.md). The process keeps its peak memory instead of
     returning it. False where the C library has no `mallopt` (not glibc), which changes nothing else."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -21,7 +21,7 @@ NS_STEPS = 5
 
 def orthogonalise(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     """An approximation of U V^T for a 2-D `g` = U S V^T: the same singular vectors, singular values near 1.
-    In fp32: the published bf16 iteration made a fast step 3% quicker on the Xeon with AMX, but fast's final
+    In fp32: the published bf16 iteration made a fast step 1.5-3% quicker on the Xeon with AMX, but fast's final
     accuracy fell from a mean of 90.78% to 90.63% over the same 3 seeds (docs/presets.md)."""
     a, b, c = NS_COEFFICIENTS
     x = g.float()
