@@ -69,7 +69,6 @@ def test_the_run_records_and_prints_its_precision(tmp_path, cifar_root, small_ov
     assert session["precision"] == "bf16" and session["precision_reason"] == "set in the config (precision)"
 
 
-
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -21,19 +21,18 @@ def select_device(name: str | None = None) -> torch.device:
     return device
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory() -> None:
     """Have glibc's malloc serve large blocks from its heap and keep what is freed, as CUDA's caching allocator
     does on a GPU. By default every block over 32 MB is a fresh mmap, so each activation of a training step
     page-faults in again on first touch and is zeroed by the kernel: 60,000-94,000 faults per step of the fast
     preset, about 8% of its time on a 2-core Xeon (docs/speed.md). The process keeps its peak memory instead of
-    returning it. False where the C library has no `mallopt` (not glibc), which changes nothing else."""
+    returning it. Nothing changes where the C library has no `mallopt` (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):
-        return False
-    no_mmap = mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
-    no_trim = mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: hand memory back only past 2 GB free at the top
-    return bool(no_mmap and no_trim)
+        return
+    mallopt(-4, 0)  # M_MMAP_MAX: no block gets its own mapping
+    mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: hand memory back only past 2 GB free at the top
 
 
 def _pick(name: str | None) -> torch.device:
