@@ -1,7 +1,8 @@
-"""`python -m tests.malloc_probe MODE ARGS...`: run cifarcnn in this fresh interpreter, then print as JSON what
-glibc's malloc does with a large block: `mapped`, whether it got a mapping of its own (mallinfo2's hblkhd grew),
-and `kept`, whether it came from the heap and the heap kept its pages after `free` (not trimmed: arena stayed).
-The block is larger than every free chunk in the heaps, so it can only come from a new mapping or the heap's top.
+"""`python -m tests.malloc_probe MODE ARGS...`: run cifarcnn in this fresh interpreter, then print as JSON
+what glibc's malloc does with a large block: `mapped`, whether it got a mapping of its own (mallinfo2's
+hblkhd grew), and `kept`, whether it came from the heap and the heap kept its pages after `free` (not
+trimmed: arena stayed). The block is larger than every free chunk in the heaps, so it can only come from a
+new mapping or the heap's top.
 
     library RUN IMAGE   select_device("cpu") and the library's predict on IMAGE, as a notebook would
     cli ARGS...         cifarcnn.cli.main(ARGS), as the `cifarcnn` command runs
@@ -17,11 +18,12 @@ LIBC = ctypes.CDLL(None)
 LIBC.malloc.restype = ctypes.c_void_p
 LIBC.malloc.argtypes = [ctypes.c_size_t]
 LIBC.free.argtypes = [ctypes.c_void_p]
+FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+          "keepcost")
 
 
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
 
 
 LIBC.mallinfo2.restype = MallInfo2
