@@ -18,6 +18,7 @@ import sys
 from recipe_args import recipe_parser
 
 from cifarcnn.base.config import load_preset
+from cifarcnn.base.device import keep_freed_memory, select_device
 from cifarcnn.base.storage import atomic_write_json
 from cifarcnn.training.train import train
 
@@ -26,6 +27,7 @@ def main() -> int:
     parser = recipe_parser(__doc__, "cifarcnn-bench-", "fast_preset.json")
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
+    keep_freed_memory(select_device(args.device))  # owns its process, as cifarcnn does
     runs = []
     for seed in range(args.seeds):
         cfg = load_preset(args.preset, ["data.val_size=0", *args.overrides, f"seed={seed}"])

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from cifarcnn.base.config import load_preset
+from cifarcnn.base.device import keep_freed_memory, select_device
 from cifarcnn.base.storage import atomic_write_json
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.training import finetune
@@ -156,6 +157,7 @@ def main() -> int:
                         help="also fine-tune the first size with the target dataset's own mean and std")
     parser.add_argument("--out", type=Path, default=Path("finetune_protocol.json"))
     args = parser.parse_args()
+    keep_freed_memory(select_device(args.device))  # owns its process, as cifarcnn does
     args.work.mkdir(parents=True, exist_ok=True)
     folders = prepare(args.work, args.data_dir, args.sizes, args.source_per_class)
     source = train_source(args.work, folders["source"], args.overrides, args.device)

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cifarcnn.base.config import load_preset
-from cifarcnn.base.device import select_device
+from cifarcnn.base.device import keep_freed_memory, select_device
 from cifarcnn.training.step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync
 
 # op-name substring -> kind, first match wins (convolution before everything: its backward fills and copies too)
@@ -38,6 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_preset(args.preset, args.overrides)
     device = select_device(args.device)
+    keep_freed_memory(device)  # owns its process, as cifarcnn does
     torch.manual_seed(0)
     images = torch.randint(0, 256, (max(cfg.batch_size, 5000), 3, 32, 32), dtype=torch.uint8)
     model = make_model(cfg, 10, images, device)

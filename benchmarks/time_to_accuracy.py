@@ -20,7 +20,7 @@ import torch
 from recipe_args import recipe_parser
 
 from cifarcnn.base.config import load_preset
-from cifarcnn.base.device import select_device
+from cifarcnn.base.device import keep_freed_memory, select_device
 from cifarcnn.base.inference import checkpoint_settings
 from cifarcnn.base.storage import atomic_write_json
 from cifarcnn.data.cifar import load_cifar10
@@ -41,6 +41,7 @@ def main() -> int:
     cfg = load_preset(args.preset, ["data.val_size=0", *args.overrides])
     run_dir = args.runs_dir / args.preset
     device = select_device(args.device)
+    keep_freed_memory(device)  # owns its process, as cifarcnn does
     data = load_cifar10(args.data_dir)
     test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, device=device,
                          memory_format=torch.channels_last)

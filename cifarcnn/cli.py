@@ -310,6 +310,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _own_process_memory(args: argparse.Namespace) -> None:
+    """The commands that run a model (those with --device) own this process: on a CPU, malloc keeps freed
+    memory for reuse (`base.device.keep_freed_memory`; CIFARCNN_KEEP_FREED_MEMORY=0 turns it off)."""
+    if hasattr(args, "device"):
+        from .base.device import keep_freed_memory, select_device
+
+        keep_freed_memory(select_device(args.device))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for option in ("batch_size", "count", "steps", "rounds", "workers"):
@@ -318,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{option.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     try:
+        _own_process_memory(args)
         return args.func(args)
     except Interrupted as e:
         print(e, file=sys.stderr)

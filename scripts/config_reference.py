@@ -41,23 +41,42 @@ the packaged `seed` preset; `KEY=VALUE` arguments override it, with dotted names
 (`cifarcnn train epochs=2 optimizer.lr=0.01 augment.flip=none`). A key that a config file leaves out takes the
 default below; the presets ([Presets and recipes](presets.md)) set most keys. An unknown key, a value of the wrong
 type, or one outside the allowed range stops the command with one line naming the key and what is allowed (exit
-code 2), before anything is written.
+code {exit_code}), before anything is written.
 
 The keys and their limits come from the config dataclasses in `{module}` (`{source}`); each
 description is the comment on the key's line there.
 """
 
-RULES = """\
+RULES_INTRO = """\
 ## Keys that depend on each other
 
 Checked when the config is built, with the same one-line errors:
-
-- `model` must name an architecture of the model registry.
-- `data.dataset=folder` needs `data.path`.
-- For `cifar10` and `cifar100`, `data.val_size` must be below 50,000 (the training images), `data.image_size`
-  must be 32, and `data.labels=coarse` applies to `cifar100` only.
-- `finetune=head` needs `init_from` (see [Fine-tuning](finetune.md)).
 """
+
+# Each rule as the page states it ({train_size}: the module's CIFAR_TRAIN_SIZE), with overrides that break
+# it, one example per check: tests/test_docs.py makes sure each example stops at one of the config module's
+# checks of keys that depend on each other, and that every such check has an example here.
+RULES = [
+    ("`model` must name an architecture of the model registry.", [["model=no_such_model"]]),
+    ("`data.dataset=folder` needs `data.path`.", [["data.dataset=folder"]]),
+    ("For `cifar10` and `cifar100`, `data.val_size` must be below {train_size} (the training images),\n"
+     "  `data.image_size` must be 32, and `data.labels=coarse` applies to `cifar100` only.",
+     [["data.val_size={train_size_int}"], ["data.image_size=64"], ["data.labels=coarse"]]),
+    ("`finetune=head` needs `init_from` (see [Fine-tuning](finetune.md)).", [["finetune=head"]]),
+]
+
+
+def rule_examples(module: ModuleType) -> list[tuple[str, list[str]]]:
+    """Each rule's text (as on the page) with each of its examples (the overrides that break it)."""
+    sizes = {"train_size": f"{module.CIFAR_TRAIN_SIZE:,}", "train_size_int": module.CIFAR_TRAIN_SIZE}
+    return [(text.format(**sizes), [item.format(**sizes) for item in example])
+            for text, examples in RULES for example in examples]
+
+
+def rules_text(module: ModuleType) -> str:
+    texts = dict.fromkeys(text for text, _ in rule_examples(module))  # each rule once, in order
+    return RULES_INTRO + "\n" + "".join(f"- {text}\n" for text in texts)
+
 
 
 def config_module() -> ModuleType:
@@ -166,7 +185,8 @@ def render(module: ModuleType | None = None, source: str | None = None) -> str:
     except ValueError:
         shown = path.name
     header = "| key | type | default | allowed | description |\n| --- | --- | --- | --- | --- |"
-    out = [INTRO.format(generator=GENERATOR, module=module.__name__, source=shown)]
+    out = [INTRO.format(generator=GENERATOR, module=module.__name__, source=shown,
+                        exit_code=module.ConfigError.exit_code)]
     rows, sections = section_rows(module.Config, "", comments, models)
     out.append("## Top-level keys\n\n" + header + "\n" + "\n".join(rows) + "\n")
     while sections:
@@ -174,7 +194,7 @@ def render(module: ModuleType | None = None, source: str | None = None) -> str:
         rows, nested = section_rows(cls, f"{name}.", comments, models)
         sections.extend(nested)
         out.append(f"## `{name}`\n\n" + header + "\n" + "\n".join(rows) + "\n")
-    out.append(RULES)
+    out.append(rules_text(module))
     return "\n".join(out)
 
 

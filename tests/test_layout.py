@@ -1,15 +1,18 @@
 """The package layout: one folder per job, imports running one way (command line -> reports -> use -> training ->
-data -> base), and no import cycle between files, counting every import (module level and inside functions)."""
+data -> base), and no import cycle between files, counting every import (module level and inside functions);
+and docs/development.md's layout table naming every module of each folder, and no other."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cifarcnn"
 # Lowest first: a module may import its own layer and the layers below it, never one above.
 LAYERS = ("base", "data", "training", "use", "reports", "cli")
 TOP_LEVEL = {"cli": "cli", "__main__": "cli", "__init__": "base"}  # the root __init__ only reads the version
+LAYOUT_PAGE = PACKAGE.parent / "docs" / "development.md"
 
 
 def all_modules(package: Path = PACKAGE) -> dict[str, Path]:
@@ -141,3 +144,30 @@ def test_imports_run_one_way_between_the_job_folders():
 def test_no_import_cycles_between_cifarcnn_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def layout_table(page: str) -> dict[str, list[str]]:
+    """The rows of the page's package layout table, top first: folder below the package ("" for its top level)
+    -> the names in backticks in the row's modules column (identifiers only, not `python -m cifarcnn`)."""
+    rows = {}
+    for line in page.split("## Package layout", 1)[-1].split("\n## ", 1)[0].splitlines():
+        if match := re.fullmatch(r"\| `cifarcnn/(?:(\w+)/)?` \| (.*) \|", line):
+            rows[match[1] or ""] = re.findall(r"`(\w+)`", match[2])
+    return rows
+
+
+def test_the_layout_table_names_every_module_of_each_folder_and_no_other():
+    table = layout_table(LAYOUT_PAGE.read_text(encoding="utf-8"))
+    assert list(table) == ["" if name == "cli" else name for name in reversed(LAYERS)], (
+        "docs/development.md: one row per layer folder, top layer first")
+    modules: dict[str, set[str]] = {}
+    for module in all_modules():
+        folder, _, name = module.rpartition(".")
+        if name != "__init__":
+            modules.setdefault(folder, set()).add(name)
+    for folder, named in table.items():
+        where = f"docs/development.md's row for cifarcnn/{folder + '/' if folder else ''}"
+        assert len(named) == len(set(named)), f"{where} names a module twice: {named}"
+        assert not modules[folder] - set(named), f"{where} leaves out {sorted(modules[folder] - set(named))}"
+        unknown = sorted(set(named) - modules[folder])
+        assert not unknown, f"{where} names no such module: {unknown}"

@@ -1,7 +1,6 @@
-"""Per machine: the precision (the auto rule, forced settings, where the choice is recorded, the fp32 head) and
-how a CPU allocates memory."""
+"""Per machine: the precision (the auto rule, forced settings, where the choice is recorded, the fp32 head).
+How a CPU allocates memory is tests/test_memory.py's."""
 
-import ctypes
 import json
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 
 from cifarcnn.base import precision
 from cifarcnn.base.config import make_config
-from cifarcnn.base.device import select_device
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.base.model import build_model
 from cifarcnn.training.step import TrainStep, build_optimizer
@@ -67,26 +65,3 @@ def test_the_run_records_and_prints_its_precision(tmp_path, cifar_root, small_ov
     assert "precision: bf16 (set in the config (precision))" in capsys.readouterr().out
     session = json.loads((tmp_path / "r" / "environment.json").read_text())["sessions"][0]
     assert session["precision"] == "bf16" and session["precision_reason"] == "set in the config (precision)"
-
-
-class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _mapped_bytes() -> int:
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = MallInfo2
-    return mallinfo2().hblkhd
-
-
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc 2.33 or later")
-def test_on_a_cpu_large_blocks_come_from_the_reused_heap_not_fresh_mappings():
-    """After select_device("cpu") a 64 MB tensor (a training step's activations are such blocks) comes from
-    malloc's heap, whose freed pages the next step reuses, not from its own mmap, which every step would
-    page-fault in again."""
-    assert select_device("cpu") == CPU
-    before = _mapped_bytes()
-    block = torch.ones(64 * 2**20, dtype=torch.uint8)
-    assert _mapped_bytes() - before < 2**20
-    del block

@@ -57,7 +57,8 @@ class OptimizerConfig:
     weight_decay: float = _field(1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
     momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd and muon only
     nesterov: bool = False  # sgd and muon only
-    bias_lr_scale: float = _field(1.0, lo=0, lo_open=True)  # BatchNorm's (muon: every bias): lr x this, decay / this
+    bias_lr_scale: float = _field(
+        1.0, lo=0, lo_open=True)  # BatchNorm's (muon: every 1-D parameter): lr x this, decay / this
     muon_lr: float = _field(0.05, lo=0, lo_open=True)  # muon only: conv filters' peak rate (no decay: fixed norm)
     muon_momentum: float = _field(0.6, lo=0, hi=1, hi_open=True)  # muon only: conv filters' momentum
     lookahead_steps: int = _field(0, lo=0)  # every N steps pull the weights to their running average; 0: off

@@ -1,8 +1,8 @@
 """`optimizer.name: muon`: Muon (momentum orthogonalised by a Newton-Schulz iteration, Jordan et al. 2024) for the
-convolution filters, Nesterov-style SGD for every other parameter, in one optimizer object, as the airbench94_muon
-recipe splits them. One object keeps the trainer unchanged: its parameter groups carry `lr_scale` and
-`until_epoch` like the other optimizers' (the schedule sets each group's lr), and its state_dict is what
-checkpoints save and exact resume loads.
+convolution filters, SGD (Nesterov if set) for every other parameter, in one optimizer object, as the
+airbench94_muon recipe splits them. One object keeps the trainer unchanged: its parameter groups carry
+`lr_scale` and `until_epoch` like the other optimizers' (the schedule sets each group's lr), and its
+state_dict is what checkpoints save and exact resume loads.
 
 Why not `torch.optim.Muon`: it accepts only 2-D parameters (it raises on a 4-D conv weight), and it would need a
 second optimizer object for the other parameters, which the checkpoint, Lookahead, schedule and CUDA-graph code
