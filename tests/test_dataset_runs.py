@@ -18,7 +18,7 @@ from cifarcnn.data import splits
 from cifarcnn.data.dataset import MEAN, STD
 from cifarcnn.data.datasets import checkpoint_dataset, load_dataset
 from cifarcnn.data.images import load_image, walk_images
-from cifarcnn.data.loader import Loader
+from cifarcnn.data.loader import Loader, validation_mask
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 from .conftest import FOLDER_CLASSES, write_image_folder
@@ -242,7 +242,8 @@ def test_a_run_without_mirroring_never_uses_mirrored_views(tmp_path, capsys):
            "no mirror)" in out
     checkpoint = load_checkpoint(tmp_path / "runs" / "r" / "best.pt")
     assert checkpoint["tta_mirror"] is False
-    assert main(["evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu", "--out", str(tmp_path / "e")]) == 0
+    assert main(["evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu", "--out", str(tmp_path / "e")]) \
+        == 0
     assert "tta 2 (1-pixel shifts, no mirror)" in capsys.readouterr().out
     info = checkpoint_dataset(checkpoint)
     data = load_dataset(data_config(checkpoint["config"]["data"]))
@@ -263,9 +264,21 @@ def test_a_folder_run_with_mirroring_says_how_to_turn_it_off(folder_run):
     assert load_checkpoint(run_dir / "best.pt")["tta_mirror"] is True
 
 
+def save_noise(path, seed: int) -> None:
+    """A 40x48 picture of random pixels: like no other image of the folder."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
+
+
+def train_on_folder(pictures, runs, *args: str) -> int:
+    return main(["train", "epochs=1", "batch_size=8", "data.image_size=16", "data.dataset=folder",
+                 f"data.path={pictures}", "--runs-dir", str(runs), "--name", "r", "--device", "cpu", *args])
+
+
 def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys):
-    """A run on a folder without test/; files then added, removed and renamed. No image the model trained on is
-    measured as a test image, and evaluate, report and predict --labels-from-folders say what changed."""
+    """A run on a folder without test/; files then added, removed, renamed and rewritten. No image the model
+    trained on is measured as a test image; evaluate, report and predict --labels-from-folders count what
+    changed."""
     root = write_image_folder(tmp_path / "pics", per_class=20, test_per_class=None)
 
     def held(key: str, fraction: float, side: bytes) -> bool:
@@ -279,36 +292,113 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
                   if not held(f"train/fox/{i}.png", 0.2, b"test") and not held(f"train/fox/{i}.png", 0.5, b"val"))
     shutil.copy(root / source, root / test_side_name("train/fox/dup"))
     run = tmp_path / "runs" / "r"
-    assert main(["train", "epochs=1", "batch_size=8", "data.image_size=16", "data.dataset=folder",
-                 f"data.path={root}", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--device", "cpu"]) == 0
+    assert train_on_folder(root, tmp_path / "runs") == 0
     checkpoint = load_checkpoint(run / "best.pt")
     split = checkpoint["split"]
     assert split["train"]["count"] + split["val"]["count"] + split["test"]["count"] == 61
+    out = capsys.readouterr().out  # train says so before it starts
+    assert f"split: 1 of the {split['test']['count']} test images have the pixels of a training image" in out
     assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e0")]) == 0
     out = capsys.readouterr().out  # nothing moved: the duplicate is left out as a copy, not reported as a move
     assert "changed sides" not in out
     assert f"1 of the {split['test']['count']} test images have the pixels of a training image" in out
     assert "LEFT OUT: 1" in out
-    data = load_dataset(data_config(checkpoint["config"]["data"]))
-    trained = [k for k in data.train_ids if k not in set(data.test_ids)]
-    # a training image renamed to a name whose hash puts it on the test side; another file added, one removed
-    victim = next(k for k in trained if k.startswith("train/cat/"))
+    cfg = data_config(checkpoint["config"]["data"])
+    data = load_dataset(cfg)
+    trained = [k for k, v in zip(data.train_ids, validation_mask(data, cfg).tolist()) if not v]
+    assert len(trained) == split["train"]["count"]
+    # a training image renamed to a name whose hash puts it on the test side; another rewritten in place (new
+    # pixels, same path); a new picture on the test side; a training image and a test image removed
+    cats = [k for k in trained if k.startswith("train/cat/") and k.endswith(".png")]
+    victim, rewritten = cats[0], cats[1]
     new_name = test_side_name("train/cat/moved")
     Image.open(root / victim).save(root / new_name)  # png: the same pixels, decoded again
     (root / victim).unlink()
+    save_noise(root / rewritten, 3)
+    save_noise(root / test_side_name("train/dog/new"), 4)
     shutil.copy(root / data.test_ids[0], root / "train" / "dog" / "copy-of-a-test-image.png")
     (root / data.test_ids[1]).unlink()
+    (root / next(k for k in trained if k.startswith("train/dog/"))).unlink()
     assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e1")]) == 0
     out = capsys.readouterr().out
     saved = json.loads((tmp_path / "e1" / "test_metrics.json").read_text())
-    now = load_dataset(data_config(checkpoint["config"]["data"]))
+    now = load_dataset(cfg)
     assert new_name in now.test_ids  # the renamed training image is on the test side now: left out, said so
-    # left out: the renamed training image and the duplicate, both by their pixels
-    assert saved["split"]["trained_on_left_out"] == 2
+    # left out: the renamed training image and the duplicate, both by their pixels; one new test image, one
+    # training image gone (the renamed one is not gone: its pixels are still there)
+    counts = {k: saved["split"][k] for k in ("changed_sides", "were_validation", "copies_of_training_images",
+                                             "trained_on_left_out", "new", "gone")}
+    assert counts == {"changed_sides": 0, "were_validation": 0, "copies_of_training_images": 2,
+                      "trained_on_left_out": 2, "new": 1, "gone": 1}
     assert f"2 of the {len(now.test_ids)} test images have the pixels of a training image" in out
+    assert "1 test image(s) are new since training; 1 image(s) the model trained on are gone" in out
     assert "LEFT OUT: 2" in out and saved["num_images"] == len(now.test_ids) - 2
     assert main(["report", str(run), "--device", "cpu"]) == 0
     assert "have the pixels of a training image" in capsys.readouterr().out
     assert main(["predict", str(run), str(root / "train" / "cat"), "--labels-from-folders", "-q", "--device",
                  "cpu"]) == 0
-    assert "images the model trained on" in capsys.readouterr().out
+    # trained on: the cat training images still there (the rewritten one by its path), and the renamed one
+    cat_files = [k for k in trained if k.startswith("train/cat/") and (root / k).exists()]
+    out = capsys.readouterr().out
+    assert f"split: {len(cat_files) + 1} of these files are images the model trained on" in out
+
+
+def test_train_test_and_evaluate_count_the_same_test_images(tmp_path, capsys):
+    """A folder whose test/ holds copies of training images: train says so before it trains, and
+    `train --test` and `evaluate` leave the copies out alike (the same images, accuracy and loss)."""
+    pictures = write_image_folder(tmp_path / "pics", per_class=8, test_per_class=4)
+    # each under another class's name, so that counting them would change the accuracy too
+    for name, other in zip(FOLDER_CLASSES, FOLDER_CLASSES[1:] + FOLDER_CLASSES[:1]):
+        shutil.copy(pictures / "train" / name / "0.png", pictures / "test" / other / f"{name}-0.png")
+    assert train_on_folder(pictures, tmp_path / "runs", "data.val_size=0", "precision=fp32", "--test") == 0
+    out = capsys.readouterr().out
+    said = out.index("split: 3 of the 15 test images have the pixels of a training image (copies across the "
+                     "split): test accuracies (--test, evaluate) count the 12 others")
+    assert said < out.index("train loss")  # in the banner, before the first epoch
+    tested = json.loads((tmp_path / "runs" / "r" / "test.json").read_text())
+    assert tested["test_images"] == 12 and "on 12 test images (3 copies of training images left out)" in out
+    run, out_dir = tmp_path / "runs" / "r", tmp_path / "e"
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(out_dir)]) == 0
+    evaluated = json.loads((out_dir / "test_metrics.json").read_text())
+    assert evaluated["num_images"] == 12 and evaluated["split"]["copies_of_training_images"] == 3
+    assert evaluated["test_accuracy"] == tested["test_acc"]
+    assert evaluated["test_loss"] == pytest.approx(tested["test_loss"], rel=1e-6)
+
+
+def test_train_test_refuses_a_test_set_of_copies_before_it_trains(tmp_path, capsys):
+    pictures = write_image_folder(tmp_path / "pics", per_class=4, test_per_class=None)
+    for name in FOLDER_CLASSES:  # test/ holds nothing but training images
+        shutil.copytree(pictures / "train" / name, pictures / "test" / name)
+    assert train_on_folder(pictures, tmp_path / "runs", "batch_size=4", "data.val_size=0", "--test") == 1
+    err = capsys.readouterr().err
+    assert "every one of the 12 test images of pics is an image the model trained on" in err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "r" / "last.pt").exists()
+
+
+def test_report_measures_again_when_a_test_file_is_swapped_for_another(tmp_path, capsys):
+    """The same number of test images but another file, or other pixels under the same name: report does not
+    reuse the saved evaluation (--no-evaluate refuses; otherwise it evaluates again)."""
+    pictures = write_image_folder(tmp_path / "pics", per_class=8, test_per_class=4)
+    run = tmp_path / "runs" / "r"
+    assert train_on_folder(pictures, tmp_path / "runs") == 0
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert main(["report", str(run), "--device", "cpu", "--no-evaluate"]) == 0  # up to date: used as it is
+    metrics = run / "eval" / "test_metrics.json"
+    first = json.loads(metrics.read_text())
+    capsys.readouterr()
+    (pictures / "test" / "cat" / "1.jpg").unlink()  # swapped for another cat picture: 12 test images still
+    save_noise(pictures / "test" / "cat" / "other.png", 5)
+    assert main(["report", str(run), "--device", "cpu", "--no-evaluate"]) == 1
+    assert "the test images (their files or pixels) changed since" in capsys.readouterr().err
+    assert main(["report", str(run), "--device", "cpu"]) == 0
+    assert "changed since" in capsys.readouterr().out
+    second = json.loads(metrics.read_text())
+    digests = [first["split"]["test_digest"], second["split"]["test_digest"]]
+    assert second["num_images"] == first["num_images"] == 12 and digests[0] != digests[1]
+    save_noise(pictures / "test" / "dog" / "1.jpg", 6)
+    assert main(["report", str(run), "--device", "cpu", "--no-evaluate"]) == 1  # same names, other pixels
+    del second["split"]["test_digest"]  # as evaluations before the digest was recorded: measured again
+    metrics.write_text(json.dumps(second))
+    assert main(["report", str(run), "--device", "cpu"]) == 0
+    assert "does not record which test images it measured" in capsys.readouterr().out
+    assert json.loads(metrics.read_text())["split"]["test_digest"] not in digests

@@ -283,6 +283,53 @@ def test_the_validation_split_of_a_folder_dataset_does_not_move(tmp_path):
     assert before - {"train/dog/2.bmp"} == after - {"train/fox/new.png"}
 
 
+def on_test_side(stem: str) -> str:
+    """A file name `stem`-i.png whose path hash puts it on the test side (test_fraction 0.2, split_seed 0)."""
+    def held(key: str) -> bool:  # a second key keeps the one-image class exception out of the way
+        return bool(splits.hash_held_out([key, "x"], np.array([0, 0]), 0.2, 0, b"test")[0])
+
+    return next(f"{stem}-{i}.png" for i in range(1000) if held(f"{stem}-{i}.png"))
+
+
+def test_the_split_check_counts_sides_changed_new_gone_and_copies(tmp_path):
+    """Recorded with a test/ folder; then test/ removed (the test side is held out of train/ by path hash:
+    images that were training and validation images), 2 new pictures added on the test side, a training image
+    copied under a test-side name, 3 training images removed. compare_split counts each exactly, says each."""
+    root = write_image_folder(tmp_path / "pics", per_class=20, test_per_class=4, size=16)
+    cfg = folder_cfg(root, "data.image_size=16")
+    data = load_dataset(cfg)
+    val = validation_mask(data, cfg)
+    record = splits.split_record(data.train_ids, data.train_images, val, data.test_ids, data.test_images)
+    was_val = {k for k, v in zip(data.train_ids, val.tolist()) if v}
+    was_train = set(data.train_ids) - was_val
+    unchanged = splits.compare_split(record, data).describe()
+    assert unchanged == "split: unchanged since training (12 test images, none trained on)"
+    shutil.rmtree(root / "test")
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        picture = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        picture.save(root / on_test_side(f"train/dog/n{i}"))
+    copied = next(k for k in sorted(was_train) if k.endswith(".png"))
+    copy = on_test_side("train/fox/copy")
+    shutil.copy(root / copied, root / copy)
+    for key in [k for k in sorted(was_train) if k != copied][:3]:
+        (root / key).unlink()
+    now = load_dataset(cfg)
+    change = splits.compare_split(record, now)
+    from_train, from_val = len(set(now.test_ids) & was_train), len(set(now.test_ids) & was_val)
+    assert from_train > 0 and from_val > 0  # the scenario moves images of both sides
+    assert (change.was_train, change.was_val, change.moved) == (from_train, from_val, from_train + from_val)
+    assert (change.copies, change.new, change.gone, change.test_images) == (1, 2, 3, len(now.test_ids))
+    trained = {k for k, t in zip(now.test_ids, change.trained_on.tolist()) if t}
+    assert trained == (set(now.test_ids) & was_train) | {copy}
+    n = change.test_images
+    assert change.describe() == (
+        f"split: {change.moved} of the {n} test images changed sides since training ({from_train} were "
+        f"training images, {from_val} validation images); 1 of the {n} test images have the pixels of a "
+        f"training image (the same picture under another name, at the decoded size); 2 test image(s) are new "
+        f"since training; 3 image(s) the model trained on are gone or renamed")
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
 def test_hash_split_is_stratified_within_the_stated_tolerance(fraction):
     """Classes of 1 to 1,000 images under 30 seeds: each class's held-out count within the tolerance docs/datasets.md

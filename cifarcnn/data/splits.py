@@ -12,6 +12,9 @@ of n images and a fraction f, the held-out count lies within TOLERANCE_SIGMAS x 
 stated tolerance; outside it with a probability below 1 in 10,000 per class).
 
 CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and digests.
+
+A test accuracy never counts a test image the model trained on (by its path or by its pixels):
+`train --test` and `evaluate` both take their test images from `untrained_test`, so they count the same.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dataset import Dataset
+from .dataset import DataError, Dataset
 
 TOLERANCE_SIGMAS = 4
 SCHEME = "blake2b-path-v1"
@@ -59,7 +62,8 @@ def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
 
 
 def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """An int64 identity per image from its decoded pixels: the same picture under another name is recognised."""
+    """An int64 identity per image from its decoded uint8 pixels, laid out (N, 3, S, S) as a Dataset holds
+    them: the same picture under another name is recognised."""
     array = images.numpy() if isinstance(images, torch.Tensor) else images
     array = np.ascontiguousarray(array)
     return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)
@@ -68,6 +72,12 @@ def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def _digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(ids).tobytes()).hexdigest()[:16]
+
+
+def _pairs_digest(ids: np.ndarray, pixels: np.ndarray) -> str:
+    """A digest of (path, pixels) pairs: another file, or other pixels under the same name, changes it."""
+    order = np.argsort(ids, kind="stable")
+    return hashlib.sha256(np.stack([ids[order], pixels[order]], 1).tobytes()).hexdigest()[:16]
 
 
 def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
@@ -102,6 +112,7 @@ class SplitChange:
     copies: int  # test images under a path not trained on, with the pixels of a training image (duplicates)
     new: int  # current test images the checkpoint never saw on any side
     gone: int  # images trained on that are no longer in the dataset under their name
+    test_digest: str  # the test images a test accuracy counts (not trained on): their paths and pixels
 
     @property
     def moved(self) -> int:
@@ -147,4 +158,17 @@ def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
     then = record["train"]
     gone = ~np.isin(then["ids"].numpy(), now_ids) & ~np.isin(then["pixels"].numpy(), now_pixels)
     return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()), int(copies.sum()),
-                       int((~seen).sum()), int(gone.sum()))
+                       int((~seen).sum()), int(gone.sum()), _pairs_digest(ids[~trained], pixels[~trained]))
+
+
+def untrained_test(data: Dataset, change: SplitChange | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels a test accuracy counts, the one rule of `train --test` and `evaluate`:
+    all but those the model trained on (`change.trained_on`); all of them when there is nothing to compare
+    (None). Raises DataError when the model trained on every test image."""
+    if change is None or not change.trained_on.any():
+        return data.test_images, data.test_labels
+    if change.trained_on.all():
+        raise DataError(f"every one of the {change.test_images} test images of {data.name} is an image the "
+                        f"model trained on (by its path or its pixels): there is no test accuracy to measure")
+    keep = torch.from_numpy(~change.trained_on)
+    return data.test_images[keep], data.test_labels[keep]

@@ -281,13 +281,15 @@ def _current_split(run_dir: Path, metrics: dict, evaluate_if_missing: bool, data
         return metrics
     change = compare_split(checkpoint["split"], dataset_of_checkpoint(checkpoint, data_dir))
     print(change.describe())
-    if int(change.trained_on.sum()) == (metrics.get("split") or {}).get("trained_on_left_out", 0) \
-            and change.test_images == metrics.get("num_images", 0) + int(change.trained_on.sum()):
+    measured = (metrics.get("split") or {}).get("test_digest")  # the test images (paths, pixels) it counted
+    if measured == change.test_digest:
         return metrics
+    saved = run_dir / "eval"
+    why = (f"the test images (their files or pixels) changed since {saved} was measured" if measured
+           else f"{saved} does not record which test images it measured (an earlier cifarcnn wrote it)")
     if not evaluate_if_missing:
-        raise UserError(f"{run_dir}: the dataset's test set changed since {run_dir / 'eval'} was measured "
-                        f"({change.describe()}): run `cifarcnn evaluate {run_dir}` again, then report")
-    print("the test set changed since the last evaluation; evaluating again")
+        raise UserError(f"{run_dir}: {why}: run `cifarcnn evaluate {run_dir}` again, then report")
+    print(f"{why}; evaluating again")
     evaluate(run_dir, data_dir=data_dir, device=device)
     return load_test_metrics(run_dir, evaluate_if_missing=False, data_dir=data_dir, device=device)
 

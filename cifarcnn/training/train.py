@@ -31,7 +31,7 @@ from ..base.progress import Progress
 from ..base.storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
 from ..data.datasets import load_dataset
 from ..data.loader import Loader, validation_mask
-from ..data.splits import split_record
+from ..data.splits import compare_split, split_record, untrained_test
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .distributed import Dist
 from .distributed import setup as setup_distributed
@@ -244,6 +244,7 @@ class Trainer:
         # what the model trains, validates and is tested on: counts and digests per side (folder datasets: each
         # image's path and pixel identity, so evaluate can tell what changed sides since)
         self.split = split_record(data.train_ids, data.train_images, val, data.test_ids, data.test_images)
+        self.split_change = compare_split(self.split, data)  # a folder's test copies of training images
         shard = {"rank": dist.rank, "world_size": dist.world_size, "device": self.device,
                  "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
         if 0 < len(train_x) % cfg.batch_size < dist.world_size:
@@ -253,7 +254,9 @@ class Trainer:
         self.train_loader = Loader(train_x, train_y, cfg.batch_size, augment=cfg.augment, shuffle=True,
                                    seed=cfg.seed, **shard)
         self.val_loader = Loader(*held_out, cfg.eval_batch_size, **shard) if held_out else None
-        self.test_loader = Loader(data.test_images, data.test_labels, cfg.eval_batch_size, **shard) if test else None
+        # the test images evaluate counts too: none the model trains on
+        self.test_loader = Loader(*untrained_test(data, self.split_change), cfg.eval_batch_size, **shard) \
+            if test else None
         self.best_weights: dict | None = None  # with --test: the best model's weights, tested when the run ends
         return train_x
 
@@ -374,9 +377,19 @@ class Trainer:
               f"{processes}) -> {self.run_dir}")
         print(f"precision: {self.step.precision} ({self.step.precision_reason})")
         if self.cfg.data.dataset == "folder":
+            self._announce_copies()
             self._announce_mirroring()
         if self.checkpoint is not None:
             print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}")
+
+    def _announce_copies(self) -> None:
+        """A folder run says how many of its test images have a training image's pixels (left out of every
+        test accuracy: `--test` and `evaluate` alike)."""
+        change = self.split_change
+        if change is not None and change.copies:
+            print(f"split: {change.copies} of the {change.test_images} test images have the pixels of a "
+                  f"training image (copies across the split): test accuracies (--test, evaluate) count the "
+                  f"{change.test_images - change.copies} others")
 
     def _announce_mirroring(self) -> None:
         """A folder run says whether its images are mirrored, in training and test-time views, and how to stop it."""
@@ -423,8 +436,10 @@ class Trainer:
               f"(evaluate with: cifarcnn evaluate {self.run_dir})")
         test = self.state.get("test")
         if test is not None and self.test_loader is not None:
-            print(f"test accuracy {test['test_acc']:.2%} on {test['test_images']} test images, model of epoch "
-                  f"{test['epoch']} ({self.run_dir / 'best.pt'})")
+            copies = self.split_change.copies if self.split_change is not None else 0
+            left_out = f" ({copies} copies of training images left out)" if copies else ""
+            print(f"test accuracy {test['test_acc']:.2%} on {test['test_images']} test images{left_out}, "
+                  f"model of epoch {test['epoch']} ({self.run_dir / 'best.pt'})")
 
     # -- one epoch of steps ----------------------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ from ..base.device import select_device
 from ..base.inference import Settings, checkpoint_settings, predict_logits
 from ..base.plots import save_confusion_matrix, save_image_grid
 from ..base.storage import atomic_write_json
-from ..data.dataset import DataError, Dataset
+from ..data.dataset import Dataset
 from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
 from ..data.loader import Loader
-from ..data.splits import SplitChange, compare_split
+from ..data.splits import SplitChange, compare_split, untrained_test
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 
@@ -68,10 +68,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     change = split_change(checkpoint, data)
-    test_images, test_labels = data.test_images, data.test_labels
-    if change is not None and change.trained_on.any():  # never a test accuracy on images the model trained on
-        keep = torch.from_numpy(~change.trained_on)
-        test_images, test_labels = test_images[keep], test_labels[keep]
+    test_images, test_labels = untrained_test(data, change)  # never an image the model trained on
     loader = Loader(test_images, test_labels, batch_size, device=device,
                     memory_format=torch.channels_last, mean=info["mean"], std=info["std"])
     settings = checkpoint_settings(checkpoint, device)
@@ -107,7 +104,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
             "description": change.describe(), "changed_sides": change.moved,
             "trained_on_left_out": int(change.trained_on.sum()), "were_validation": change.was_val,
             "copies_of_training_images": change.copies,
-            "new": change.new, "gone": change.gone},
+            "new": change.new, "gone": change.gone, "test_digest": change.test_digest},
     }
     atomic_write_json(out_dir / "test_metrics.json", results)
     print(f"\nwrote {out_dir / 'confusion_matrix.png'}, {out_dir / 'misclassified.png'}, "
@@ -116,8 +113,8 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
 
 
 def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:
-    """How the test set changed sides since the checkpoint was trained, printed; refuses when every test image is
-    one the model trained on. None for CIFAR and for checkpoints that did not record their split."""
+    """How the test set changed sides since the checkpoint was trained, printed. None for CIFAR and for
+    checkpoints that did not record their split."""
     change = compare_split(checkpoint.get("split"), data)
     if change is None:
         if data.test_ids is not None:
@@ -125,9 +122,6 @@ def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:
                   f"it), so whether test images changed sides since cannot be told")
         return None
     print(change.describe())
-    if change.trained_on.all():
-        raise DataError(f"every one of the {change.test_images} test images of {data.name} is an image the model "
-                        f"trained on (the split changed since training): there is no test accuracy to measure")
     return change
 
 

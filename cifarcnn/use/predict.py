@@ -115,7 +115,8 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
     def flush() -> None:
         tops = classify(model, np.stack(arrays), classes, device=device, top_k=top_k, tta=tta, precision=precision,
                         mean=mean, std=std, mirror=mirror)
-        for i, top, pixels in zip(pending, tops, pixel_ids(np.stack(arrays))):
+        # pixel identities as the split records them: (3, S, S) per image, not the (S, S, 3) decoded arrays
+        for i, top, pixels in zip(pending, tops, pixel_ids(np.stack(arrays).transpose(0, 3, 1, 2))):
             results[i].top = top
             results[i].pixels = int(pixels)
         pending.clear()
