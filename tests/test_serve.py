@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.server
 import io
 import json
@@ -136,7 +137,7 @@ def test_model_endpoint_shows_the_test_accuracy_train_test_measured(cifar_root, 
     from cifarcnn.use.predict import load_model
 
     run = tmp_path / "run"
-    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2"])
+    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100"])
     train(cfg, run, data_dir=cifar_root, device="cpu", test=True)
     measured = json.loads((run / "test.json").read_text())
     with in_process(load_model(run, "cpu")) as (_, port):
@@ -182,13 +183,14 @@ def test_batcher_gathers_concurrent_images_into_one_pass_off_the_event_loop():
 
 
 def submit_within(batcher, images: list[np.ndarray], seconds: float = 10) -> list:
-    """What `submit` gives each image (its result or its exception), failing the test if one waits `seconds`."""
+    """What `submit` gives each image (its result or its exception); the test fails if one waits `seconds`."""
     async def all_of_them():
         jobs = (asyncio.wait_for(batcher.submit(image), seconds) for image in images)
         return await asyncio.gather(*jobs, return_exceptions=True)
 
     answers = asyncio.run(all_of_them())
-    assert not any(isinstance(a, asyncio.TimeoutError) for a in answers), f"a request waited {seconds}s: {answers}"
+    waited = any(isinstance(a, asyncio.TimeoutError) for a in answers)
+    assert not waited, f"a request waited {seconds}s: {answers}"
     return answers
 
 
@@ -203,7 +205,8 @@ def test_a_batch_with_missing_rows_fails_each_request_and_the_worker_goes_on():
     batcher.start()
     try:
         answers = submit_within(batcher, [np.full((2, 2, 3), i, np.uint8) for i in range(3)])
-        assert all(isinstance(a, RuntimeError) and "2 results for a batch of 3 images" in str(a) for a in answers)
+        assert all(isinstance(a, RuntimeError) for a in answers)
+        assert all("2 results for a batch of 3 images" in str(a) for a in answers)
         short.append(False)
         assert submit_within(batcher, [np.full((2, 2, 3), 7, np.uint8)]) == [7]
     finally:
@@ -306,7 +309,7 @@ def png_bytes(size: tuple[int, int], mode: str = "RGB") -> bytes:
 
 
 def raw_exchange(port: int, head: bytes, body_chunks=(), timeout: float = 30) -> bytes:
-    """Send a request by hand (headers, then chunks), and what the server answers (b"" if nothing in `timeout`)."""
+    """Send a request by hand (headers, then chunks); what the server answers (b"" if none in `timeout`)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head)
         with contextlib.suppress(OSError):  # the server may answer and close before the body is all sent
@@ -327,10 +330,10 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, pngs):
         "truncated": (b"", good[: len(good) // 2], 422, "truncated"),
         "empty": (b"", b"", 400, "empty request body"),
         "a server path as the body": (b"", str(pngs[0]).encode(), 422, "not an image"),
-        "top_k over the classes": (b"?top_k=11", good, 400, "bad top_k 11: at most 10, the number of classes"),
+        "top_k a superscript digit": ("?top_k=²".encode(), good, 400, "bad top_k '²': Input should be a"),
+        "top_k over the classes": (b"?top_k=11", good, 400, "bad top_k 11: at most 10, the number of"),
         "top_k 0": (b"?top_k=0", good, 400, "bad top_k '0': Input should be greater than or equal to 1"),
-        "top_k a superscript digit": ("?top_k=²".encode(), good, 400, "bad top_k '²': Input should be a valid int"),
-        "top_k not a number": (b"?top_k=three", good, 400, "bad top_k 'three': Input should be a valid integer"),
+        "top_k not a number": (b"?top_k=three", good, 400, "bad top_k 'three': Input should be a valid"),
     }
     for name, (query, body, status, words) in cases.items():
         got, answer, _ = request(port, "POST", "/v1/predict" + quote(query.decode(), safe="/?="), body)
@@ -338,7 +341,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(server, pngs):
         assert "Traceback" not in json.dumps(answer)
     body, headers = multipart([("a.png", good)], {"top_k": "²"})
     got, answer, _ = request(port, "POST", "/v1/predict", body, headers)
-    assert got == 400 and answer["detail"].startswith("bad top_k '²': Input should be a valid integer"), answer
+    assert got == 400 and answer["detail"].startswith("bad top_k '²': Input should be a valid int"), answer
     body, headers = multipart([], {"image": "x"})
     got, answer, _ = request(port, "POST", "/v1/predict", body, headers)
     assert got == 400 and "missing field 'file'" in answer["detail"]
@@ -356,9 +359,9 @@ HEAD = "POST {} HTTP/1.1\r\nHost: 127.0.0.1\r\n{}\r\n\r\n"
 
 
 def unfinished_chunked_upload(port: int, most: int = 16 * 2**20) -> tuple[bytes, int]:
-    """Send a chunked body 64 KiB at a time, never its last chunk, until the server answers (or `most` bytes are
-    sent): (the answer, b"" if none within 20 s; bytes sent). A server that reads a whole body before checking its
-    size never answers this request."""
+    """Send a chunked body 64 KiB at a time, never its last chunk, until the server answers (or `most` bytes
+    are sent): (the answer, b"" if none within 20 s; bytes sent). A server that reads a whole body before
+    checking its size never answers this request."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(HEAD.format("/v1/predict", "Transfer-Encoding: chunked").encode())
         sent = 0
@@ -388,26 +391,29 @@ def test_an_oversized_body_is_refused_without_reading_it_all(server):
 def test_an_unknown_path_is_a_404_before_its_body_is_read(server):
     assert request(server.port, "GET", "/../../../etc/passwd")[0] == 404
     # a body under the limit declared but never sent: a server that read it first would wait for it
-    answer = raw_exchange(server.port, HEAD.format("/v1/upload", "Content-Length: 900000").encode(), timeout=10)
+    head = HEAD.format("/v1/upload", "Content-Length: 900000").encode()
+    answer = raw_exchange(server.port, head, timeout=10)
     assert answer.startswith(b"HTTP/1.1 404"), answer
 
 
 def test_request_bodies_beyond_the_limit_get_503_and_the_others_go_on(loaded, pngs):
     image = pngs[0].read_bytes()
     with in_process(loaded, max_uploads=2) as (_, port), contextlib.ExitStack() as stack:
-        slow = [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30)) for _ in range(2)]
+        slow = [stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+                for _ in range(2)]
+        start = HEAD.format("/v1/predict", "Transfer-Encoding: chunked").encode() + b"a\r\n" + image[:10]
         for sock in slow:  # two uploads that have sent 10 bytes of their body and wait
-            sock.sendall(HEAD.format("/v1/predict", "Transfer-Encoding: chunked").encode() + b"a\r\n" + image[:10]
-                         + b"\r\n")
+            sock.sendall(start + b"\r\n")
         deadline = time.monotonic() + 20
-        while (answer := request(port, "POST", "/v1/predict", image))[0] != 503 and time.monotonic() < deadline:
+        post = functools.partial(request, port, "POST", "/v1/predict", image)
+        while (answer := post())[0] != 503 and time.monotonic() < deadline:
             time.sleep(0.1)  # until the server has read the start of both
         status, detail, headers = answer
         assert status == 503 and headers.get("retry-after") == "1" and "too many uploads" in detail["detail"]
         assert request(port, "GET", "/healthz")[0] == 200  # no body: no slot needed
         slow[0].sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(image) - 10, image[10:]))
         assert slow[0].recv(65536).startswith(b"HTTP/1.1 200")
-        while (status := request(port, "POST", "/v1/predict", image)[0]) == 503 and time.monotonic() < deadline:
+        while (status := post()[0]) == 503 and time.monotonic() < deadline:
             time.sleep(0.1)  # the finished upload's slot is free again
         assert status == 200
 
@@ -419,8 +425,8 @@ def test_without_a_token_only_requests_to_loopback_names_are_answered(server, pn
     for host in (f"attacker.example:{port}", "127.0.0.1.nip.io", "localhost.attacker.example", "[::2]"):
         status, answer, _ = request(port, "GET", "/v1/model", headers={"Host": host})
         assert status == 403 and f"Host header {host!r} is not this server's" in answer["detail"], host
-    status, answer, _ = request(port, "POST", "/v1/predict", image, {"Origin": "https://attacker.example"})
-    assert status == 403 and "Origin header 'https://attacker.example' is not this server's" in answer["detail"]
+    status, answer, _ = request(port, "POST", "/v1/predict", image, {"Origin": "https://evil.example"})
+    assert status == 403 and "Origin header 'https://evil.example' is not this server's" in answer["detail"]
     assert request(port, "POST", "/v1/predict", image, {"Origin": f"http://localhost:{port}"})[0] == 200
 
 
@@ -448,7 +454,8 @@ def test_a_token_is_required_on_the_api(trained_run_dir, pngs):
         good = {"Authorization": "Bearer s3cret"}
         assert request(port, "POST", "/v1/predict", image, good)[0] == 200
         for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 6750 and 9110)
-            assert request(port, "POST", "/v1/predict", image, {"Authorization": f"{scheme} s3cret"})[0] == 200
+            given = {"Authorization": f"{scheme} s3cret"}
+            assert request(port, "POST", "/v1/predict", image, given)[0] == 200
         # with a token, any Host name: the server may sit behind a proxy or on a LAN address
         assert request(port, "GET", "/v1/model", headers={**good, "Host": "cifar.example"})[0] == 200
         assert request(port, "GET", "/v1/model", headers=good)[0] == 200
@@ -540,7 +547,7 @@ URL.createObjectURL = (o) => { const url = create(o); window.created.push(url); 
 URL.revokeObjectURL = (url) => { window.revoked.push(url); revoke(url); };
 """
 ERROR_RED = "rgba(176, 0, 32, 1)"  # the page's colour for errors (#b00020)
-BOXES = "return ['model', 'drop', 'results'].map(id => document.getElementById(id).getBoundingClientRect().toJSON())"
+BOXES = "return ['model', 'drop', 'results'].map(id => $(id).getBoundingClientRect().toJSON())"
 
 
 def test_page_in_chromium_shows_results_errors_and_a_stopped_server(chromium, loaded, pngs, tmp_path):
@@ -610,7 +617,8 @@ class FailingServer(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("how, shown", [("json", "internal error (RuntimeError)"), ("html", "502 Bad Gateway"),
+@pytest.mark.parametrize("how, shown", [("json", "internal error (RuntimeError)"),
+                                        ("html", "502 Bad Gateway"),
                                         ("closed", "could not reach the server")])
 def test_page_in_chromium_shows_a_failing_server(chromium, pngs, how, shown):
     from selenium.webdriver.common.by import By
@@ -626,7 +634,8 @@ def test_page_in_chromium_shows_a_failing_server(chromium, pngs, how, shown):
                 d.find_element(By.ID, "model"))
             assert shown in line.text and line.value_of_css_property("color") == ERROR_RED, line.text
             card = upload(chromium, pngs[0])
-            assert shown in card.get_attribute("data-error") and "JSON" not in card.get_attribute("data-error")
+            error = card.get_attribute("data-error")
+            assert shown in error and "JSON" not in error, error
         finally:
             stub.shutdown()
 

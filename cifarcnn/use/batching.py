@@ -128,7 +128,8 @@ class Batcher:
         try:
             results, error = self.run(np.stack([item.image for item in batch])), None
             if len(results) != len(batch):  # which row is whose is unknown: none is handed out
-                raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)} images")
+                raise RuntimeError(f"the model returned {len(results)} results for a batch of {len(batch)} "
+                                   f"images")
         except Exception as e:  # reported to each request of the batch; the worker goes on
             results, error = [None] * len(batch), e
         for item, result in zip(batch, results, strict=True):

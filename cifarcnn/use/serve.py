@@ -112,15 +112,17 @@ def _saved_test_accuracy(loaded: LoadedModel, path: Path, checkpoint_in: Path, k
     "checkpoint", relative to `checkpoint_in`), epoch and TTA level; else None."""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         saved = json.loads(path.read_text())
-        if (checkpoint_in / saved["checkpoint"]).resolve() == loaded.path.resolve() and \
-                saved.get("epoch") == loaded.checkpoint.get("epoch") and saved.get("tta") == loaded.settings.tta:
+        same_file = (checkpoint_in / saved["checkpoint"]).resolve() == loaded.path.resolve()
+        if same_file and (saved.get("epoch"), saved.get("tta")) == (loaded.checkpoint.get("epoch"),
+                                                                    loaded.settings.tta):
             return float(saved[key])
     return None
 
 
 def _accuracies(loaded: LoadedModel) -> tuple[float | None, float | None]:
-    """The checkpoint's validation accuracy, and its test accuracy when one was measured for this checkpoint, epoch
-    and TTA level: by `train --test` (RUN/test.json), else by `evaluate` (RUN/eval/test_metrics.json)."""
+    """The checkpoint's validation accuracy, and its test accuracy when one was measured for this checkpoint,
+    epoch and TTA level: by `train --test` (RUN/test.json), else by `evaluate`
+    (RUN/eval/test_metrics.json)."""
     history = loaded.checkpoint.get("history") or [{}]
     run = loaded.path.parent
     test = _saved_test_accuracy(loaded, run / "test.json", run, "test_acc")
@@ -182,7 +184,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
                                             "description": "one image as the raw body"}}}}}
 
 
-# --------------------------------------------------------------------------- the guard: host, token, path, body
+# ----------------------------------------------------------------------- the guard: host, token, path, body
 
 
 async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
@@ -195,14 +197,16 @@ async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) 
 
 class Guard:
     """ASGI middleware in front of the app. In this order: without a token, 403 for a request whose Host (or
-    Origin) header names anything but loopback or the configured host (a DNS-rebinding page, another site's form);
-    with a token, 401 for a request without `Authorization: Bearer <token>` (except OPEN_PATHS); 404 for a path the
-    app does not serve; 413 for a body over `max_body` bytes, declared or streamed, read no further; 503 with
-    Retry-After while `max_uploads` request bodies are already in progress. Nothing is read of a refused body."""
+    Origin) header names anything but loopback or the configured host (a DNS-rebinding page, another site's
+    form); with a token, 401 for a request without `Authorization: Bearer <token>` (except OPEN_PATHS); 404
+    for a path the app does not serve; 413 for a body over `max_body` bytes, declared or streamed, read no
+    further; 503 with Retry-After while `max_uploads` request bodies are already in progress. Nothing is read
+    of a refused body."""
 
     def __init__(self, app: FastAPI, options: ServeOptions):
         self.app, self.token, self.host = app, options.token, options.host.lower()
         self.max_body = int(options.max_body_mb * 2**20)
+        self.too_big = f"request body over the {options.max_body_mb:g} MB limit"
         self.paths = {route.path for route in app.routes}
         self.uploads = threading.BoundedSemaphore(options.max_uploads)
 
@@ -212,19 +216,19 @@ class Guard:
             host, origin = headers.get(b"host", b""), headers.get(b"origin")
             for name, value, url in (("Host", host, b"//" + host), ("Origin", origin, origin)):
                 if value is not None and not self._local(url):
-                    return 403, (f"{name} header {value.decode('latin-1')!r} is not this server's: without a token "
-                                 f"it answers only requests to localhost, 127.0.0.1, [::1] or its --host; start "
-                                 f"it with --token to accept others"), ()
+                    return 403, (f"{name} header {value.decode('latin-1')!r} is not this server's: without a "
+                                 f"token it answers only requests to localhost, 127.0.0.1, [::1] or its "
+                                 f"--host; start it with --token to accept others"), ()
         elif scope["path"] not in OPEN_PATHS and not self._authorized(headers):
-            return 401, ("missing or wrong token: send the header 'Authorization: Bearer <token>' with the token "
-                         "the server was started with"), ((b"www-authenticate", b"Bearer"),)
+            return 401, ("missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
+                         "token the server was started with"), ((b"www-authenticate", b"Bearer"),)
         if scope["path"] not in self.paths:
             return 404, "Not Found", ()
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit():
             return 400, "bad Content-Length header", ()
         if int(declared) > self.max_body:
-            return 413, f"request body over the {self.max_body / 2**20:g} MB limit", ()
+            return 413, self.too_big, ()
         return None
 
     def _local(self, url: bytes) -> bool:
@@ -235,7 +239,8 @@ class Guard:
 
     def _authorized(self, headers: dict) -> bool:
         scheme, given = get_authorization_scheme_param(headers.get(b"authorization", b"").decode("latin-1"))
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode("latin-1"), self.token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode("latin-1"),
+                                                                  self.token.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -264,7 +269,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body:
-                return await _send_json(send, 413, f"request body over the {self.max_body / 2**20:g} MB limit")
+                return await _send_json(send, 413, self.too_big)
         replayed = False
 
         async def replay() -> dict:
@@ -304,6 +309,27 @@ async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | Non
     return [("body", body)], None
 
 
+def _top_k(query: int | None, form: str | None, classes: int) -> int:
+    """Classes per image: the query's top_k (FastAPI validated it), else the form's (validated the same way),
+    else 3; a 400 above the number of classes."""
+    top_k = query
+    if top_k is None and form is not None:
+        try:
+            top_k = TypeAdapter(Annotated[int, TOP_K]).validate_strings(form)
+        except ValidationError as e:
+            raise RequestValidationError([{**e.errors()[0], "loc": ("form", "top_k")}]) from None
+    if top_k is not None and top_k > classes:
+        raise HTTPException(400, f"bad top_k {top_k}: at most {classes}, the number of classes")
+    return min(3, classes) if top_k is None else top_k
+
+
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A parameter FastAPI found invalid (top_k): a 400 naming it, as one line like the other errors."""
+    wrong = error.errors()[0]
+    return JSONResponse({"detail": f"bad {wrong['loc'][-1]} {wrong.get('input')!r}: {wrong['msg']}"},
+                        status_code=400)
+
+
 def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
     """The FastAPI app for one loaded model; its lifespan starts and stops the batcher and the decoding pool.
     `app.state.batcher` is the Batcher (its `batch_sizes` show how requests were batched)."""
@@ -337,14 +363,7 @@ def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
               summary="classify one or more images")
     async def predict(request: Request, top_k: Annotated[int | None, TOP_K] = None) -> dict:
         uploads, form_top_k = await _uploads(request)
-        if top_k is None and form_top_k is not None:
-            try:
-                top_k = TypeAdapter(Annotated[int, TOP_K]).validate_strings(form_top_k)
-            except ValidationError as e:
-                raise RequestValidationError([{**e.errors()[0], "loc": ("form", "top_k")}]) from None
-        if top_k is not None and top_k > len(loaded.classes):
-            raise HTTPException(400, f"bad top_k {top_k}: at most {len(loaded.classes)}, the number of classes")
-        k = min(3, len(loaded.classes)) if top_k is None else top_k
+        k = _top_k(top_k, form_top_k, len(loaded.classes))
         results = await asyncio.gather(*(classify(name, data, k) for name, data in uploads))
         return {"model": identity, "results": list(results)}
 
@@ -360,11 +379,7 @@ def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
     async def index() -> str:
         return page
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        wrong = error.errors()[0]
-        return JSONResponse({"detail": f"bad {wrong['loc'][-1]} {wrong.get('input')!r}: {wrong['msg']}"},
-                            status_code=400)
+    app.add_exception_handler(RequestValidationError, _invalid)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:  # logged by uvicorn, not sent
