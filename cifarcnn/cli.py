@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .use.serve import ServeOptions, serve
 
     options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           token=args.token, max_body_mb=args.max_body_mb)
+                           token=args.token, max_body_mb=args.max_body_mb, max_uploads=args.max_uploads)
     return serve(args.target, options, device=args.device, tta=args.tta)
 
 
@@ -264,6 +264,8 @@ def _add_serve_command(sub: argparse._SubParsersAction) -> None:
                                    "$CIFARCNN_TOKEN); required on an address other than loopback")
     p.add_argument("--max-body-mb", type=float, default=20.0,
                    help="largest request body in MB; a larger one gets 413 (default: 20)")
+    p.add_argument("--max-uploads", type=int, default=32,
+                   help="most request bodies in progress at once; more get 503 (default: 32)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
     p.add_argument("--tta", type=int, metavar="LEVEL",
                    help="test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts (default: the "

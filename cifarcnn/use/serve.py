@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from ..base.errors import UsageError, UserError
 
@@ -34,11 +36,13 @@ if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvic
 
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
-from fastapi import FastAPI, HTTPException, Request  # noqa: E402
+from fastapi import FastAPI, HTTPException, Query, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from fastapi.security.utils import get_authorization_scheme_param  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
-from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
+from starlette.types import Receive, Scope, Send  # noqa: E402
 
 from .. import __version__  # noqa: E402
 from ..base.config import load_preset, preset_names  # noqa: E402
@@ -47,10 +51,12 @@ from .batching import Batcher  # noqa: E402
 from .predict import LoadedModel, load_model  # noqa: E402
 
 MAX_BODY_MB = 20
+MAX_UPLOADS = 32  # request bodies in memory at once; more get 503
 MAX_PIXELS = 40_000_000  # an upload with more pixels is refused before decoding (Pillow warns at 89M, fails at 179M)
 TOKEN_ENV = "CIFARCNN_TOKEN"
 OPEN_PATHS = ("/", "/healthz", "/docs", "/openapi.json")  # need no token: they hold no model output
 FIELD = "file"
+TOP_K = Query(ge=1, description="classes per image, at most the number of classes (default 3)")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class ServeOptions:
     max_wait_ms: float = 5.0
     token: str | None = None
     max_body_mb: float = MAX_BODY_MB
+    max_uploads: int = MAX_UPLOADS
     decode_workers: int = 4
 
 
@@ -100,19 +107,28 @@ def _digest(path: Path) -> str:
     return f"sha256:{sha.hexdigest()}"
 
 
+def _saved_test_accuracy(loaded: LoadedModel, path: Path, checkpoint_in: Path, key: str) -> float | None:
+    """The accuracy under `key` in the JSON file `path` when it was measured on this checkpoint file (its
+    "checkpoint", relative to `checkpoint_in`), epoch and TTA level; else None."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        saved = json.loads(path.read_text())
+        same_file = (checkpoint_in / saved["checkpoint"]).resolve() == loaded.path.resolve()
+        if same_file and (saved.get("epoch"), saved.get("tta")) == (loaded.checkpoint.get("epoch"),
+                                                                    loaded.settings.tta):
+            return float(saved[key])
+    return None
+
+
 def _accuracies(loaded: LoadedModel) -> tuple[float | None, float | None]:
-    """The checkpoint's validation accuracy, and its test accuracy when training (--test) or `evaluate` measured
-    it (RUN/eval/test_metrics.json for this checkpoint and epoch)."""
+    """The checkpoint's validation accuracy, and its test accuracy when one was measured for this checkpoint,
+    epoch and TTA level: by `train --test` (RUN/test.json), else by `evaluate`
+    (RUN/eval/test_metrics.json)."""
     history = loaded.checkpoint.get("history") or [{}]
-    val, test = history[-1].get("val_acc"), history[-1].get("test_acc")
-    metrics = loaded.path.parent / "eval" / "test_metrics.json"
-    if test is None and metrics.is_file():
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            saved = json.loads(metrics.read_text())
-            if Path(saved["checkpoint"]).resolve() == loaded.path.resolve() and \
-                    saved.get("epoch") == loaded.checkpoint.get("epoch"):
-                test = saved["test_accuracy"]
-    return val, test
+    run = loaded.path.parent
+    test = _saved_test_accuracy(loaded, run / "test.json", run, "test_acc")
+    if test is None:
+        test = _saved_test_accuracy(loaded, run / "eval" / "test_metrics.json", Path.cwd(), "test_accuracy")
+    return history[-1].get("val_acc"), test
 
 
 def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
@@ -168,7 +184,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
                                             "description": "one image as the raw body"}}}}}
 
 
-# --------------------------------------------------------------------------- the guard: token and body size
+# ----------------------------------------------------------------------- the guard: host, token, path, body
 
 
 async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
@@ -180,28 +196,71 @@ async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) 
 
 
 class Guard:
-    """ASGI middleware in front of the app: with a token, 401 for a request without `Authorization: Bearer
-    <token>` (except OPEN_PATHS); 413 for a body over `max_body` bytes, declared or streamed, read no further."""
+    """ASGI middleware in front of the app. In this order: without a token, 403 for a request whose Host (or
+    Origin) header names anything but loopback or the configured host (a DNS-rebinding page, another site's
+    form); with a token, 401 for a request without `Authorization: Bearer <token>` (except OPEN_PATHS); 404
+    for a path the app does not serve; 413 for a body over `max_body` bytes, declared or streamed, read no
+    further; 503 with Retry-After while `max_uploads` request bodies are already in progress. Nothing is read
+    of a refused body."""
 
-    def __init__(self, app: ASGIApp, max_body: int, token: str | None):
-        self.app, self.max_body, self.token = app, max_body, token
+    def __init__(self, app: FastAPI, options: ServeOptions):
+        self.app, self.token, self.host = app, options.token, options.host.lower()
+        self.max_body = int(options.max_body_mb * 2**20)
+        self.too_big = f"request body over the {options.max_body_mb:g} MB limit"
+        self.paths = {route.path for route in app.routes}
+        self.uploads = threading.BoundedSemaphore(options.max_uploads)
 
-    def _authorized(self, scope: Scope) -> bool:
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, f"Bearer {self.token}".encode())
+    def _refusal(self, scope: Scope, headers: dict) -> tuple[int, str, tuple] | None:
+        """(status, detail, headers) of the answer that refuses the request before its body, or None."""
+        if not self.token:
+            host, origin = headers.get(b"host", b""), headers.get(b"origin")
+            for name, value, url in (("Host", host, b"//" + host), ("Origin", origin, origin)):
+                if value is not None and not self._local(url):
+                    return 403, (f"{name} header {value.decode('latin-1')!r} is not this server's: without a "
+                                 f"token it answers only requests to localhost, 127.0.0.1, [::1] or its "
+                                 f"--host; start it with --token to accept others"), ()
+        elif scope["path"] not in OPEN_PATHS and not self._authorized(headers):
+            return 401, ("missing or wrong token: send the header 'Authorization: Bearer <token>' with the "
+                         "token the server was started with"), ((b"www-authenticate", b"Bearer"),)
+        if scope["path"] not in self.paths:
+            return 404, "Not Found", ()
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit():
+            return 400, "bad Content-Length header", ()
+        if int(declared) > self.max_body:
+            return 413, self.too_big, ()
+        return None
+
+    def _local(self, url: bytes) -> bool:
+        with contextlib.suppress(ValueError):
+            name = urlsplit(url.decode("latin-1")).hostname
+            return name is not None and (name == self.host or is_loopback(name))
+        return False
+
+    def _authorized(self, headers: dict) -> bool:
+        scheme, given = get_authorization_scheme_param(headers.get(b"authorization", b"").decode("latin-1"))
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode("latin-1"),
+                                                                  self.token.encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.token and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
-            return await _send_json(send, 401, "missing or wrong token: send the header 'Authorization: Bearer "
-                                               "<token>' with the token the server was started with",
-                                    ((b"www-authenticate", b"Bearer"),))
-        too_big = f"request body over the {self.max_body / 2**20:g} MB limit"
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_body:
-            return await _send_json(send, 413 if declared.isdigit() else 400,
-                                    too_big if declared.isdigit() else "bad Content-Length header")
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            return await _send_json(send, *refusal)
+        if headers.get(b"content-length", b"0") == b"0" and b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)  # no body
+        if not self.uploads.acquire(blocking=False):
+            return await _send_json(send, 503, "too many uploads in progress: try again in a second",
+                                    ((b"retry-after", b"1"),))
+        try:
+            await self._with_body(scope, receive, send)
+        finally:
+            self.uploads.release()
+
+    async def _with_body(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the body, stopping as soon as it is over the limit (413), then run the app on it."""
         body, more = bytearray(), True
         while more:
             message = await receive()
@@ -210,7 +269,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body:
-                return await _send_json(send, 413, too_big)
+                return await _send_json(send, 413, self.too_big)
         replayed = False
 
         async def replay() -> dict:
@@ -250,13 +309,25 @@ async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | Non
     return [("body", body)], None
 
 
-def _top_k(raw: str | None, classes: int) -> int:
-    if raw is None:
-        return min(3, classes)
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= classes:
-        raise HTTPException(400, f"top_k must be a whole number from 1 to {classes} (the number of classes), "
-                                 f"got {raw!r}")
-    return int(raw)
+def _top_k(query: int | None, form: str | None, classes: int) -> int:
+    """Classes per image: the query's top_k (FastAPI validated it), else the form's (validated the same way),
+    else 3; a 400 above the number of classes."""
+    top_k = query
+    if top_k is None and form is not None:
+        try:
+            top_k = TypeAdapter(Annotated[int, TOP_K]).validate_strings(form)
+        except ValidationError as e:
+            raise RequestValidationError([{**e.errors()[0], "loc": ("form", "top_k")}]) from None
+    if top_k is not None and top_k > classes:
+        raise HTTPException(400, f"bad top_k {top_k}: at most {classes}, the number of classes")
+    return min(3, classes) if top_k is None else top_k
+
+
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A parameter FastAPI found invalid (top_k): a 400 naming it, as one line like the other errors."""
+    wrong = error.errors()[0]
+    return JSONResponse({"detail": f"bad {wrong['loc'][-1]} {wrong.get('input')!r}: {wrong['msg']}"},
+                        status_code=400)
 
 
 def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
@@ -290,9 +361,9 @@ def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
 
     @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY,
               summary="classify one or more images")
-    async def predict(request: Request, top_k: str | None = None) -> dict:
+    async def predict(request: Request, top_k: Annotated[int | None, TOP_K] = None) -> dict:
         uploads, form_top_k = await _uploads(request)
-        k = _top_k(top_k if top_k is not None else form_top_k, len(loaded.classes))
+        k = _top_k(top_k, form_top_k, len(loaded.classes))
         results = await asyncio.gather(*(classify(name, data, k) for name, data in uploads))
         return {"model": identity, "results": list(results)}
 
@@ -307,6 +378,8 @@ def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
+
+    app.add_exception_handler(RequestValidationError, _invalid)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:  # logged by uvicorn, not sent
@@ -355,6 +428,8 @@ def check_options(options: ServeOptions) -> None:
         raise UsageError(f"--max-wait-ms must be 0 or more, got {options.max_wait_ms:g}")
     if options.max_body_mb <= 0:
         raise UsageError(f"--max-body-mb must be more than 0, got {options.max_body_mb:g}")
+    if options.max_uploads < 1:
+        raise UsageError(f"--max-uploads must be at least 1, got {options.max_uploads}")
     if not is_loopback(options.host) and not options.token:
         raise UsageError(f"refusing to listen on {options.host} without a token: anyone who can reach it could use "
                          f"the model. Give --token TOKEN (or set {TOKEN_ENV}), or listen on 127.0.0.1")
@@ -384,7 +459,7 @@ def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Ser
     the app."""
     app = create_app(loaded, options)
     sock = listen(options.host, options.port)
-    config = uvicorn.Config(Guard(app, int(options.max_body_mb * 2**20), options.token), log_level="info",
+    config = uvicorn.Config(Guard(app, options), log_level="info",
                             access_log=False, timeout_graceful_shutdown=60, lifespan="on")
     return _Server(config), sock, app
 
