@@ -50,6 +50,18 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer `state` (momentum buffers, Adam moments, step counts) into `optimizer`, built
+    from the current config, keeping the hyperparameters its groups were built with: torch's load_state_dict
+    would restore the saved ones, silently dropping a resume's overrides (weight_decay, momentum, bias_lr_scale,
+    muon_lr, muon_momentum, nesterov) and scaling the Muon group by the new lr over the old (its lr_scale is
+    muon_lr / lr). The groups are the same parameters in the same order (load_state_dict checks it)."""
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyperparameters in zip(optimizer.param_groups, built):
+        group.update(hyperparameters)
+
+
 def _muon_groups(groups: list[dict], o: OptimizerConfig) -> list[dict]:
     """Each group split three ways, as the airbench94_muon recipe groups them: conv filters (4-D) to Muon at
     muon_lr and muon_momentum; biases (1-D: BatchNorm's and the whitening bias) to SGD at lr x bias_lr_scale; the

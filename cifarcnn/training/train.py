@@ -48,6 +48,7 @@ from .step import (
     build_optimizer,
     frozen_at,
     learning_rate,
+    load_optimizer_state,
     make_model,
     sync,
     trains_in,
@@ -286,7 +287,13 @@ class Trainer:
             for name, value in checkpoint["model_state"].items():
                 if name in self.ema.average:
                     self.ema.average[name].copy_(value)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        saved = checkpoint["config"]["optimizer"]["name"]
+        if saved != self.cfg.optimizer.name:  # the saved state (momentum buffers, moments) is another optimizer's
+            raise ConfigError(f"config key 'optimizer.name': {self.run_dir} was trained with {saved}, whose state "
+                              f"cannot continue as {self.cfg.optimizer.name}: resume with optimizer.name={saved}, or "
+                              f"start a new run with init_from={self.run_dir}")
+        load_optimizer_state(self.optimizer, checkpoint["optimizer_state"])  # this config's hyperparameters
+        self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
         restore_rng(checkpoint, self.device, self.dist)
         if self.lookahead is not None:
             for name, value in checkpoint["lookahead"].items():
@@ -376,7 +383,8 @@ class Trainer:
         if self.cfg.data.dataset == "folder":
             self._announce_mirroring()
         if self.checkpoint is not None:
-            print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}")
+            print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}"
+                  + (f"; changed since: {', '.join(self.changed)}" if self.changed else ""))
 
     def _announce_mirroring(self) -> None:
         """A folder run says whether its images are mirrored, in training and test-time views, and how to stop it."""
@@ -611,6 +619,18 @@ class Trainer:
         command = resume_command(self.run_dir, self.data_dir, self.device_arg, self.dist.active)
         return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
                            f"{self.run_dir / 'last.pt'}; resume with: {command}", self.stop.signum or signal.SIGTERM)
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """`key old -> new` for each config key whose value differs between two `Config.to_dict()`s."""
+    changed = []
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed += changed_settings(old, value, f"{prefix}{key}.")
+        elif old != value:
+            changed.append(f"{prefix}{key} {old} -> {value}")
+    return changed
 
 
 def _position(epoch_done: int, steps_done: int) -> str:
