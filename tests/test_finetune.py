@@ -12,8 +12,11 @@ from cifarcnn.base.config import load_preset, make_config
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.base.model import build_model
 from cifarcnn.cli import main
+from cifarcnn.training import finetune
+from cifarcnn.training import train as train_module
 from cifarcnn.training.checkpoint import load_checkpoint
-from cifarcnn.training.finetune import Source, load_matching, start_from, weights_digest
+from cifarcnn.training.finetune import Source, load_matching, start_from, train_mode, weights_digest
+from cifarcnn.training.step import TrainStep, build_optimizer, restored_afterwards
 from cifarcnn.training.train import train
 from tests.conftest import FOLDER_CLASSES, write_image_folder
 from tests.test_train import metrics_of, read_metrics
@@ -85,17 +88,99 @@ def test_a_finetuned_run_keeps_the_source_whitening_records_its_origin_and_norma
     assert (saved["mean"], saved["std"]) == (source["mean"], source["std"])
 
 
-def test_finetune_head_changes_no_other_weight_and_no_batchnorm_statistic(source_run, folder, tmp_path):
+class _SimulatedGraph:
+    """A CUDA graph's behaviour on the CPU: replay runs the step recorded at capture, with every module in the
+    mode it had then, whatever the modes at replay (a real graph replays the recorded kernels)."""
+
+    def __init__(self, step: TrainStep, x: torch.Tensor, y: torch.Tensor):
+        self.step, self.modes = step, [m.training for m in step.model.modules()]
+        self.x, self.y = x.clone(), y.clone()
+        with restored_afterwards(step.model, step.optimizer):  # the outputs' tensors, as a capture makes them
+            self.outputs = step._step(self.x, self.y)
+
+    def replay(self) -> None:
+        modules = list(self.step.model.modules())
+        now = [m.training for m in modules]
+        for module, mode in zip(modules, self.modes):
+            module.training = mode
+        for static, fresh in zip(self.outputs, self.step._step(self.x, self.y)):
+            static.copy_(fresh)
+        for module, mode in zip(modules, now):
+            module.training = mode
+
+
+@pytest.fixture
+def simulated_graphs(monkeypatch):
+    """TrainStep on the CPU as on one GPU: warm-up captures and training replays (simulated) graphs; returns
+    the captured graphs."""
+    captured = []
+    init = TrainStep.__init__
+
+    def graphs_on(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.use_graphs = True
+
+    def capture(self, x, y):
+        captured.append(_SimulatedGraph(self, x, y))
+        return captured[-1], captured[-1].x, captured[-1].y, captured[-1].outputs, []
+
+    monkeypatch.setattr(TrainStep, "__init__", graphs_on)
+    monkeypatch.setattr(TrainStep, "_capture", capture)
+    return captured
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_finetune_head_trains_the_head_and_moves_no_other_weight_nor_batchnorm_statistic(
+        source_run, folder, tmp_path, monkeypatch, request, graphs):
+    captured = request.getfixturevalue("simulated_graphs") if graphs else None
+    initial = {}  # the model's tensors once the source is loaded, before the first step
+
+    def start_and_keep(model, *args, **kwargs):
+        record = finetune.start_from(model, *args, **kwargs)
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return record
+
+    monkeypatch.setattr(train_module, "start_from", start_and_keep)
     source = load_checkpoint(source_run / "best.pt")["model_state"]
-    train(finetune_config(folder, source_run, "finetune=head"), tmp_path / "probe", device="cpu")
+    # lookahead every 2 of the 4 steps: a run shorter than lookahead_steps ends on the weights it started from
+    cfg = finetune_config(folder, source_run, "finetune=head", "optimizer.lookahead_steps=2")
+    train(cfg, tmp_path / "probe", device="cpu")
     saved = load_checkpoint(tmp_path / "probe" / "last.pt")
     groups = saved["optimizer_state"]["param_groups"]
     assert sum(len(g["params"]) for g in groups) == 1  # the head alone: nothing else decays or has momentum
+    body = [k for k in initial if k != "head.weight"]
+    kinds = {k.rsplit(".", 1)[1] for k in body}
+    assert kinds >= {"running_mean", "running_var", "num_batches_tracked", "weight"}
+    assert all(torch.equal(initial[k], source[k]) for k in body)  # the body starts as the source's
     for key in ("model_state", "train_model_state"):  # the weight average and the trained weights
         state = saved[key]
-        assert not torch.equal(state["head.weight"], source["head.weight"][:3])
-        changed = [k for k in state if k != "head.weight" and not torch.equal(state[k], source[k])]
-        assert changed == [], key  # running means, variances and batch counts included
+        assert (state["head.weight"] - initial["head.weight"]).abs().max() > 1e-3, key  # the head trained
+        moved = [k for k in body if not torch.equal(state[k], initial[k])]
+        assert moved == [], key  # running means, variances and batch counts included
+    if graphs:  # every graph (warm-up's included) was captured with the modes training runs in
+        assert captured and all(not mode for g in captured
+                                for m, mode in zip(g.step.model.modules(), g.modes) if _is_norm(m))
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def test_the_graph_of_a_step_is_keyed_on_every_module_mode(source_run):
+    """A graph captured with BatchNorm in train mode updates its running statistics on each replay: it must
+    not be replayed for a step with BatchNorm in eval mode (`finetune: head`)."""
+    cfg = make_config({}, ["model=quicknet", f"init_from={source_run}", "finetune=head"])
+    model = build_model("quicknet", 3)
+    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+    x = torch.zeros(4, 3, 32, 32)
+    model.train()
+    trained = step.graph_key(x)
+    train_mode(model, cfg)
+    assert step.graph_key(x) != trained
+    model.train()
+    assert step.graph_key(x) == trained
+    next(m for m in model.modules() if _is_norm(m)).eval()  # one submodule's mode
+    assert step.graph_key(x) != trained
 
 
 @pytest.mark.parametrize("more, words", [

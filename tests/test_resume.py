@@ -1,5 +1,6 @@
-"""`train --resume RUN KEY=VALUE`: the optimizer's hyperparameters given on resume are the ones it continues with
-(the saved optimizer state brings its buffers, not its old settings), and a change that cannot apply is refused."""
+"""`train --resume RUN KEY=VALUE`: the optimizer's hyperparameters given on resume are the ones it continues
+with (the saved optimizer state brings its buffers, not its old settings), and a change that cannot apply is
+refused."""
 
 from __future__ import annotations
 
@@ -24,16 +25,18 @@ SETTINGS = ("lr_scale", "weight_decay", "momentum", "nesterov", "muon", "until_e
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "muon"])
-def test_optimizer_overrides_on_resume_are_the_ones_training_continues_with(name, cifar_root, tmp_path, capsys):
+def test_optimizer_overrides_on_resume_are_the_ones_training_continues_with(name, cifar_root, tmp_path,
+                                                                            capsys):
     run_dir = tmp_path / "run"
-    train(make_config({}, [*SMALL, *BEFORE, f"optimizer.name={name}"]), run_dir, data_dir=cifar_root, device="cpu")
+    before = make_config({}, [*SMALL, *BEFORE, f"optimizer.name={name}"])
+    train(before, run_dir, data_dir=cifar_root, device="cpu")
     cfg = resume_config(run_dir, AFTER)
     train(cfg, run_dir, data_dir=cifar_root, device="cpu", resume=True)
     saved = load_checkpoint(run_dir / "last.pt")
     groups = saved["optimizer_state"]["param_groups"]  # as they were at the last step of the resumed epoch
-    assert saved["epoch"] == 2 and saved["optimizer_state"]["state"]  # trained on, with its momentum or moments
-    # the groups a new run with the new settings gets
-    expected = build_optimizer(cfg, build_model(saved["model"], saved["num_classes"]), torch.device("cpu")).param_groups
+    assert saved["epoch"] == 2 and saved["optimizer_state"]["state"]  # trained on, with momentum or moments
+    model = build_model(saved["model"], saved["num_classes"])
+    expected = build_optimizer(cfg, model, torch.device("cpu")).param_groups  # a new run's, these settings
     assert len(groups) == len(expected)
     for group, want in zip(groups, expected):
         assert {k: group.get(k) for k in SETTINGS} == {k: want.get(k) for k in SETTINGS}
@@ -50,8 +53,8 @@ def test_another_optimizer_on_resume_is_refused_naming_the_key(cifar_root, tmp_p
     run_dir = tmp_path / "run"
     train(make_config({}, SMALL), run_dir, data_dir=cifar_root, device="cpu")  # adam
     before = (run_dir / "last.pt").read_bytes()
-    argv = ["train", "--resume", str(run_dir), "epochs=2", "optimizer.name=sgd", "--data-dir", str(cifar_root),
-            "--device", "cpu"]
+    argv = ["train", "--resume", str(run_dir), "epochs=2", "optimizer.name=sgd", "--data-dir",
+            str(cifar_root), "--device", "cpu"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -287,11 +287,11 @@ class Trainer:
             for name, value in checkpoint["model_state"].items():
                 if name in self.ema.average:
                     self.ema.average[name].copy_(value)
-        saved = checkpoint["config"]["optimizer"]["name"]
-        if saved != self.cfg.optimizer.name:  # the saved state (momentum buffers, moments) is another optimizer's
-            raise ConfigError(f"config key 'optimizer.name': {self.run_dir} was trained with {saved}, whose state "
-                              f"cannot continue as {self.cfg.optimizer.name}: resume with optimizer.name={saved}, or "
-                              f"start a new run with init_from={self.run_dir}")
+        saved, name = checkpoint["config"]["optimizer"]["name"], self.cfg.optimizer.name
+        if saved != name:  # the saved state (momentum buffers, moments) is another optimizer's
+            raise ConfigError(f"config key 'optimizer.name': {self.run_dir} was trained with {saved}, "
+                              f"whose state cannot continue as {name}: resume with optimizer.name={saved}, "
+                              f"or start a new run with init_from={self.run_dir}")
         load_optimizer_state(self.optimizer, checkpoint["optimizer_state"])  # this config's hyperparameters
         self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
         restore_rng(checkpoint, self.device, self.dist)
@@ -345,7 +345,7 @@ class Trainer:
         started = time.perf_counter()
         evaluated = [loader for loader in (self.val_loader, self.test_loader) if loader is not None]
         warm_up(self.step, self.train_loader, evaluated, self.cfg.tta, range(self.state["epoch"], self.cfg.epochs),
-                self.inference.mirror)
+                self.inference.mirror, lambda model: train_mode(model, self.cfg))
         sync(self.device)
         if self.dist.is_main:
             work = ", ".join(name for name, done in (("torch.compile", self.cfg.compile),
@@ -383,7 +383,8 @@ class Trainer:
         if self.cfg.data.dataset == "folder":
             self._announce_mirroring()
         if self.checkpoint is not None:
-            print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}"
+            where = _position(self.state["epoch"], self.start_step)
+            print(f"resuming from {self.run_dir / 'last.pt'} {where}"
                   + (f"; changed since: {', '.join(self.changed)}" if self.changed else ""))
 
     def _announce_mirroring(self) -> None:
