@@ -3,8 +3,10 @@ resume, and the commands that read a run."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.finetune import Source, load_matching, start_from, train_mode, weights_digest
 from cifarcnn.training.step import TrainStep, build_optimizer, restored_afterwards
 from cifarcnn.training.train import train
+from cifarcnn.use.evaluate import evaluate
 from tests.conftest import FOLDER_CLASSES, write_image_folder
 from tests.test_train import metrics_of, read_metrics
 
@@ -221,6 +224,49 @@ def test_resume_of_a_finetuned_run_is_exact_and_does_not_reload_the_source(sourc
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     for key in ("model_state", "train_model_state"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_the_split_check_counts_the_test_images_the_source_model_trained_on(tmp_path, capsys):
+    """A source trained on the same folder with another split_seed trained on some of the fine-tuned run's
+    test images: the run says so at the start, and evaluate and predict leave them out."""
+    root = write_image_folder(tmp_path / "pics", per_class=20, test_per_class=None)  # a hashed test split
+    common = [*QUICK, "epochs=1", "data.dataset=folder", f"data.path={root}", "data.val_size=0"]
+    train(load_preset("quick", [*common, "data.split_seed=1"]), tmp_path / "source", device="cpu")
+    capsys.readouterr()
+    run_dir = tmp_path / "ft"
+    train(load_preset("quick", [*common, "data.split_seed=2", f"init_from={tmp_path / 'source'}"]), run_dir,
+          device="cpu")
+    started = capsys.readouterr().out
+    source = load_checkpoint(tmp_path / "source" / "best.pt")["split"]
+    split = load_checkpoint(run_dir / "best.pt")["split"]
+    # by path, not by the pixels the check uses: the test images here that were training images there
+    theirs = np.isin(split["test"]["ids"].numpy(), source["train"]["ids"].numpy())
+    tests, by_source = len(theirs), int(theirs.sum())
+    assert 0 < by_source < tests
+    recorded = split["source_train"]
+    assert recorded["count"] == source["train"]["count"] and recorded["split_seed"] == 1
+    assert (f"WARNING: the source model trained on {by_source} of the {tests} test images and 0 of the 0 "
+            f"validation images") in started and "train with data.split_seed=1" in started
+
+    results = evaluate(run_dir, device="cpu", out_dir=tmp_path / "eval")
+    assert results["num_images"] == tests - by_source
+    assert results["split"]["trained_on_by_source"] == results["split"]["trained_on_left_out"] == by_source
+    printed = capsys.readouterr().out
+    assert f"split: {by_source} of the {tests} test images are images the source model (init_from)" in printed
+
+    shutil.rmtree(tmp_path / "source")  # a resume keeps the record without reading the source again
+    train(make_config(load_checkpoint(run_dir / "last.pt")["config"], ["epochs=2"]), run_dir, device="cpu",
+          resume=True)
+    resumed = load_checkpoint(run_dir / "last.pt")["split"]["source_train"]
+    assert torch.equal(resumed["pixels"], split["source_train"]["pixels"]) and resumed["split_seed"] == 1
+
+    out = tmp_path / "predictions.json"
+    assert main(["predict", str(run_dir), str(root / "train"), "--labels-from-folders", "-q", "--device",
+                 "cpu", "--output", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["num_files"] == split["train"]["count"] + tests
+    assert summary["trained_on_left_out"] == split["train"]["count"] + by_source
+    assert summary["accuracy"]["num_images"] == tests - by_source
 
 
 def test_evaluate_predict_export_and_report_work_on_a_finetuned_run(source_run, folder, tmp_path, capsys):

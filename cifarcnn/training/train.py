@@ -37,7 +37,16 @@ from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
 from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
-from .finetune import check_size, freeze_body, normalised_like, open_source, start_from, train_mode
+from .finetune import (
+    check_size,
+    freeze_body,
+    normalised_like,
+    open_source,
+    source_overlap,
+    start_from,
+    train_mode,
+    with_source_images,
+)
 from .interrupt import Interrupted, StopRequest, resume_command
 from .runlock import RunLock
 from .step import (
@@ -245,6 +254,9 @@ class Trainer:
         # what the model trains, validates and is tested on: counts and digests per side (folder datasets: each
         # image's path and pixel identity, so evaluate can tell what changed sides since)
         self.split = split_record(data.train_ids, data.train_images, val, data.test_ids, data.test_images)
+        if cfg.init_from:  # and the images the source model trained on (finetune.py)
+            self.split = with_source_images(self.split, self.checkpoint or self.source.checkpoint,
+                                            resumed=self.checkpoint is not None)
         shard = {"rank": dist.rank, "world_size": dist.world_size, "device": self.device,
                  "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
         if 0 < len(train_x) % cfg.batch_size < dist.world_size:
@@ -382,6 +394,9 @@ class Trainer:
         print(f"precision: {self.step.precision} ({self.step.precision_reason})")
         if self.cfg.data.dataset == "folder":
             self._announce_mirroring()
+        overlap = source_overlap(self.split, self.cfg) if self.cfg.init_from else None
+        if overlap:
+            print(overlap)
         if self.checkpoint is not None:
             where = _position(self.state["epoch"], self.start_step)
             print(f"resuming from {self.run_dir / 'last.pt'} {where}"
