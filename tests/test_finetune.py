@@ -228,25 +228,32 @@ def test_resume_of_a_finetuned_run_is_exact_and_does_not_reload_the_source(sourc
 
 def test_the_split_check_counts_the_test_images_the_source_model_trained_on(tmp_path, capsys):
     """A source trained on the same folder with another split_seed trained on some of the fine-tuned run's
-    test images: the run says so at the start, and evaluate and predict leave them out."""
+    validation and test images: the run says so at the start, and evaluate and predict leave the test ones
+    out."""
     root = write_image_folder(tmp_path / "pics", per_class=20, test_per_class=None)  # a hashed test split
-    common = [*QUICK, "epochs=1", "data.dataset=folder", f"data.path={root}", "data.val_size=0"]
-    train(load_preset("quick", [*common, "data.split_seed=1"]), tmp_path / "source", device="cpu")
+    common = [*QUICK, "epochs=1", "data.dataset=folder", f"data.path={root}"]
+    train(load_preset("quick", [*common, "data.val_size=0", "data.split_seed=1"]), tmp_path / "source",
+          device="cpu")
     capsys.readouterr()
     run_dir = tmp_path / "ft"
-    train(load_preset("quick", [*common, "data.split_seed=2", f"init_from={tmp_path / 'source'}"]), run_dir,
-          device="cpu")
+    cfg = load_preset("quick", [*common, "data.val_size=8", "data.split_seed=2",
+                                f"init_from={tmp_path / 'source'}"])
+    train(cfg, run_dir, device="cpu")
     started = capsys.readouterr().out
     source = load_checkpoint(tmp_path / "source" / "best.pt")["split"]
     split = load_checkpoint(run_dir / "best.pt")["split"]
-    # by path, not by the pixels the check uses: the test images here that were training images there
-    theirs = np.isin(split["test"]["ids"].numpy(), source["train"]["ids"].numpy())
-    tests, by_source = len(theirs), int(theirs.sum())
-    assert 0 < by_source < tests
+    # by path, not by the pixels the check uses: the images here that were training images there
+    theirs = source["train"]["ids"].numpy()
+    val_hits, test_hits = (np.isin(split[side]["ids"].numpy(), theirs) for side in ("val", "test"))
+    vals, tests = len(val_hits), len(test_hits)
+    val_by_source, by_source = int(val_hits.sum()), int(test_hits.sum())
+    assert 0 < by_source < tests and 0 < val_by_source < vals
     recorded = split["source_train"]
     assert recorded["count"] == source["train"]["count"] and recorded["split_seed"] == 1
-    assert (f"WARNING: the source model trained on {by_source} of the {tests} test images and 0 of the 0 "
-            f"validation images") in started and "train with data.split_seed=1" in started
+    assert (f"WARNING: the source model trained on {by_source} of the {tests} test images and "
+            f"{val_by_source} of the {vals} validation images (the same pictures): validation accuracy "
+            f"counts them; evaluate and predict leave the test ones out") in started
+    assert "train with data.split_seed=1 to keep its split" in started
 
     results = evaluate(run_dir, device="cpu", out_dir=tmp_path / "eval")
     assert results["num_images"] == tests - by_source
@@ -260,13 +267,13 @@ def test_the_split_check_counts_the_test_images_the_source_model_trained_on(tmp_
     resumed = load_checkpoint(run_dir / "last.pt")["split"]["source_train"]
     assert torch.equal(resumed["pixels"], split["source_train"]["pixels"]) and resumed["split_seed"] == 1
 
-    out = tmp_path / "predictions.json"
+    out = tmp_path / "predictions.json"  # every image of the folder: the run's and its source's left out
     assert main(["predict", str(run_dir), str(root / "train"), "--labels-from-folders", "-q", "--device",
                  "cpu", "--output", str(out)]) == 0
     summary = json.loads(out.read_text())
-    assert summary["num_files"] == split["train"]["count"] + tests
-    assert summary["trained_on_left_out"] == split["train"]["count"] + by_source
-    assert summary["accuracy"]["num_images"] == tests - by_source
+    assert summary["num_files"] == split["train"]["count"] + vals + tests
+    assert summary["trained_on_left_out"] == split["train"]["count"] + val_by_source + by_source
+    assert summary["accuracy"]["num_images"] == vals - val_by_source + tests - by_source
 
 
 def test_evaluate_predict_export_and_report_work_on_a_finetuned_run(source_run, folder, tmp_path, capsys):

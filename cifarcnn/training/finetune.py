@@ -180,6 +180,7 @@ def source_overlap(split: dict, cfg: Config) -> str | None:
     same_folder = source["path"] == cfg.data.path and source["split_seed"] != cfg.data.split_seed
     fix = (f"; the source was trained on this folder with data.split_seed={source['split_seed']}: train with "
            f"data.split_seed={source['split_seed']} to keep its split") if same_folder else ""
+    vals = f" and {val} of the {split['val']['count']} validation images" if split["val"]["count"] else ""
+    counted = "validation accuracy counts them; " if val else ""
     return (f"init_from: WARNING: the source model trained on {test} of the {split['test']['count']} test "
-            f"images and {val} of the {split['val']['count']} validation images (the same pictures): "
-            f"validation accuracy counts them; evaluate and predict leave the test ones out" + fix)
+            f"images{vals} (the same pictures): {counted}evaluate and predict leave the test ones out" + fix)

@@ -299,10 +299,10 @@ class Trainer:
             for name, value in checkpoint["model_state"].items():
                 if name in self.ema.average:
                     self.ema.average[name].copy_(value)
-        saved, name = checkpoint["config"]["optimizer"]["name"], self.cfg.optimizer.name
-        if saved != name:  # the saved state (momentum buffers, moments) is another optimizer's
+        saved, ours = checkpoint["config"]["optimizer"]["name"], self.cfg.optimizer.name
+        if saved != ours:  # the saved state (momentum buffers, moments) is another optimizer's
             raise ConfigError(f"config key 'optimizer.name': {self.run_dir} was trained with {saved}, "
-                              f"whose state cannot continue as {name}: resume with optimizer.name={saved}, "
+                              f"whose state cannot continue as {ours}: resume with optimizer.name={saved}, "
                               f"or start a new run with init_from={self.run_dir}")
         load_optimizer_state(self.optimizer, checkpoint["optimizer_state"])  # this config's hyperparameters
         self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
