@@ -4,8 +4,11 @@
 #
 #     bash benchmarks/gpu_suite.sh DATA_DIR [OUT_DIR]
 #
-# DATA_DIR holds cifar-10-batches-py/. Runs, in order of importance: the default recipe for 50 epochs with --test,
-# the fast preset (Muon) over 5 seeds, the best preset over 3 seeds and the quick preset over 2
+# DATA_DIR holds cifar-10-batches-py/. Runs, first, a check that `finetune: head` on the GPU (its step
+# replayed as a CUDA graph) leaves the frozen body and its BatchNorm statistics as they were
+# (benchmarks/finetune_head_check.py, exit code 1 and "MOVED" when not); then, in order of importance: the
+# default recipe for 50 epochs with --test, the fast preset (Muon) over 5 seeds, the best preset over 3 seeds
+# and the quick preset over 2
 # (benchmarks/fast_preset.py: all 50,000 training images, accuracy and time of each run), `cifarcnn bench` for
 # both small recipes, the fast preset with compile=true over 2 seeds (it compiles for a minute or two), and last, optional, resnet18 once on a SHORTENED
 # schedule: RESNET18_EPOCHS (default 30) epochs of the preset's recipe, cosine over those epochs, not the
@@ -27,6 +30,11 @@ limit() { local left=$((budget - SECONDS - 10)); echo $(( left < $1 ? (left > 0 
 ran() { [ "$2" -eq 124 ] && echo "$1: TIMED OUT (cut by its timeout; the figures above are partial)"; true; }
 
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'
+echo "== finetune: head, the step a CUDA graph: the frozen body and its BatchNorm statistics must not move"
+timeout "$(limit 90)" python3 benchmarks/finetune_head_check.py --data-dir "$data" \
+  --runs-dir "$runs/finetune" --out "$out/finetune_head.json" 2>&1 | quiet > "$out/finetune_head.log"
+ran finetune_head "${PIPESTATUS[0]}"
+grep -E '^finetune head|graph|rror' "$out/finetune_head.log"
 echo "== default recipe, 50 epochs, --test"
 timeout "$(limit 120)" python3 -m cifarcnn train --test --data-dir "$data" --runs-dir "$runs" --name seed50 2>&1 \
   | quiet > "$out/seed50.log"; ran seed50 "${PIPESTATUS[0]}"

@@ -75,14 +75,26 @@ def test_flops_counts_forward_and_backward_per_training_image(tmp_path):
     assert rows["fastnet96"]["train_gflops_per_image"] > 3 * rows["fastnet"]["train_gflops_per_image"]
 
 
+def test_finetune_head_check_passes_on_a_linear_probe_and_names_what_moved(cifar_root, tmp_path):
+    """The check gpu_suite.sh runs on CUDA (issue 27, point 5), here on the CPU: the frozen body, BatchNorm
+    buffers included, is compared with the source's, and the head must have trained."""
+    out = tmp_path / "finetune.json"
+    small = ["batch_size=64", "eval_batch_size=100", "tta=0"]  # 9 steps an epoch: lookahead (every 5) syncs
+    printed = run_script("finetune_head_check.py", *small, "--data-dir", str(cifar_root), "--device", "cpu",
+                         "--runs-dir", str(tmp_path / "runs"), "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["moved"] == [] and result["head_change"] > 1e-3 and result["batchnorm_buffers"] >= 18
+    assert "none of the 38 frozen tensors moved" in printed
+
+
 def test_gpu_suite_parses_and_runs_every_recipe_within_its_budget():
     suite = ROOT / "benchmarks" / "gpu_suite.sh"
     assert subprocess.run(["bash", "-n", str(suite)], capture_output=True).returncode == 0
     text = suite.read_text()
-    commands = ["fast_preset.py --seeds 5",
+    commands = ["finetune_head_check.py --data-dir", "fast_preset.py --seeds 5",
                 "fast_preset.py --preset best --seeds 3",
                 "fast_preset.py --preset quick --seeds 2", "compile=true --data-dir",
                 "fast_preset.py --preset resnet18 --seeds 1"]
     assert all(c in text for c in commands)
     assert sorted(commands, key=text.index) == commands  # best before the optional steps, resnet18 last
-    assert text.count('timeout "$(limit ') == 8  # every step has its own timeout, cut to the time left
+    assert text.count('timeout "$(limit ') == 9  # every step has its own timeout, cut to the time left

@@ -113,13 +113,14 @@ class SplitChange:
     new: int  # current test images the checkpoint never saw on any side
     gone: int  # images trained on that are no longer in the dataset under their name
     test_digest: str  # the test images a test accuracy counts (not trained on): their paths and pixels
+    by_source: int = 0  # fine-tuned runs: other test images with pixels the source model trained on
 
     @property
     def moved(self) -> int:
         return self.was_train + self.was_val
 
     def describe(self) -> str:
-        if not self.moved and not self.copies and not self.new and not self.gone:
+        if not self.moved and not self.copies and not self.new and not self.gone and not self.by_source:
             return f"split: unchanged since training ({self.test_images} test images, none trained on)"
         parts = []
         if self.moved:
@@ -128,6 +129,9 @@ class SplitChange:
         if self.copies:
             parts.append(f"{self.copies} of the {self.test_images} test images have the pixels of a training image "
                          f"(the same picture under another name, at the decoded size)")
+        if self.by_source:
+            parts.append(f"{self.by_source} of the {self.test_images} test images are images the source "
+                         f"model (init_from) trained on")
         if self.new:
             parts.append(f"{self.new} test image(s) are new since training")
         if self.gone:
@@ -136,8 +140,9 @@ class SplitChange:
 
 
 def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
-    """The change since training of a folder dataset's test set (by path and by pixels); None when there is nothing
-    to compare (CIFAR, or a checkpoint written before splits were recorded)."""
+    """The change since training of a folder dataset's test set (by path and by pixels), and for a fine-tuned
+    run the test images its source model trained on (`source_train`, by pixels); None when there is nothing to
+    compare (CIFAR, or a checkpoint written before splits were recorded)."""
     if not record or record.get("scheme") != SCHEME or data.test_ids is None or data.train_ids is None:
         return None
     ids, pixels = path_ids(data.test_ids), pixel_ids(data.test_images)
@@ -151,14 +156,18 @@ def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
     was_train = by_path("train")
     was_val = by_path("val") & ~was_train
     copies = by_pixels("train") & ~was_train
-    trained = was_train | copies
+    source = record.get("source_train")
+    by_source = np.isin(pixels, source["pixels"].numpy()) if source else np.zeros_like(copies)
+    by_source &= ~(was_train | copies)
+    trained = was_train | copies | by_source
     seen = was_train | by_path("val") | by_path("test") | by_pixels("train") | by_pixels("val") | by_pixels("test")
     now_ids = np.concatenate([ids, path_ids(data.train_ids)])
     now_pixels = np.concatenate([pixels, pixel_ids(data.train_images)])
     then = record["train"]
     gone = ~np.isin(then["ids"].numpy(), now_ids) & ~np.isin(then["pixels"].numpy(), now_pixels)
     return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()), int(copies.sum()),
-                       int((~seen).sum()), int(gone.sum()), _pairs_digest(ids[~trained], pixels[~trained]))
+                       int((~seen).sum()), int(gone.sum()), _pairs_digest(ids[~trained], pixels[~trained]),
+                       int(by_source.sum()))
 
 
 def untrained_test(data: Dataset, change: SplitChange | None) -> tuple[torch.Tensor, torch.Tensor]:

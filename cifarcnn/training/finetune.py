@@ -6,6 +6,11 @@ Every tensor whose name and shape match is copied, the data-initialised layers (
 the classifier starts new when the classes differ (their number or their names). Inputs are normalised with the
 source model's mean and std (NORMALIZATION; measured against the new dataset's own in
 benchmarks/finetune_protocol.py, docs/finetune.md): the loaded layers keep seeing inputs scaled as in training.
+
+The run's split record keeps the pixel identities of the images the source model (and the models it started
+from) trained on, `source_train`: the split check counts a test image the source trained on as one the model
+trained on (another split of the same folder would otherwise test the model on its source's training images).
+A source trained on CIFAR-10 records no pixels, so nothing is recorded for it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,6 +29,7 @@ from ..base.errors import ConfigError, UserError
 from ..base.model import ClassifierHead
 from ..data.dataset import Dataset
 from ..data.datasets import checkpoint_dataset
+from ..data.splits import SCHEME
 from .checkpoint import load_checkpoint, resolve_checkpoint
 
 NORMALIZATION = "source"  # "source": the source model's mean and std; "target": the new dataset's own
@@ -140,3 +147,40 @@ def train_mode(model: nn.Module, cfg: Config) -> None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+
+
+def with_source_images(split: dict, checkpoint: dict, resumed: bool) -> dict:
+    """This run's `split` record with `source_train`: the pixel identities of every image the source model
+    (`checkpoint`) trained on, the ones its own source recorded included, with its folder and split_seed; on
+    resume (`checkpoint` is the run's own) the ones it recorded. Unchanged when the source recorded none."""
+    if resumed:
+        source = (checkpoint.get("split") or {}).get("source_train")
+        return {**split, "source_train": source} if source else split
+    theirs = checkpoint.get("split") or {}
+    parts = [s["pixels"] for s in (theirs.get("train"), theirs.get("source_train")) if s and "pixels" in s]
+    if theirs.get("scheme") != SCHEME or not parts:
+        return split
+    pixels = torch.unique(torch.cat(parts))
+    data = checkpoint["config"]["data"]
+    return {**split, "source_train": {
+        "count": len(pixels), "digest": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()[:16],
+        "pixels": pixels, "path": data.get("path"), "split_seed": data.get("split_seed")}}
+
+
+def source_overlap(split: dict, cfg: Config) -> str | None:
+    """A warning when the source model trained on images of this run's validation or test side (the same
+    pictures, by pixels), with the fix when it was trained on this folder with another split_seed; or None."""
+    source = split.get("source_train")
+    if not source or split.get("scheme") != SCHEME:
+        return None
+    theirs = source["pixels"].numpy()
+    val, test = (int(np.isin(split[side]["pixels"].numpy(), theirs).sum()) for side in ("val", "test"))
+    if not val and not test:
+        return None
+    same_folder = source["path"] == cfg.data.path and source["split_seed"] != cfg.data.split_seed
+    fix = (f"; the source was trained on this folder with data.split_seed={source['split_seed']}: train with "
+           f"data.split_seed={source['split_seed']} to keep its split") if same_folder else ""
+    vals = f" and {val} of the {split['val']['count']} validation images" if split["val"]["count"] else ""
+    counted = "validation accuracy counts them; " if val else ""
+    return (f"init_from: WARNING: the source model trained on {test} of the {split['test']['count']} test "
+            f"images{vals} (the same pictures): {counted}evaluate and predict leave the test ones out" + fix)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,19 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     optimizer_class = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     # capturable: the step may be recorded in a CUDA graph (TrainStep)
     return optimizer_class(groups, lr=o.lr, fused=cuda or None, capturable=cuda)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer `state` (momentum buffers, Adam moments, step counts) into `optimizer`,
+    built from the current config, keeping the hyperparameters its groups were built with: torch's
+    load_state_dict would restore the saved ones, silently dropping a resume's overrides (weight_decay,
+    momentum, nesterov, bias_lr_scale, muon_lr, muon_momentum) and scaling the Muon group by the new lr over
+    the old (its lr_scale is muon_lr / lr). The groups hold the same parameters in the same order
+    (load_state_dict checks it)."""
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyperparameters in zip(optimizer.param_groups, built):
+        group.update(hyperparameters)
 
 
 def _muon_groups(groups: list[dict], o: OptimizerConfig) -> list[dict]:
@@ -222,7 +235,7 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
             return self._step(x, y)
-        key = (tuple(x.shape), x.stride(), tuple(p.requires_grad for p in self.params), self.precision)
+        key = self.graph_key(x)
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(x, y)
@@ -237,6 +250,13 @@ class TrainStep:
         static_y.copy_(y)
         graph.replay()
         return outputs
+
+    def graph_key(self, x: torch.Tensor) -> tuple:
+        """What a captured step depends on besides the values: the batch's shape and strides, which parameters
+        train, every module's train/eval mode (a graph recorded with BatchNorm in train mode updates its
+        running statistics on every replay; `finetune: head` keeps them in eval mode) and the precision."""
+        return (tuple(x.shape), x.stride(), tuple(p.requires_grad for p in self.params),
+                tuple(m.training for m in self.model.modules()), self.precision)
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """Warm up on a side stream (as CUDA graph capture requires), put every tensor the warm-up changed
@@ -274,17 +294,20 @@ def frozen_at(optimizer: torch.optim.Optimizer, epoch: int) -> list[nn.Parameter
 
 
 def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int,
-            epochs: range = range(1), mirror: bool = True) -> None:
+            epochs: range = range(1), mirror: bool = True,
+            train_mode: Callable[[nn.Module], object] = nn.Module.train) -> None:
     """Run every batch shape and set of frozen parameters that training over `epochs` and evaluation will meet
     (torch.compile compiles, cuDNN autotunes, CUDA graphs are captured), then restore the state, so this
-    one-time work happens before the clock starts and does not change the run. Call it after any checkpoint is
-    loaded: graphs hold the optimizer state's addresses."""
-    model, training = step.model, step.model.training
+    one-time work happens before the clock starts and does not change the run. `train_mode(model)` sets the
+    modules' modes as training will (the graphs are keyed on them). Call it after any checkpoint is loaded:
+    graphs hold the optimizer state's addresses."""
+    model = step.model
+    modes = [m.training for m in model.modules()]
     trainable = [p.requires_grad for p in step.params]
     phases = {tuple(map(id, frozen)): frozen for frozen in (frozen_at(step.optimizer, e) for e in epochs)}
     with restored_afterwards(model, step.optimizer):
         x, y = next(iter(train_loader))
-        model.train()
+        train_mode(model)
         for frozen in phases.values():
             step.freeze(frozen)
             for size in _batch_sizes(train_loader):
@@ -295,7 +318,8 @@ def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], t
             x, _ = next(iter(loader))
             for size in _batch_sizes(loader):
                 infer(step.forward, x[:size], tta, step.precision, mirror)
-    model.train(training)
+    for module, training in zip(model.modules(), modes):
+        module.training = training
     for p, requires_grad in zip(step.params, trainable):
         p.requires_grad_(requires_grad)
 

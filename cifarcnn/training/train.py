@@ -37,7 +37,16 @@ from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .environment import record_session
 from .epochstate import EpochTotals, restore_rng, rng_state, saved_totals
-from .finetune import check_size, freeze_body, normalised_like, open_source, start_from, train_mode
+from .finetune import (
+    check_size,
+    freeze_body,
+    normalised_like,
+    open_source,
+    source_overlap,
+    start_from,
+    train_mode,
+    with_source_images,
+)
 from .interrupt import Interrupted, StopRequest, resume_command
 from .runlock import RunLock
 from .step import (
@@ -48,6 +57,7 @@ from .step import (
     build_optimizer,
     frozen_at,
     learning_rate,
+    load_optimizer_state,
     make_model,
     sync,
     trains_in,
@@ -244,7 +254,11 @@ class Trainer:
         # what the model trains, validates and is tested on: counts and digests per side (folder datasets: each
         # image's path and pixel identity, so evaluate can tell what changed sides since)
         self.split = split_record(data.train_ids, data.train_images, val, data.test_ids, data.test_images)
-        self.split_change = compare_split(self.split, data)  # a folder's test copies of training images
+        if cfg.init_from:  # and the images the source model trained on (finetune.py)
+            self.split = with_source_images(self.split, self.checkpoint or self.source.checkpoint,
+                                            resumed=self.checkpoint is not None)
+        # a folder's test copies of training images (and a fine-tuned run's images its source trained on)
+        self.split_change = compare_split(self.split, data)
         shard = {"rank": dist.rank, "world_size": dist.world_size, "device": self.device,
                  "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
         if 0 < len(train_x) % cfg.batch_size < dist.world_size:
@@ -289,7 +303,13 @@ class Trainer:
             for name, value in checkpoint["model_state"].items():
                 if name in self.ema.average:
                     self.ema.average[name].copy_(value)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        saved, ours = checkpoint["config"]["optimizer"]["name"], self.cfg.optimizer.name
+        if saved != ours:  # the saved state (momentum buffers, moments) is another optimizer's
+            raise ConfigError(f"config key 'optimizer.name': {self.run_dir} was trained with {saved}, "
+                              f"whose state cannot continue as {ours}: resume with optimizer.name={saved}, "
+                              f"or start a new run with init_from={self.run_dir}")
+        load_optimizer_state(self.optimizer, checkpoint["optimizer_state"])  # this config's hyperparameters
+        self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
         restore_rng(checkpoint, self.device, self.dist)
         if self.lookahead is not None:
             for name, value in checkpoint["lookahead"].items():
@@ -341,7 +361,7 @@ class Trainer:
         started = time.perf_counter()
         evaluated = [loader for loader in (self.val_loader, self.test_loader) if loader is not None]
         warm_up(self.step, self.train_loader, evaluated, self.cfg.tta, range(self.state["epoch"], self.cfg.epochs),
-                self.inference.mirror)
+                self.inference.mirror, lambda model: train_mode(model, self.cfg))
         sync(self.device)
         if self.dist.is_main:
             work = ", ".join(name for name, done in (("torch.compile", self.cfg.compile),
@@ -379,8 +399,13 @@ class Trainer:
         if self.cfg.data.dataset == "folder":
             self._announce_copies()
             self._announce_mirroring()
+        overlap = source_overlap(self.split, self.cfg) if self.cfg.init_from else None
+        if overlap:
+            print(overlap)
         if self.checkpoint is not None:
-            print(f"resuming from {self.run_dir / 'last.pt'} {_position(self.state['epoch'], self.start_step)}")
+            where = _position(self.state["epoch"], self.start_step)
+            print(f"resuming from {self.run_dir / 'last.pt'} {where}"
+                  + (f"; changed since: {', '.join(self.changed)}" if self.changed else ""))
 
     def _announce_copies(self) -> None:
         """A folder run says how many of its test images have a training image's pixels (left out of every
@@ -626,6 +651,18 @@ class Trainer:
         command = resume_command(self.run_dir, self.data_dir, self.device_arg, self.dist.active)
         return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
                            f"{self.run_dir / 'last.pt'}; resume with: {command}", self.stop.signum or signal.SIGTERM)
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """`key old -> new` for each config key whose value differs between two `Config.to_dict()`s."""
+    changed = []
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed += changed_settings(old, value, f"{prefix}{key}.")
+        elif old != value:
+            changed.append(f"{prefix}{key} {old} -> {value}")
+    return changed
 
 
 def _position(epoch_done: int, steps_done: int) -> str:

@@ -103,7 +103,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
         "split": None if change is None else {
             "description": change.describe(), "changed_sides": change.moved,
             "trained_on_left_out": int(change.trained_on.sum()), "were_validation": change.was_val,
-            "copies_of_training_images": change.copies,
+            "copies_of_training_images": change.copies, "trained_on_by_source": change.by_source,
             "new": change.new, "gone": change.gone, "test_digest": change.test_digest},
     }
     atomic_write_json(out_dir / "test_metrics.json", results)

@@ -270,12 +270,14 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
 
 def mark_trained_on(results: Sequence[FileResult], checkpoint: dict) -> int:
     """Mark the files the model trained on (the checkpoint's recorded training side, by path relative to its dataset
-    folder or by pixels); returns how many. 0 for checkpoints without such a record (CIFAR, older runs)."""
+    folder or by pixels, and for a fine-tuned run its source model's, by pixels); returns how many. 0 for
+    checkpoints without such a record (CIFAR, older runs)."""
     record = checkpoint.get("split") or {}
     if record.get("scheme") != SCHEME:
         return 0
     root = Path(checkpoint["config"]["data"]["path"])
     ids, pixels = set(record["train"]["ids"].tolist()), set(record["train"]["pixels"].tolist())
+    pixels |= set(record["source_train"]["pixels"].tolist()) if record.get("source_train") else set()
     for r in results:
         if r.error is not None:
             continue
