@@ -238,7 +238,7 @@ def test_the_split_check_counts_the_test_images_the_source_model_trained_on(tmp_
     run_dir = tmp_path / "ft"
     cfg = load_preset("quick", [*common, "data.val_size=8", "data.split_seed=2",
                                 f"init_from={tmp_path / 'source'}"])
-    train(cfg, run_dir, device="cpu")
+    tested = train(cfg, run_dir, device="cpu", test=True)["test"]
     started = capsys.readouterr().out
     source = load_checkpoint(tmp_path / "source" / "best.pt")["split"]
     split = load_checkpoint(run_dir / "best.pt")["split"]
@@ -256,7 +256,7 @@ def test_the_split_check_counts_the_test_images_the_source_model_trained_on(tmp_
     assert "train with data.split_seed=1 to keep its split" in started
 
     results = evaluate(run_dir, device="cpu", out_dir=tmp_path / "eval")
-    assert results["num_images"] == tests - by_source
+    assert results["num_images"] == tested["test_images"] == tests - by_source  # one rule for --test and evaluate
     assert results["split"]["trained_on_by_source"] == results["split"]["trained_on_left_out"] == by_source
     printed = capsys.readouterr().out
     assert f"split: {by_source} of the {tests} test images are images the source model (init_from)" in printed
