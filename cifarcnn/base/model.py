@@ -74,11 +74,26 @@ class FastNetConfig:
 
 
 class FastBatchNorm(nn.BatchNorm2d):
-    """BatchNorm with a frozen unit scale: only the shift is learned."""
+    """BatchNorm with a frozen unit scale: only the shift is learned.
+
+    Its eps travels in the state dict (key `eps`, a 0-d float32 tensor), so a checkpoint runs with the eps it
+    was trained with: a state dict without one, written before eps was stored, loads with OLD_EPS."""
+
+    OLD_EPS = 1e-12  # the eps of every FastBatchNorm before it was stored (it is 1e-5 since)
 
     def __init__(self, num_features: int, momentum: float):
         super().__init__(num_features, eps=1e-5, momentum=momentum)
         self.weight.requires_grad = False
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "eps"] = self.running_mean.new_tensor(self.eps)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        stored = state_dict.pop(prefix + "eps", None)  # load_state_dict passes its own copy of the dict
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # float32's shortest decimal: 1e-05 is read back as the float 1e-5 it was, not as 9.99999974737875e-06
+        self.eps = self.OLD_EPS if stored is None else float(str(stored.detach().float().cpu().numpy()))
 
 
 class IdentityInitConv(nn.Conv2d):
