@@ -74,7 +74,7 @@ def test_the_same_number_of_classes_under_other_names_gets_a_new_head(source_run
         assert torch.equal(state["head.weight"], checkpoint["model_state"]["head.weight"]) != head_is_new
         assert record["new"] == (["head.weight"] if head_is_new else [])
         assert all(torch.equal(state[k], checkpoint["model_state"][k]) for k in state if k != "head.weight")
-    assert "loaded 38 of 39 tensors; new: head.weight (the class names differ)" in capsys.readouterr().out
+    assert "loaded 44 of 45 tensors; new: head.weight (the class names differ)" in capsys.readouterr().out
 
 
 def test_a_finetuned_run_keeps_the_source_whitening_records_its_origin_and_normalisation(source_run, folder,
@@ -82,7 +82,7 @@ def test_a_finetuned_run_keeps_the_source_whitening_records_its_origin_and_norma
     source = load_checkpoint(source_run / "best.pt")
     state = train(finetune_config(folder, source_run), tmp_path / "ft", device="cpu")
     assert state["init_from"] == {"path": str((source_run / "best.pt").resolve()), "finetune": "all",
-                                  "sha256": weights_digest(source["model_state"]), "loaded": 38,
+                                  "sha256": weights_digest(source["model_state"]), "loaded": 44,
                                   "new": ["head.weight"]}
     saved = load_checkpoint(tmp_path / "ft" / "best.pt")
     assert saved["init_from"] == state["init_from"] and saved["classes"] == list(FOLDER_CLASSES)

@@ -74,11 +74,26 @@ class FastNetConfig:
 
 
 class FastBatchNorm(nn.BatchNorm2d):
-    """BatchNorm with a frozen unit scale: only the shift is learned."""
+    """BatchNorm with a frozen unit scale: only the shift is learned.
+
+    Its eps travels in the state dict (key `eps`, a 0-d float32 tensor), so a checkpoint runs with the eps it
+    was trained with: a state dict without one, written before eps was stored, loads with OLD_EPS."""
+
+    OLD_EPS = 1e-12  # the eps of every FastBatchNorm before it was stored (it is 1e-5 since)
 
     def __init__(self, num_features: int, momentum: float):
         super().__init__(num_features, eps=1e-5, momentum=momentum)
         self.weight.requires_grad = False
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "eps"] = self.running_mean.new_tensor(self.eps)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        stored = state_dict.pop(prefix + "eps", None)  # load_state_dict passes its own copy of the dict
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # float32's shortest decimal: 1e-05 is read back as the float 1e-5 it was, not as 9.99999974737875e-06
+        self.eps = self.OLD_EPS if stored is None else float(str(stored.detach().float().cpu().numpy()))
 
 
 class IdentityInitConv(nn.Conv2d):
@@ -129,22 +144,25 @@ class FastNet(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 5e-4, min_variance: float = 1e-2) -> None:
-        """Set the whitening filters from normalised training images: the eigenvectors of the 2x2 patch
-        covariance, scaled by 1/sqrt(eigenvalue + eps), each followed by its negation.
+        """Set the whitening filters from normalised training images: the eigenvectors of the 2x2 patches'
+        second moment (uncentred, as published), scaled by 1/sqrt(eigenvalue + eps), each followed by its
+        negation.
 
-        Only directions the images vary in are used: one whose whitened variance, eigenvalue / (eigenvalue + eps),
-        is under `min_variance` is dropped, and the filters kept are repeated to fill the layer. Such a direction
-        (the 8 colour ones of grey-scale images, or a constant channel) carries only rounding noise, which
-        1/sqrt(eps) amplifies 45x and the next BatchNorm scales up to unit variance, with its gradient multiplied
-        by 1/std (1e3-1e6x): the first steps then blow up the next conv's weights. On CIFAR-10 every direction is
-        kept (smallest eigenvalue 1.2e-4, threshold 5e-6), so the filters are exactly those of the plain method."""
+        Only directions the images vary in are used: one whose whitened variance, (eigenvalue - the squared
+        mean along it) / (eigenvalue + eps), is under `min_variance` is dropped, and the filters kept are
+        repeated to fill the layer. Such a direction carries rounding noise, which 1/sqrt(eps) amplifies, or a
+        constant: the 8 colour directions of grey-scale images, or a constant channel, which the dataset's
+        rounded mean and floored std turn into a constant that need not be 0. Where every direction varies
+        (CIFAR-10), all are kept and the filters are those of the plain method."""
         k = self.whiten.kernel_size[0]
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1)  # (n, c, h', w', k, k)
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3 * k * k).double()
-        covariance = patches.T @ patches / len(patches)
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
-        keep = eigenvalues / (eigenvalues + eps) >= min_variance
-        keep[-1] = True  # the largest direction always: images of one colour have no other
+        moment = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(moment)  # ascending
+        variance = eigenvalues - (patches.mean(0) @ eigenvectors) ** 2  # along each eigenvector
+        whitened = variance / (eigenvalues + eps)
+        keep = whitened >= min_variance
+        keep[whitened.argmax()] = True  # at least one: images of one colour have no direction that varies
         eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
         filters = (eigenvectors.T / (eigenvalues[:, None] + eps).sqrt()).reshape(-1, 3, k, k)
         filters = torch.cat([filters, -filters])
