@@ -55,8 +55,7 @@ def main() -> int:
             checkpoint = load_checkpoint(run_dir / "last.pt")
             model = model_from_checkpoint(checkpoint, run_dir / "last.pt").to(device, memory_format=torch.channels_last)
             settings = checkpoint_settings(checkpoint, device)  # the views and precision evaluate uses
-            _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, settings.tta,
-                                                     settings.precision, settings.mirror)
+            _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, settings)
             point["eval_seconds"] = time.perf_counter() - started
         curve.append(point)
         print(json.dumps(point), flush=True)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from cifarcnn.base.config import make_config
-from cifarcnn.base.precision import choose
+from cifarcnn.base.inference import settings_for
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.data.loader import Loader, split_train_val
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -83,7 +83,7 @@ def val_metrics(cifar_root, state_dict, checkpoint):
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
     loader = Loader(val_x, val_y, 50, device="cpu", memory_format=torch.channels_last)
-    loss, acc, _ = evaluate_split(model, loader, Dist(), None, 0, choose("auto", torch.device("cpu")).name)
+    loss, acc, _ = evaluate_split(model, loader, Dist(), None, settings_for({"tta": 0}, torch.device("cpu")))
     return loss, acc
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cifarcnn.base.config import data_config
-from cifarcnn.base.inference import checkpoint_settings, infer, predict_logits
+from cifarcnn.base.inference import Settings, checkpoint_settings, infer, predict_logits
 from cifarcnn.base.plots import save_confusion_matrix
 from cifarcnn.cli import main
 from cifarcnn.data import splits
@@ -73,12 +73,13 @@ def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
     model = model_from_checkpoint(checkpoint).eval()
     data = load_dataset(data_config(checkpoint["config"]["data"]))
     loader = Loader(data.test_images[:8], data.test_labels[:8], 8, device="cpu", mean=info["mean"], std=info["std"])
-    logits, _ = predict_logits(model, loader)
+    logits, _ = predict_logits(model, loader, Settings())
     files, _ = walk_images(pictures / "test" / "cat")  # the dataset's first 8 test images, in its order
-    results = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), workers=1,
-                            image_size=16, mean=info["mean"], std=info["std"])
+    results = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), settings=Settings(),
+                            workers=1, image_size=16, mean=info["mean"], std=info["std"])
     assert [r.top[0][1] for r in results] == pytest.approx(logits.softmax(1).max(1).values.tolist(), abs=1e-5)
-    as_cifar = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), workers=1, image_size=16)
+    as_cifar = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), settings=Settings(),
+                             workers=1, image_size=16)
     assert [r.top[0][1] for r in as_cifar] != pytest.approx([r.top[0][1] for r in results], abs=1e-5)
 
 
@@ -221,8 +222,8 @@ def test_predict_on_the_command_line_uses_the_runs_size_mean_and_std(folder_run,
     model = model_from_checkpoint(checkpoint).eval()
     x = torch.from_numpy(np.stack([load_image(f, 16) for f in files])).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(info["mean"])[:, None, None]) / torch.tensor(info["std"])[:, None, None]
-    precision = checkpoint_settings(checkpoint, torch.device("cpu")).precision  # as predict runs it
-    expected = infer(model, x.contiguous(memory_format=torch.channels_last), 0, precision).softmax(1)
+    settings = checkpoint_settings(checkpoint, torch.device("cpu"), 0)  # as predict runs it
+    expected = infer(model, x.contiguous(memory_format=torch.channels_last), settings).softmax(1)
     for row, probabilities in zip(json.loads(out.read_text())["results"], expected):
         got = {p["class"]: p["probability"] for p in row["predictions"]}
         assert [got[c] for c in FOLDER_CLASSES] == pytest.approx(probabilities.tolist(), abs=1e-5)

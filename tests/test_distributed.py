@@ -11,7 +11,7 @@ import torch
 
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.base.precision import choose
+from cifarcnn.base.inference import settings_for
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.data.loader import Loader, split_train_val
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -88,8 +88,8 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
-    precision = choose("auto", torch.device("cpu")).name
-    val_loss, val_acc, _ = evaluate_split(model, loader, Dist(), "val", tta=0, precision=precision)
+    settings = settings_for({"tta": 0}, torch.device("cpu"))  # precision auto, as the run chose
+    val_loss, val_acc, _ = evaluate_split(model, loader, Dist(), "val", settings)
     assert history[-1]["val_acc"] == val_acc
     # The loss too: the model gets every validation image right, so only the loss tells the shards apart.
     assert history[-1]["val_loss"] == pytest.approx(val_loss, rel=1e-5)
@@ -182,12 +182,12 @@ def test_the_quick_preset_trains_under_torchrun_and_validates_its_weight_average
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
-    precision = choose("auto", torch.device("cpu")).name
+    settings = settings_for({"tta": 2}, torch.device("cpu"))  # precision auto, as the run chose
     losses = []
     for weights in ("model_state", "train_model_state"):
         model = model_from_checkpoint({**checkpoint, "model_state": checkpoint[weights]})
-        losses.append(evaluate_split(model.to(memory_format=torch.channels_last), loader, Dist(), "val", tta=2,
-                                     precision=precision)[0])
+        losses.append(evaluate_split(model.to(memory_format=torch.channels_last), loader, Dist(), "val",
+                                     settings)[0])
     assert history[-1]["val_loss"] == pytest.approx(losses[0], rel=1e-5)
     assert history[-1]["val_loss"] != pytest.approx(losses[1], rel=1e-3)
 

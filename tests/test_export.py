@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifarcnn.base.inference import infer
+from cifarcnn.base.inference import Settings, infer
 from cifarcnn.cli import main
 from cifarcnn.data.cifar import CLASSES, load_cifar10
 from cifarcnn.data.dataset import MEAN, STD, normalize_
@@ -97,8 +97,8 @@ def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(export
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     model = model_from_checkpoint(load_checkpoint(trained_run_dir / "best.pt")).eval()
     x = normalize_(load_cifar10(cifar_root).test_images[:64].float() / 255)
-    want = infer(model, x, level, "fp32").numpy()
-    assert np.abs(want - infer(model, x, 0, "fp32").numpy()).max() > 1e-3  # the views do change the logits
+    want = infer(model, x, Settings(level)).numpy()
+    assert np.abs(want - infer(model, x, Settings(0)).numpy()).max() > 1e-3  # the views do change the logits
     np.testing.assert_allclose(readme_tta(session, x.numpy(), level), want, atol=1e-4, rtol=0)
 
 

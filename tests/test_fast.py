@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarcnn.base.config import Config, make_config, preset_names
-from cifarcnn.base.inference import infer, tta_logits
+from cifarcnn.base.inference import Settings, infer, tta_logits
 from cifarcnn.base.model import build_model
 from cifarcnn.cli import main
 from cifarcnn.training.step import Lookahead, build_optimizer, learning_rate
@@ -174,7 +174,7 @@ class BF16Logits(torch.nn.Module):
 
 def test_tta_views_are_averaged_in_fp32():
     model, x = BF16Logits(), torch.randn(4, 3, 32, 32)
-    logits = infer(model, x, 2, "bf16")
+    logits = infer(model, x, Settings(2, "bf16"))
     assert logits.dtype == torch.float32
     # the same views from a model that hands its bf16 logits over in fp32: summed in fp32 whatever tta_logits does
     expected = tta_logits(lambda v: model(v).float(), x, 2)
@@ -261,7 +261,7 @@ def _fresh_cpu_step(cfg, train_epochs=None):
     torch.manual_seed(0)
     model = build_model("simple_cnn")
     model.train_epochs = train_epochs or {}
-    return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+    return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
 
 
 def _assert_same_state(reference, other):
@@ -308,7 +308,7 @@ def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
     frozen_during_warm_up = []
     real_freeze = warm_step.freeze
     warm_step.freeze = lambda frozen: frozen_during_warm_up.append(frozen) or real_freeze(frozen)
-    warm_up(warm_step, train_loader, [eval_loader], cfg.tta, range(2))
+    warm_up(warm_step, train_loader, [eval_loader], Settings(cfg.tta), range(2))
     assert frozen_during_warm_up == [[], [warmed.fc2.bias]]
     assert all(p.requires_grad for p in warmed.parameters())
     assert not warm_step.optimizer.state or all(
@@ -333,7 +333,7 @@ def test_freezing_the_whitening_bias_skips_its_backward_and_changes_no_update():
     for freeze in (False, True):
         torch.manual_seed(0)
         model = build_model("fastnet")
-        step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+        step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
         frozen = frozen_at(step.optimizer, 3)
         assert frozen == [model.whiten.bias] and frozen_at(step.optimizer, 2) == []
         step.freeze(frozen if freeze else [])

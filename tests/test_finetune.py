@@ -174,7 +174,7 @@ def test_the_graph_of_a_step_is_keyed_on_every_module_mode(source_run):
     not be replayed for a step with BatchNorm in eval mode (`finetune: head`)."""
     cfg = make_config({}, ["model=quicknet", f"init_from={source_run}", "finetune=head"])
     model = build_model("quicknet", 3)
-    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
     x = torch.zeros(4, 3, 32, 32)
     model.train()
     trained = step.graph_key(x)

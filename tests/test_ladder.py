@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarcnn.base.config import load_preset
-from cifarcnn.base.inference import infer
+from cifarcnn.base.inference import Settings, infer
 from cifarcnn.base.model import build_model, count_parameters
 from cifarcnn.cli import main
 from cifarcnn.data.images import to_model_input
@@ -152,7 +152,7 @@ def test_quick_preset_never_changes_the_whitening_bias():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     model = make_model(cfg, 10, images, torch.device("cpu"))
     assert not model.whiten.bias.requires_grad and model.train_epochs == {}
-    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"))
+    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
     assert all(p is not model.whiten.bias for g in step.optimizer.param_groups for p in g["params"])
     start = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = (images[:32].float() / 255 - 0.5) / 0.25, torch.arange(32) % 10
@@ -170,7 +170,7 @@ def per_image_probabilities(state: dict, checkpoint: dict, images: torch.Tensor,
     model = build_model(checkpoint["model"], checkpoint["num_classes"])
     model.load_state_dict(state)
     x = to_model_input(images.permute(0, 2, 3, 1), "cpu", tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
-    return infer(model.eval(), x.contiguous(memory_format=torch.channels_last), 2, precision).softmax(1)
+    return infer(model.eval(), x.contiguous(memory_format=torch.channels_last), Settings(2, precision)).softmax(1)
 
 
 def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp_path, capsys):

@@ -39,7 +39,7 @@ def test_auto_is_bf16_on_cuda_and_a_setting_wins_everywhere(monkeypatch):
 def test_the_training_step_computes_in_the_chosen_precision(setting, dtype):
     cfg = make_config({}, [f"precision={setting}"])
     model = build_model("simple_cnn")
-    step = TrainStep(model, build_optimizer(cfg, model, CPU), cfg, CPU)
+    step = TrainStep(model, build_optimizer(cfg, model, CPU), cfg, CPU, setting)
     seen = []
     model.blocks[0].conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     loss, logits, _ = step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))

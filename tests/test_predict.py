@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from cifarcnn.base.config import make_config
-from cifarcnn.base.inference import predict_logits
-from cifarcnn.base.precision import choose
+from cifarcnn.base.inference import predict_logits, settings_for
 from cifarcnn.cli import main
 from cifarcnn.data.cifar import CLASSES, load_cifar10
 from cifarcnn.data.loader import Loader
@@ -39,10 +38,10 @@ def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
     """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's own
     precision, as evaluate computes them."""
     checkpoint = load_checkpoint(run_dir / "best.pt")
-    precision = choose(checkpoint["config"]["precision"], torch.device("cpu")).name
+    settings = settings_for({"precision": checkpoint["config"]["precision"], "tta": tta}, torch.device("cpu"))
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
     loader = Loader(data.test_images, data.test_labels, 50, device="cpu", memory_format=torch.channels_last)
-    logits, _ = predict_logits(model, loader, tta=tta, precision=precision)
+    logits, _ = predict_logits(model, loader, settings)
     return logits.softmax(1)
 
 

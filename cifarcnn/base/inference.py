@@ -43,9 +43,9 @@ class Settings:
     """How a checkpoint is run: its TTA level, whether its views include mirrors (only when the training mirrored
     images), and precision ("fp32" or "bf16", and why)."""
 
-    tta: int
-    precision: str
-    precision_reason: str
+    tta: int = 0
+    precision: str = "fp32"
+    precision_reason: str = "set by the caller"
     mirror: bool = True
 
     def describe(self) -> str:
@@ -102,11 +102,11 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
 
 
 @torch.inference_mode()
-def infer(model: nn.Module, x: torch.Tensor, tta: int, precision: str, mirror: bool = True) -> torch.Tensor:
-    """Float32 logits of `model` (in eval mode) for a batch of normalised images, with `tta` views (mirrored ones
-    only with `mirror`), under bf16 autocast when `precision` is "bf16"."""
-    with autocast(x.device, precision):
-        return tta_logits(model, x, tta, mirror)
+def infer(model: nn.Module, x: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """Float32 logits of `model` (in eval mode) for a batch of normalised images, with the settings' TTA views
+    (mirrored ones only with `settings.mirror`), under bf16 autocast when its precision is "bf16"."""
+    with autocast(x.device, settings.precision):
+        return tta_logits(model, x, settings.tta, settings.mirror)
 
 
 class Batches(Protocol):
@@ -118,14 +118,14 @@ class Batches(Protocol):
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: Batches, desc: str | None = None, tta: int = 0,
-                   precision: str = "fp32", mirror: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: nn.Module, loader: Batches, settings: Settings, desc: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 logits (`inference.infer`, batch by batch) and labels for every image the loader yields, in order,
     on the loader's device."""
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
                      dynamic_ncols=True):
-        logits.append(infer(model, x, tta, precision, mirror))
+        logits.append(infer(model, x, settings))
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)

@@ -25,7 +25,6 @@ from ..base.config import Config
 from ..base.device import select_device
 from ..base.errors import ConfigError
 from ..base.inference import predict_logits, settings_for
-from ..base.precision import choose
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
 from ..data.datasets import load_dataset
@@ -84,11 +83,10 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
                           f"images: bench needs at least one full batch")
     loader, test_loader = _loaders(cfg, data, train_x, train_y, device, steps)
     model = make_model(cfg, len(data.classes), train_x, device, mean=data.mean, std=data.std)
-    step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device)
-    precision = choose(cfg.precision, device)
-    settings = settings_for(cfg.to_dict(), device)  # the views evaluate would use on the run's checkpoint
+    settings = settings_for(cfg.to_dict(), device)  # the views and precision evaluate would use on the checkpoint
+    step = TrainStep(model, build_optimizer(cfg, model, device), cfg, device, settings.precision)
     if cfg.compile:
-        warm_up(step, loader, [test_loader], cfg.tta, mirror=settings.mirror)
+        warm_up(step, loader, [test_loader], settings)
     model.train()
 
     size = data.image_size
@@ -107,15 +105,14 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
     for _ in range(rounds):
         pipeline.append(_rate(one_epoch, 1, len(loader.images), device))
         compute.append(_rate(lambda: step(fixed_x, fixed_y), steps, cfg.batch_size, device))
-    evaluate = functools.partial(predict_logits, step.forward, test_loader, tta=cfg.tta, precision=precision.name,
-                                 mirror=settings.mirror)
+    evaluate = functools.partial(predict_logits, step.forward, test_loader, settings)
     evaluate()  # warm-up
     evaluation = _rate(evaluate, 1, len(data.test_images), device)
     result = {
         "model": cfg.model, "dataset": data.name, "image_size": size, "device": str(device),
         "device_name": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "tta": cfg.tta, "compile": cfg.compile,
-        "precision": precision.name, "precision_reason": precision.reason,
+        "precision": settings.precision, "precision_reason": settings.precision_reason,
         "steps_per_round": steps, "rounds": rounds,
         "train_images_per_s": statistics.median(pipeline),
         "compute_only_images_per_s": statistics.median(compute),
@@ -123,7 +120,7 @@ def bench(cfg: Config, *, data_dir: str | Path | None = None, device: str | None
         "train_rounds": pipeline, "compute_only_rounds": compute,
     }
     result["pipeline_over_compute"] = result["train_images_per_s"] / result["compute_only_images_per_s"]
-    result.update(utilisation(model, device, precision.name, result["train_images_per_s"], size))
+    result.update(utilisation(model, device, settings.precision, result["train_images_per_s"], size))
     return result
 
 

@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..base.config import Config, OptimizerConfig
-from ..base.inference import infer
+from ..base.inference import Settings, infer
 from ..base.model import build_model
-from ..base.precision import autocast, choose
+from ..base.precision import autocast
 from ..data.dataset import MEAN, STD, normalize_
 from ..data.loader import Loader
 from .muon import MuonSGD
@@ -193,7 +193,8 @@ class TrainStep:
     Learning rates then live in device tensors: set them with `set_lr`.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
+                 precision: str):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.forward = torch.compile(model) if cfg.compile else model
         self.label_smoothing = cfg.label_smoothing
@@ -201,8 +202,7 @@ class TrainStep:
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.use_graphs = device.type == "cuda" and not self.distributed
         self.graphs: dict[tuple, tuple] = {}
-        choice = choose(cfg.precision, device)  # "bf16": autocast (precision.py)
-        self.precision, self.precision_reason = choice.name, choice.reason
+        self.precision = precision  # "bf16": autocast (`inference.settings_for` chose it)
 
     def freeze(self, frozen: list[nn.Parameter]) -> None:
         """Compute no gradient for `frozen` (the other parameters train), which also skips the backward only they
@@ -293,9 +293,8 @@ def frozen_at(optimizer: torch.optim.Optimizer, epoch: int) -> list[nn.Parameter
     return [p for group in optimizer.param_groups if not trains_in(group, epoch) for p in group["params"]]
 
 
-def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], tta: int,
-            epochs: range = range(1), mirror: bool = True,
-            train_mode: Callable[[nn.Module], object] = nn.Module.train) -> None:
+def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], settings: Settings,
+            epochs: range = range(1), train_mode: Callable[[nn.Module], object] = nn.Module.train) -> None:
     """Run every batch shape and set of frozen parameters that training over `epochs` and evaluation will meet
     (torch.compile compiles, cuDNN autotunes, CUDA graphs are captured), then restore the state, so this
     one-time work happens before the clock starts and does not change the run. `train_mode(model)` sets the
@@ -317,7 +316,7 @@ def warm_up(step: TrainStep, train_loader: Loader, eval_loaders: list[Loader], t
         for loader in eval_loaders:
             x, _ = next(iter(loader))
             for size in _batch_sizes(loader):
-                infer(step.forward, x[:size], tta, step.precision, mirror)
+                infer(step.forward, x[:size], settings)
     for module, training in zip(model.modules(), modes):
         module.training = training
     for p, requires_grad in zip(step.params, trainable):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..base.config import Config, make_config, save_config
 from ..base.errors import ConfigError, UsageError, UserError
-from ..base.inference import predict_logits, settings_for, tta_views
+from ..base.inference import Settings, predict_logits, settings_for, tta_views
 from ..base.progress import Progress
 from ..base.storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
 from ..data.datasets import load_dataset
@@ -66,13 +66,12 @@ from .step import (
 
 
 @torch.inference_mode()
-def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str | None, tta: int,
-                   precision: str, mirror: bool = True) -> tuple[float, float, int]:
-    """(mean loss, accuracy, number of images) over a validation or test set; under torchrun each rank evaluates
-    its shard and the sums are reduced, so every image counts exactly once. `mirror`: whether TTA views may be
-    mirrored (`inference.settings_for`)."""
-    logits, labels = predict_logits(forward, loader, desc if dist.is_main else None, tta=tta, precision=precision,
-                                    mirror=mirror)
+def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str | None, settings: Settings
+                   ) -> tuple[float, float, int]:
+    """(mean loss, accuracy, number of images) over a validation or test set, run with `settings` (TTA views,
+    precision); under torchrun each rank evaluates its shard and the sums are reduced, so every image counts
+    exactly once."""
+    logits, labels = predict_logits(forward, loader, settings, desc if dist.is_main else None)
     loss = F.cross_entropy(logits, labels, reduction="sum")
     correct = (logits.argmax(1) == labels).sum()
     count = torch.tensor(len(labels), device=labels.device)
@@ -199,7 +198,7 @@ class Trainer:
         self.cfg, self.run_dir, self.dist, self.device, self.lock = cfg, run_dir, dist, device, lock
         self.data_dir, self.device_arg, self.resume = data_dir, device_arg, resume
         self.checkpoint = self._open_run()
-        self.inference = settings_for(cfg.to_dict(), device)  # validation and test run as evaluate will
+        self.settings = settings_for(cfg.to_dict(), device)  # validation and test run as evaluate will
         # fine-tuning: the model to start from (on resume the run's own weights are loaded instead)
         self.source = open_source(cfg) if cfg.init_from and self.checkpoint is None else None
         train_images = self._load_data(test)
@@ -211,8 +210,8 @@ class Trainer:
             "dataset": self.data.name, "mean": list(self.data.mean), "std": list(self.data.std),
             "image_size": self.data.image_size,
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
-            "history": [], "train_seconds": 0.0, "precision": self.step.precision, "init_from": self.origin,
-            "tta_mirror": self.inference.mirror, "split": self.split,
+            "history": [], "train_seconds": 0.0, "precision": self.settings.precision, "init_from": self.origin,
+            "tta_mirror": self.settings.mirror, "split": self.split,
         }
         self.start_step, self.start_order = 0, None
         self.last_good = "no checkpoint was saved yet"
@@ -286,7 +285,7 @@ class Trainer:
         # DistributedDataParallel under torchrun, else the model itself; the parameters are shared
         trained = self.dist.wrap(self.model, cfg.sync_batchnorm)
         self.optimizer = build_optimizer(cfg, self.model, self.device)
-        self.step = TrainStep(trained, self.optimizer, cfg, self.device)
+        self.step = TrainStep(trained, self.optimizer, cfg, self.device, self.settings.precision)
         self.lookahead = Lookahead(self.model, cfg.optimizer.lookahead_steps) if cfg.optimizer.lookahead_steps \
             else None
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
@@ -360,8 +359,8 @@ class Trainer:
             return
         started = time.perf_counter()
         evaluated = [loader for loader in (self.val_loader, self.test_loader) if loader is not None]
-        warm_up(self.step, self.train_loader, evaluated, self.cfg.tta, range(self.state["epoch"], self.cfg.epochs),
-                self.inference.mirror, lambda model: train_mode(model, self.cfg))
+        warm_up(self.step, self.train_loader, evaluated, self.settings, range(self.state["epoch"], self.cfg.epochs),
+                lambda model: train_mode(model, self.cfg))
         sync(self.device)
         if self.dist.is_main:
             work = ", ".join(name for name, done in (("torch.compile", self.cfg.compile),
@@ -382,7 +381,7 @@ class Trainer:
         remove_stale_temp_files(self.run_dir)  # from a killed run; the lock makes them surely no one else's
         save_config(self.cfg, self.run_dir / "config.yaml")
         record_session(self.run_dir, self.device, self.state["epoch"] + 1, self.dist.world_size,
-                       {"precision": self.step.precision, "precision_reason": self.step.precision_reason})
+                       {"precision": self.settings.precision, "precision_reason": self.settings.precision_reason})
         # On resume, drop events an interrupted run logged after its last checkpoint.
         purge_step = self.state["epoch"] * self.steps_per_epoch + self.start_step if self.resume else None
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
@@ -395,7 +394,7 @@ class Trainer:
         print(f"training {self.cfg.model} on {self.data.name} on {self.device} for {self.cfg.epochs} epochs "
               f"({len(self.train_loader.images)} train / {val} images, {self.steps_per_epoch} steps per epoch"
               f"{processes}) -> {self.run_dir}")
-        print(f"precision: {self.step.precision} ({self.step.precision_reason})")
+        print(f"precision: {self.settings.precision} ({self.settings.precision_reason})")
         if self.cfg.data.dataset == "folder":
             self._announce_copies()
             self._announce_mirroring()
@@ -422,7 +421,7 @@ class Trainer:
         flips = {"random": "each training image mirrored left-right with probability 1/2",
                  "alternate": "each training image mirrored left-right every other epoch",
                  "none": "no training image mirrored"}[flip]
-        views = tta_views(tta, self.inference.mirror)
+        views = tta_views(tta, self.settings.mirror)
         print(f"mirroring: augment.flip={flip} ({flips}); test-time views: tta {tta} ({views})")
         if flip != "none":
             print("  if mirroring changes what an image shows (digits, text, signs, left/right classes), train with "
@@ -439,11 +438,10 @@ class Trainer:
         current = _to_cpu(self.model.state_dict())
         self.model.load_state_dict(weights)
         self.dist.share_buffers(self.model)
-        loss, acc, count = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", self.cfg.tta,
-                                          self.step.precision, self.inference.mirror)
+        loss, acc, count = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", self.settings)
         self.model.load_state_dict(current)
         result = {"test_loss": loss, "test_acc": acc, "test_images": count, "checkpoint": "best.pt",
-                  "epoch": self.state["best_epoch"], "tta": self.cfg.tta, "precision": self.step.precision}
+                  "epoch": self.state["best_epoch"], "tta": self.cfg.tta, "precision": self.settings.precision}
         self.state["test"] = result
         if self.dist.is_main:
             self.writer.add_scalar("Accuracy/test", acc, self.state["epoch"] * self.steps_per_epoch)
@@ -594,8 +592,8 @@ class Trainer:
             self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
             if self.val_loader is not None:
                 metrics["val_loss"], metrics["val_acc"], metrics["val_images"] = evaluate_split(
-                    self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val", cfg.tta,
-                    self.step.precision, self.inference.mirror)
+                    self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val",
+                    self.settings)
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)

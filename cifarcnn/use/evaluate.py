@@ -72,8 +72,8 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     loader = Loader(test_images, test_labels, batch_size, device=device,
                     memory_format=torch.channels_last, mean=info["mean"], std=info["std"])
     settings = checkpoint_settings(checkpoint, device)
-    logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, desc="test",
-                                    tta=settings.tta, precision=settings.precision, mirror=settings.mirror)
+    logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, settings,
+                                    desc="test")
     probabilities = logits.softmax(1)
     confidence, predictions = probabilities.max(1)
     matrix = confusion_matrix(labels, predictions, len(classes))

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import __version__
 from ..base.errors import UserError
-from ..base.inference import TTA_RECIPE, TTA_RECIPE_NO_MIRROR, infer, tta_views
+from ..base.inference import TTA_RECIPE, TTA_RECIPE_NO_MIRROR, Settings, infer, tta_views
 from ..base.storage import atomic_write
 from ..data.dataset import MEAN, STD, DataError, normalize_
 from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
@@ -126,7 +126,7 @@ def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor,
     def both(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = normalize_(images.float().div_(255), mean, std)
         # the file holds the bare network: one view (tta 0), in fp32
-        reference = infer(model, x, tta=0, precision="fp32").numpy()
+        reference = infer(model, x, Settings()).numpy()  # one view, fp32
         return reference, session.run(["logits"], {"input": x.numpy()})[0]
 
     reference, onnx_out = both(test_images[:CHECK_BATCH])

@@ -59,8 +59,8 @@ class LoadedModel:
 
     def classify(self, images: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """`classify` for a stack of decoded (N, H, W, 3) uint8 images."""
-        return classify(self.model, images, self.classes, device=self.device, top_k=top_k, tta=self.settings.tta,
-                        precision=self.settings.precision, mean=self.mean, std=self.std, mirror=self.settings.mirror)
+        return classify(self.model, images, self.classes, device=self.device, top_k=top_k, settings=self.settings,
+                        mean=self.mean, std=self.std)
 
 
 def load_model(target: str | Path, device: str | None = None, tta: int | None = None) -> LoadedModel:
@@ -78,12 +78,12 @@ def load_model(target: str | Path, device: str | None = None, tta: int | None = 
 
 @torch.inference_mode()
 def classify(model: nn.Module, images: np.ndarray, classes: Sequence[str], *, device: torch.device, top_k: int,
-             tta: int, precision: str, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
-             mirror: bool = True) -> list[list[tuple[str, float]]]:
+             settings: Settings, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
+             ) -> list[list[tuple[str, float]]]:
     """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward pass
     (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
     x = to_model_input(images, device, mean, std).contiguous(memory_format=torch.channels_last)
-    probabilities = infer(model, x, tta, precision, mirror).softmax(1)
+    probabilities = infer(model, x, settings).softmax(1)
     # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
     values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
     return [[(classes[c], p) for c, p in zip(idx, vals)] for vals, idx in zip(values.tolist(), indices.tolist())]
@@ -101,9 +101,9 @@ def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndar
 
 @torch.inference_mode()
 def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
-                  batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False, tta: int = 0,
-                  precision: str = "fp32", image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
-                  std: tuple[float, ...] = STD, mirror: bool = True) -> list[FileResult]:
+                  settings: Settings, batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False,
+                  image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
+                  std: tuple[float, ...] = STD) -> list[FileResult]:
     """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
     could not be read. Images are shrunk to `image_size` and normalised with `mean` and `std`, as the model was
     trained (default: CIFAR-10)."""
@@ -113,8 +113,8 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
     arrays: list[np.ndarray] = []
 
     def flush() -> None:
-        tops = classify(model, np.stack(arrays), classes, device=device, top_k=top_k, tta=tta, precision=precision,
-                        mean=mean, std=std, mirror=mirror)
+        tops = classify(model, np.stack(arrays), classes, device=device, top_k=top_k, settings=settings,
+                        mean=mean, std=std)
         # pixel identities as the split records them: (3, S, S) per image, not the (S, S, 3) decoded arrays
         for i, top, pixels in zip(pending, tops, pixel_ids(np.stack(arrays).transpose(0, 3, 1, 2))):
             results[i].top = top
@@ -232,9 +232,8 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
 
     started = time.perf_counter()
     results = predict_files(loaded.model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
-                            workers=workers, progress=not quiet and sys.stderr.isatty(), tta=settings.tta,
-                            precision=settings.precision, image_size=loaded.image_size, mean=loaded.mean,
-                            std=loaded.std, mirror=settings.mirror)
+                            workers=workers, progress=not quiet and sys.stderr.isatty(), settings=settings,
+                            image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:
