@@ -19,8 +19,8 @@ import torch
 from recipe_args import recipe_parser
 
 from cifarcnn.base.config import load_preset
-from cifarcnn.base.model import build_model
 from cifarcnn.base.storage import atomic_write_json
+from cifarcnn.models.registry import build_model
 from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.finetune import head_names
 from cifarcnn.training.train import train

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarcnn.base.model import MODELS, build_model, count_parameters
 from cifarcnn.base.storage import atomic_write_json
+from cifarcnn.models.registry import MODELS, build_model, count_parameters
 from cifarcnn.reports.bench import train_flops_per_image
 
 

@@ -141,8 +141,8 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    from .base.model import build_model, count_parameters
     from .data.datasets import dataset_shape
+    from .models.registry import build_model, count_parameters
 
     cfg = config_from_args(args)
     num_classes, image_size = dataset_shape(cfg.data)

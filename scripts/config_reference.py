@@ -22,9 +22,9 @@ import typing
 from pathlib import Path
 from types import ModuleType
 
-# The one place that names the config module (it becomes "cifarcnn.base.config" when the package moves into
-# subfolders). The model registry is read from the `model` module of the same package.
+# The one place that names the config module and the model registry whose names `model` accepts.
 CONFIG_MODULE = "cifarcnn.base.config"
+REGISTRY_MODULE = "cifarcnn.models.registry"
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "config.md"
@@ -85,10 +85,9 @@ def config_module() -> ModuleType:
     return importlib.import_module(CONFIG_MODULE)
 
 
-def model_names(module: ModuleType) -> list[str]:
-    """The architectures `model` accepts: the registry of the config module's sibling `model` module."""
-    registry = importlib.import_module(".model", module.__package__)
-    return sorted(registry.MODELS)
+def model_names() -> list[str]:
+    """The architectures `model` accepts: the model registry's names."""
+    return sorted(importlib.import_module(REGISTRY_MODULE).MODELS)
 
 
 def trailing_comments(source: str) -> dict[tuple[str, str], str]:
@@ -178,7 +177,7 @@ def render(module: ModuleType | None = None, source: str | None = None) -> str:
     module = module or config_module()
     source = source if source is not None else inspect.getsource(module)
     comments = trailing_comments(source)
-    models = model_names(module)
+    models = model_names()
     path = Path(inspect.getsourcefile(module)).resolve()
     try:
         shown = path.relative_to(ROOT).as_posix()

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from cifarcnn.base.config import load_preset
-from cifarcnn.base.model import FastBatchNorm
 from cifarcnn.cli import main
 from cifarcnn.data.dataset import normalize_
 from cifarcnn.data.datasets import dataset_of_checkpoint
 from cifarcnn.data.folders import load_folder
+from cifarcnn.models.fastnet import FastBatchNorm
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.training.step import make_model
 

@@ -216,7 +216,7 @@ def choice_keys(config: ModuleType) -> dict[str, set[str]]:
             elif f.metadata.get("choices"):
                 yield f"{prefix}{f.name}", set(f.metadata["choices"])
 
-    from cifarcnn.base.model import MODELS
+    from cifarcnn.models.registry import MODELS
 
     return {**dict(walk(config.Config, "")), "model": set(MODELS)}
 

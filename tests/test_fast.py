@@ -10,8 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarcnn.base.config import Config, make_config, preset_names
 from cifarcnn.base.inference import Settings, infer, tta_logits
-from cifarcnn.base.model import build_model
 from cifarcnn.cli import main
+from cifarcnn.models.registry import build_model
 from cifarcnn.training.step import Lookahead, build_optimizer, learning_rate
 
 TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]

@@ -12,8 +12,8 @@ import torch
 
 from cifarcnn.base.config import load_preset, make_config
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.base.model import build_model
 from cifarcnn.cli import main
+from cifarcnn.models.registry import build_model
 from cifarcnn.training import finetune
 from cifarcnn.training import train as train_module
 from cifarcnn.training.checkpoint import load_checkpoint

@@ -11,9 +11,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarcnn.base.config import load_preset
 from cifarcnn.base.inference import Settings, infer
-from cifarcnn.base.model import build_model, count_parameters
 from cifarcnn.cli import main
 from cifarcnn.data.images import to_model_input
+from cifarcnn.models.registry import build_model, count_parameters
 from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.step import TrainStep, build_optimizer, learning_rate, make_model
 

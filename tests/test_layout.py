@@ -1,6 +1,6 @@
-"""The package layout: one folder per job, imports running one way (command line -> reports -> use -> training ->
-data -> base), and no import cycle between files, counting every import (module level and inside functions);
-and docs/development.md's layout table naming every module of each folder, and no other."""
+"""The package layout: one folder per job, imports running one way (command line -> reports -> use -> training
+-> data -> base -> models), and no import cycle between files, counting every import (module level and inside
+functions); and docs/development.md's layout table naming every module of each folder, and no other."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cifarcnn"
 # Lowest first: a module may import its own layer and the layers below it, never one above.
-LAYERS = ("base", "data", "training", "use", "reports", "cli")
+LAYERS = ("models", "base", "data", "training", "use", "reports", "cli")
 TOP_LEVEL = {"cli": "cli", "__main__": "cli", "__init__": "base"}  # the root __init__ only reads the version
 LAYOUT_PAGE = PACKAGE.parent / "docs" / "development.md"
 
 
 def all_modules(package: Path = PACKAGE) -> dict[str, Path]:
-    """Dotted module names below the package ("base.config", "data.__init__", "cli", "__init__") and their files."""
+    """Dotted module names below the package ("base.config", "data.__init__", "cli", "__init__") and their
+    files."""
     return {".".join(p.relative_to(package).with_suffix("").parts): p for p in package.rglob("*.py")}
 
 
@@ -110,15 +111,16 @@ def test_every_form_of_intra_package_import_is_seen(tmp_path):
         "from ..data import c\nfrom ..data.d import y\nfrom cifarcnn.base import b\nfrom numpy import f\n"
         "def g():\n    from ..data import z\n")
     graph = import_graph(package)
-    assert graph["training.m"] == {"base.a", "training.e", "training.f", "__init__", "data.c", "data.d", "base.b",
-                                   "data.__init__"}
+    assert graph["training.m"] == {"base.a", "training.e", "training.f", "__init__", "data.c", "data.d",
+                                   "base.b", "data.__init__"}
 
 
 def test_the_graph_sees_every_kind_of_import():
     graph = import_graph()
-    assert "base.config" in graph["cli"] and "training.train" in graph["cli"]  # module level, inside a function
+    # module level, inside a function
+    assert "base.config" in graph["cli"] and "training.train" in graph["cli"]
     assert "__init__" in graph["use.export"]  # from .. import __version__
-    assert "base.model" in graph["base.config"]  # imported inside make_config
+    assert "models.registry" in graph["base.config"]  # imported inside make_config
 
 
 def test_the_checks_find_an_upward_import_and_a_cycle():
@@ -130,7 +132,8 @@ def test_the_checks_find_an_upward_import_and_a_cycle():
 
 def test_every_module_lives_in_a_job_folder():
     for module in all_modules():
-        assert layer(module) in LAYERS, f"cifarcnn/{module.replace('.', '/')}.py is in no layer folder {LAYERS}"
+        where = f"cifarcnn/{module.replace('.', '/')}.py"
+        assert layer(module) in LAYERS, f"{where} is in no layer folder {LAYERS}"
     assert import_graph()["__init__"] == set(), "the package's __init__ must import nothing of the package"
 
 

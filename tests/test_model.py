@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from cifarcnn.base.model import MODELS, SimpleCNN, SimpleCNNConfig, build_model, count_parameters
 from cifarcnn.cli import main
+from cifarcnn.models.contract import ClassifierHead, Model
+from cifarcnn.models.registry import MODELS, build_model, count_parameters
+from cifarcnn.models.simple_cnn import SimpleCNN, SimpleCNNConfig
 
 
 def test_simple_cnn_shapes_and_parameter_count():
@@ -25,6 +27,54 @@ def test_every_registered_model_builds_for_any_class_count_and_image_size(name, 
     assert model(torch.randn(2, 3, image_size, image_size)).shape == (2, num_classes)
 
 
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_model_keeps_the_contract_with_the_trainer(name):
+    """A Model holding one ClassifierHead (fine-tuning finds the classifier by it), whose parameters trained
+    for their first epochs only are trainable ones."""
+    model = build_model(name)
+    assert isinstance(model, Model)
+    assert sum(isinstance(m, ClassifierHead) for m in model.modules()) == 1
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(model.train_epochs) <= trainable and all(e > 0 for e in model.train_epochs.values())
+    assert model.init_image_count >= 0
+
+
+def test_a_model_declares_nothing_unless_it_says_so():
+    model = Model()
+    assert model.train_epochs == {} and model.init_image_count == 0
+    model.init_from_data(torch.zeros(1, 3, 4, 4))  # does nothing
+    fastnet, quicknet = build_model("fastnet"), build_model("quicknet")
+    assert fastnet.train_epochs == {"whiten.bias": 3} and fastnet.init_image_count == 5000
+    assert quicknet.train_epochs == {} and not quicknet.whiten.bias.requires_grad
+
+
+def test_the_trainer_initializes_a_model_from_as_many_images_as_it_asks_for(monkeypatch):
+    from cifarcnn.base.config import make_config
+    from cifarcnn.data.dataset import MEAN, STD, normalize_
+    from cifarcnn.training.step import make_model
+
+    seen = []
+
+    class Recording(SimpleCNN):
+        def init_from_data(self, images):
+            seen.append(images)
+
+    def recording(count):
+        def build(num_classes, image_size):
+            model = Recording(SimpleCNNConfig(num_classes=num_classes, image_size=image_size))
+            model.init_image_count = count
+            return model
+        return build
+
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    monkeypatch.setitem(MODELS, "simple_cnn", recording(4))
+    make_model(make_config({}), 10, images, torch.device("cpu"))
+    assert len(seen) == 1 and torch.equal(seen[0], normalize_(images[:4].float() / 255, MEAN, STD))
+    monkeypatch.setitem(MODELS, "simple_cnn", recording(0))
+    make_model(make_config({}), 10, images, torch.device("cpu"))
+    assert len(seen) == 1
+
 def test_simple_cnn_first_fc_layer_follows_the_image_size():
     assert build_model("simple_cnn", 10, 64).fc1.in_features == 128 * 8 * 8
     assert build_model("simple_cnn", 10, 45).fc1.in_features == 128 * 5 * 5  # 45 -> 22 -> 11 -> 5
@@ -39,7 +89,8 @@ def test_check_command_reports_classes_and_image_size(capsys, tmp_path, monkeypa
     for name in ("cat", "dog", "fox"):
         (tmp_path / "pics" / "train" / name).mkdir(parents=True)
         (tmp_path / "pics" / "train" / name / "a.png").write_bytes(b"x")  # check reads no image
-    assert main(["check", "model=fastnet", "data.dataset=folder", "data.path=pics", "data.image_size=48"]) == 0
+    assert main(["check", "model=fastnet", "data.dataset=folder", "data.path=pics",
+                 "data.image_size=48"]) == 0
     out = capsys.readouterr().out
     assert "3 classes, 48x48" in out and "(4, 3, 48, 48)" in out and "(4, 3)" in out
 
@@ -110,8 +161,9 @@ def test_resnet18_is_the_cifar_variant_with_11_2m_parameters():
 
 
 def fastnet96_parameters(widths=(128, 384, 512), whiten=24, num_classes=10) -> tuple[int, int]:
-    """(total, trainable) for fastnet96 by hand: the whitening conv (weight frozen, bias trained), per block a conv
-    and a BatchNorm then one residual pair of two convs and two BatchNorms (BN scales frozen), a bias-free head."""
+    """(total, trainable) for fastnet96 by hand: the whitening conv (weight frozen, bias trained), per block
+    a conv and a BatchNorm then one residual pair of two convs and two BatchNorms (BN scales frozen), a
+    bias-free head."""
     total = trainable = 0
     for c_in, c_out in zip((whiten, *widths), widths):
         convs = c_in * c_out * 9 + 2 * c_out * c_out * 9
@@ -123,7 +175,7 @@ def fastnet96_parameters(widths=(128, 384, 512), whiten=24, num_classes=10) -> t
 
 
 def test_fastnet96_is_a_wider_fastnet_with_residual_pairs():
-    from cifarcnn.base.model import FastNet, ResidualPair
+    from cifarcnn.models.fastnet import FastNet, ResidualPair
 
     torch.manual_seed(0)
     model = build_model("fastnet96")

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.base.model import build_model
+from cifarcnn.models.registry import build_model
 from cifarcnn.training.step import build_optimizer
 from cifarcnn.training.train import train
 

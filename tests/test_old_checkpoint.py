@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from cifarcnn.base.model import FastBatchNorm, build_model
 from cifarcnn.cli import main
+from cifarcnn.models.fastnet import FastBatchNorm
+from cifarcnn.models.registry import build_model
 from cifarcnn.training.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 from .conftest import write_image_folder
@@ -23,7 +24,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def old_run(tmp_path: Path) -> tuple[Path, Path]:
-    """The old checkpoint as a run folder whose config points at the regenerated images, and the image folder."""
+    """The old checkpoint as a run folder whose config points at the regenerated images, and the image
+    folder."""
     folder = write_image_folder(tmp_path / "folder", per_class=12, test_per_class=4, size=12)
     checkpoint = torch.load(FIXTURES / "old_layout_quicknet.pt", map_location="cpu", weights_only=True)
     checkpoint["config"]["data"]["path"] = str(folder)  # it was written in another temp folder
@@ -103,7 +105,8 @@ def test_evaluate_and_export_on_the_old_checkpoint(tmp_path):
     run, _ = old_run(tmp_path)
     assert main(["evaluate", str(run)]) == 0
     metrics = json.loads((run / "eval" / "test_metrics.json").read_text())
-    # What the old layout's evaluate wrote for this checkpoint and these images (bf16 on an Intel Xeon with AMX).
+    # What the old layout's evaluate wrote for this checkpoint and these images (bf16 on an Intel Xeon with
+    # AMX).
     assert metrics["num_images"] == 12 and metrics["classes"] == ["cat", "dog", "fox"]
     assert sum(map(sum, metrics["confusion_matrix"])) == 12
     assert main(["export", str(run)]) == 0

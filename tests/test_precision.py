@@ -9,7 +9,7 @@ import torch
 from cifarcnn.base import precision
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.base.model import build_model
+from cifarcnn.models.registry import build_model
 from cifarcnn.training.step import TrainStep, build_optimizer
 from cifarcnn.training.train import train
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cifarcnn.base.config import make_config
-from cifarcnn.base.model import build_model
 from cifarcnn.cli import main
+from cifarcnn.models.registry import build_model
 from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.step import build_optimizer
 from cifarcnn.training.train import resume_config, train

@@ -256,7 +256,7 @@ def load_preset(name: str, overrides: list[str] = ()) -> Config:
 
 def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config:
     """Build a validated Config from a (possibly partial) nested dict plus overrides."""
-    from .model import MODELS
+    from ..models.registry import MODELS
 
     cfg = _build(Config, apply_overrides(values or {}, list(overrides)))
     if cfg.model not in MODELS:

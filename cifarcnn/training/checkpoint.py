@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..base.errors import UsageError, UserError
-from ..base.model import MODELS, build_model
 from ..base.storage import atomic_write
+from ..models.registry import MODELS, build_model
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "num_classes", "classes", "config", "model_state")

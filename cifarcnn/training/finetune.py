@@ -26,10 +26,10 @@ import torch.nn as nn
 
 from ..base.config import Config
 from ..base.errors import ConfigError, UserError
-from ..base.model import ClassifierHead
 from ..data.dataset import Dataset
 from ..data.datasets import checkpoint_dataset
 from ..data.splits import SCHEME
+from ..models.contract import ClassifierHead
 from .checkpoint import load_checkpoint, resolve_checkpoint
 
 NORMALIZATION = "source"  # "source": the source model's mean and std; "target": the new dataset's own

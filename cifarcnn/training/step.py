@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 from ..base.config import Config, OptimizerConfig
 from ..base.inference import Settings, infer
-from ..base.model import build_model
 from ..base.precision import autocast
 from ..data.dataset import MEAN, STD, normalize_
 from ..data.loader import Loader
+from ..models.contract import Model
+from ..models.registry import build_model
 from .muon import MuonSGD
 
 CHANNELS_LAST = torch.channels_last
@@ -29,7 +30,7 @@ def build_optimizer(cfg: Config, model: nn.Module, device: torch.device) -> torc
     o = cfg.optimizer
     norm_ids = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                 for p in m.parameters()}
-    limited = getattr(model, "train_epochs", {})
+    limited = model.train_epochs if isinstance(model, Model) else {}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for n, p in named if n not in limited]
     groups = [
@@ -88,8 +89,8 @@ def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device
     the first 5,000), in channels_last on `device`."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, train_images.shape[-1])
-    if hasattr(model, "init_from_data"):
-        model.init_from_data(normalize_(train_images[:5000].float() / 255, mean, std))
+    if model.init_image_count:
+        model.init_from_data(normalize_(train_images[:model.init_image_count].float() / 255, mean, std))
     return model.to(device, memory_format=CHANNELS_LAST)
 
 
