@@ -18,7 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from cifarcnn.base.config import load_preset
 from cifarcnn.base.device import keep_freed_memory, select_device
 from cifarcnn.base.inference import settings_for
-from cifarcnn.training.step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync
+from cifarcnn.training.build import CHANNELS_LAST, make_model, make_step
+from cifarcnn.training.step import sync
 
 # op-name substring -> kind, first match wins (convolution before everything: its backward fills and copies too)
 KINDS = [("convolution", "convolutions"), ("mm", "matmuls (Newton-Schulz, classifier)"), ("max_pool", "max-pool"),
@@ -43,8 +44,8 @@ def main() -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (max(cfg.batch_size, 5000), 3, 32, 32), dtype=torch.uint8)
     model = make_model(cfg, 10, images, device)
-    optimizer = build_optimizer(cfg, model, device)
-    step = TrainStep(model, optimizer, cfg, device, settings_for(cfg.to_dict(), device).precision)
+    step = make_step(cfg, model, device, settings_for(cfg.to_dict(), device).precision)
+    optimizer = step.optimizer
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=CHANNELS_LAST)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
     for _ in range(2):  # warm-up: oneDNN primitives, optimizer state

@@ -1,9 +1,12 @@
-"""Checkpoint files: written atomically, read with weights_only (a checkpoint cannot run code), checked on load."""
+"""Checkpoint files: written atomically (by `CheckpointWriter` on a background thread during training, with the
+metrics file), read with weights_only (a checkpoint cannot run code), checked on load."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -11,7 +14,7 @@ import torch.nn as nn
 
 from ..base.errors import UsageError, UserError
 from ..base.model import MODELS, build_model
-from ..base.storage import atomic_write
+from ..base.storage import atomic_write, atomic_write_text
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "num_classes", "classes", "config", "model_state")
@@ -19,6 +22,62 @@ REQUIRED_KEYS = ("format", "model", "num_classes", "classes", "config", "model_s
 
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """RUN/metrics.jsonl: one JSON object a line (each epoch's metrics, then with --test the test result)."""
+    atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+
+class CheckpointWriter:
+    """Writes checkpoints and the metrics file on a background thread, so training goes on while the disk works.
+    On a GPU the tensors' copies to (pinned) host memory are queued behind the steps already launched, and the
+    thread waits for them, not the training loop. Any write error surfaces at the next write or at close()."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
+
+    def write(self, run_dir: Path, state: dict, best: bool) -> None:
+        """last.pt (and best.pt when `best`) holding `state`, and the metrics file of its history."""
+        self.wait()
+        snapshot = to_cpu(state, non_blocking=True)
+        copied = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+        self._pending = self._pool.submit(self._write, run_dir, snapshot, best, copied)
+
+    @staticmethod
+    def _write(run_dir: Path, state: dict, best: bool, copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
+        if best:
+            save_checkpoint(run_dir / "best.pt", state)
+        save_checkpoint(run_dir / "last.pt", state)
+        write_metrics(run_dir, state["history"])
+
+    def wait(self) -> None:
+        """Until the last write is on disk (raising its error, if any)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
+
+def to_cpu(obj, non_blocking: bool = False):
+    """A copy of `obj` with its tensors on the CPU. `non_blocking`: copies from a GPU land in pinned memory and
+    are valid only once the stream has reached them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True, non_blocking=non_blocking)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v, non_blocking) for v in obj)
+    return obj
 
 
 def resolve_checkpoint(target: str | Path) -> Path:

@@ -2,8 +2,8 @@
 (`finetune: all`) or only the classifier (`finetune: head`, a linear probe: the rest frozen, BatchNorm statistics
 included).
 
-Every tensor whose name and shape match is copied, the data-initialised layers (FastNet's whitening) included;
-the classifier starts new when the classes differ (their number or their names). Inputs are normalised with the
+Every tensor whose name and shape match is copied, the data-initialized layers (FastNet's whitening) included;
+the classifier starts new when the classes differ (their number or their names). Inputs are normalized with the
 source model's mean and std (NORMALIZATION; measured against the new dataset's own in
 benchmarks/finetune_protocol.py, docs/finetune.md): the loaded layers keep seeing inputs scaled as in training.
 
@@ -57,7 +57,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def open_source(cfg: Config) -> Source:
+def load_source(cfg: Config) -> Source:
     """The checkpoint `init_from` names, checked against the config's model; a mistake is a ConfigError."""
     try:
         path = resolve_checkpoint(cfg.init_from)
@@ -81,7 +81,7 @@ def check_size(source: Source, data: Dataset, cfg: Config) -> None:
                       f"the dataset gives {ours}x{ours}: {fix}")
 
 
-def normalised_like(data: Dataset, checkpoint: dict, resumed: bool) -> Dataset:
+def normalized_like(data: Dataset, checkpoint: dict, resumed: bool) -> Dataset:
     """`data` with the mean and std a fine-tuning run uses: the source model's (`checkpoint`), unless
     NORMALIZATION says the dataset's own; on resume (`checkpoint` is the run's own) those it recorded."""
     if not resumed and NORMALIZATION != "source":
@@ -99,7 +99,7 @@ def head_names(model: nn.Module) -> set[str]:
 @torch.no_grad()
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], new_head: bool) -> tuple[list[str], list[str]]:
     """Copy every tensor of `state` whose name and shape match the model's (the classifier's only when not
-    `new_head`); returns the names (loaded, left as initialised)."""
+    `new_head`); returns the names (loaded, left as initialized)."""
     head, loaded, new = head_names(model), [], []
     for name, tensor in model.state_dict().items():
         value = state.get(name)
@@ -141,7 +141,7 @@ def freeze_body(model: nn.Module) -> None:
 
 def train_mode(model: nn.Module, cfg: Config) -> None:
     """The model in training mode, except under `finetune: head`, where BatchNorm layers stay in eval mode: they
-    normalise with the loaded statistics and do not update them."""
+    normalize with the loaded statistics and do not update them."""
     model.train()
     if cfg.init_from and cfg.finetune == "head":
         for module in model.modules():
