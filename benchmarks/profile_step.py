@@ -1,6 +1,6 @@
-"""Where a preset's training step spends its time: torch.profiler over a few steps of the trainer's own TrainStep
-(the preset's model, batch size, precision and optimizer) on random images, self time grouped by kind of op, and
-the optimizer's step timed alone.
+"""Where a preset's training step spends its time: torch.profiler over a few steps of the trainer's own
+TrainStep (the preset's model, batch size, precision and optimizer) on random images, self time grouped by
+kind of op, and the optimizer's step timed alone.
 
     python benchmarks/profile_step.py [--preset fast] [--steps 5] [--device cpu] [KEY=VALUE ...]
 
@@ -21,10 +21,10 @@ from cifarcnn.base.inference import settings_for
 from cifarcnn.training.build import CHANNELS_LAST, make_model, make_step
 from cifarcnn.training.step import sync
 
-# op-name substring -> kind, first match wins (convolution before everything: its backward fills and copies too)
-KINDS = [("convolution", "convolutions"), ("mm", "matmuls (Newton-Schulz, classifier)"), ("max_pool", "max-pool"),
-         ("gelu", "GELU"), ("relu", "ReLU"), ("batch_norm", "BatchNorm"), ("copy", "copies and casts"),
-         ("_to", "copies and casts"), ("fill", "fills"), ("zero", "fills")]
+# op-name substring -> kind, first match wins (convolution first: its backward fills and copies too)
+KINDS = [("convolution", "convolutions"), ("mm", "matmuls (Newton-Schulz, classifier)"),
+         ("max_pool", "max-pool"), ("gelu", "GELU"), ("relu", "ReLU"), ("batch_norm", "BatchNorm"),
+         ("copy", "copies and casts"), ("_to", "copies and casts"), ("fill", "fills"), ("zero", "fills")]
 
 
 def kind_of(op: str) -> str:
@@ -72,8 +72,8 @@ def main() -> None:
           f"{cfg.batch_size / step_seconds:.0f} images/s")
     for kind, micros in sorted(shares.items(), key=lambda item: -item[1]):
         print(f"  {kind:40s} {micros / total:6.1%}")
-    print(f"  optimizer step alone: {optimizer_seconds * 1000:.1f} ms ({optimizer_seconds / step_seconds:.1%} of a "
-          f"step)")
+    print(f"  optimizer step alone: {optimizer_seconds * 1000:.1f} ms "
+          f"({optimizer_seconds / step_seconds:.1%} of a step)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""`torchrun ... tests/shard_probe.py OUT_DIR train ARGS...` runs `python -m cifarcnn train ARGS...` with each rank
-recording, as uint8 images, what the trainer handed its training step (per epoch) and each evaluation, saved to
-OUT_DIR/rank<RANK>.pt: the shards a rank actually worked on. Run with augmentation off, so the images are exact."""
+"""`torchrun ... tests/shard_probe.py OUT_DIR train ARGS...` runs `python -m cifarcnn train ARGS...` with each
+rank recording, as uint8 images, what the trainer handed its training step (per epoch) and each evaluation,
+saved to OUT_DIR/rank<RANK>.pt: the shards a rank actually worked on. Run with augmentation off, so the images
+are exact."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Weight averages kept beside the trained weights: lookahead (`optimizer.lookahead_steps`), which pulls the model
-back to its running average every few steps, and the exponential moving average (`ema_decay`), which a run
-validates, tests and saves in place of the trained weights. `Averages` holds a run's (either, both or none)."""
+"""Weight averages kept beside the trained weights: lookahead (`optimizer.lookahead_steps`), which pulls the
+model back to its running average every few steps, and the exponential moving average (`ema_decay`), which a
+run validates, tests and saves in place of the trained weights. `Averages` holds a run's (either, both or
+none)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ def _live_and_average(model: nn.Module) -> tuple[list[torch.Tensor], dict[str, t
 
 
 class Lookahead:
-    """Every `every` steps the running average of the weights moves toward the model and the model is reset to
-    it (Zhang et al. 2019; the cubic decay schedule of Jordan 2024). At the end the model takes the average."""
+    """Every `every` steps the running average of the weights moves toward the model and the model is reset
+    to it (Zhang et al. 2019; the cubic decay schedule of Jordan 2024). At the end the model takes the
+    average."""
 
     def __init__(self, model: nn.Module, every: int):
         self.every = every
@@ -41,8 +43,8 @@ class Lookahead:
 
 class WeightAverage:
     """An exponential moving average of the model's weights and BatchNorm statistics, updated after every step
-    (`ema_decay`); with a decay proportional to the learning rate it meets the trained weights as the rate falls
-    to 0."""
+    (`ema_decay`); with a decay proportional to the learning rate it meets the trained weights as the rate
+    falls to 0."""
 
     def __init__(self, model: nn.Module, decay: float):
         self._live, self.average = _live_and_average(model)
@@ -59,8 +61,8 @@ class WeightAverage:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
-        """Inside, the model holds the average (copied in place, so CUDA graphs stay valid); the trained weights
-        are put back afterwards."""
+        """Inside, the model holds the average (copied in place, so CUDA graphs stay valid); the trained
+        weights are put back afterwards."""
         with torch.no_grad():
             trained = [t.clone() for t in self._live]
             torch._foreach_copy_(self._live, list(self.average.values()))
@@ -105,7 +107,8 @@ class Averages:
     def saved(self) -> dict:
         """The checkpoint entries for the model's weights (averaged and trained)."""
         if self.ema is not None:
-            return {"model_state": self.ema.state_dict(self.model), "train_model_state": self.model.state_dict()}
+            return {"model_state": self.ema.state_dict(self.model),
+                    "train_model_state": self.model.state_dict()}
         return {"model_state": self.model.state_dict()}
 
     def saved_lookahead(self) -> dict:

@@ -1,5 +1,5 @@
-"""What a run is built from, shared by the trainer and `bench`: the loaders (channels_last, normalized with the
-dataset's mean and std, each rank on its shard), the model, and its optimizer and training step."""
+"""What a run is built from, shared by the trainer and `bench`: the loaders (channels_last, normalized with
+the dataset's mean and std, each rank on its shard), the model, and its optimizer and training step."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ CHANNELS_LAST = torch.channels_last
 
 def train_loader(cfg: Config, images: torch.Tensor, labels: torch.Tensor, data: Dataset, device: torch.device,
                  dist: Dist | None = None) -> Loader:
-    """Shuffled, augmented training batches of `cfg.batch_size` (under torchrun: this rank's share of each)."""
+    """Shuffled, augmented training batches of `cfg.batch_size` (under torchrun: this rank's share)."""
     return Loader(images, labels, cfg.batch_size, augment=cfg.augment, shuffle=True, seed=cfg.seed,
                   **_placement(data, device, dist))
 
@@ -34,8 +34,8 @@ def eval_loader(cfg: Config, images: torch.Tensor, labels: torch.Tensor, data: D
 
 def _placement(data: Dataset, device: torch.device, dist: Dist | None) -> dict:
     dist = dist or Dist()
-    return {"rank": dist.rank, "world_size": dist.world_size, "device": device, "memory_format": CHANNELS_LAST,
-            "mean": data.mean, "std": data.std}
+    return {"rank": dist.rank, "world_size": dist.world_size, "device": device,
+            "memory_format": CHANNELS_LAST, "mean": data.mean, "std": data.std}
 
 
 def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device, *,

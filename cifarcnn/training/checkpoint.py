@@ -1,5 +1,5 @@
-"""Checkpoint files: written atomically (by `CheckpointWriter` on a background thread during training, with the
-metrics file), read with weights_only (a checkpoint cannot run code), checked on load."""
+"""Checkpoint files: written atomically (by `CheckpointWriter` on a background thread during training, with
+the metrics file), read with weights_only (a checkpoint cannot run code), checked on load."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
 
 
 class CheckpointWriter:
-    """Writes checkpoints and the metrics file on a background thread, so training goes on while the disk works.
-    On a GPU the tensors' copies to (pinned) host memory are queued behind the steps already launched, and the
-    thread waits for them, not the training loop. Any write error surfaces at the next write or at close()."""
+    """Writes checkpoints and the metrics file on a background thread, so training goes on while the disk
+    works. On a GPU the tensors' copies to (pinned) host memory are queued behind the steps already launched,
+    and the thread waits for them, not the training loop. Any write error surfaces at the next write or at
+    close()."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -69,8 +70,8 @@ class CheckpointWriter:
 
 
 def to_cpu(obj, non_blocking: bool = False):
-    """A copy of `obj` with its tensors on the CPU. `non_blocking`: copies from a GPU land in pinned memory and
-    are valid only once the stream has reached them."""
+    """A copy of `obj` with its tensors on the CPU. `non_blocking`: copies from a GPU land in pinned memory
+    and are valid only once the stream has reached them."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True, non_blocking=non_blocking)
     if isinstance(obj, dict):
@@ -87,7 +88,8 @@ def resolve_checkpoint(target: str | Path) -> Path:
         for name in ("best.pt", "last.pt"):
             if (target / name).exists():
                 return target / name
-        raise UsageError(f"{target} holds no checkpoint (best.pt or last.pt); pass a run folder or a .pt file")
+        raise UsageError(f"{target} holds no checkpoint (best.pt or last.pt); pass a run folder or a .pt "
+                         f"file")
     if not target.exists():
         raise UsageError(f"{target}: no such run folder or checkpoint file")
     return target
@@ -103,29 +105,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
-        raise UserError(f"{path}: refusing to load: it holds objects other than tensors and plain data, which "
-                        f"could run code when loaded (weights_only). {culprit}".strip()) from None
+        raise UserError(f"{path}: refusing to load: it holds objects other than tensors and plain data, "
+                        f"which could run code when loaded (weights_only). {culprit}".strip()) from None
     except Exception as e:  # truncated zip, not a torch file, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{path}: not a cifarcnn checkpoint (missing {', '.join(missing)})")
     if checkpoint["format"] != FORMAT:
-        raise UserError(f"{path}: checkpoint format {checkpoint['format']} is not supported (expected {FORMAT})")
+        raise UserError(f"{path}: checkpoint format {checkpoint['format']} is not supported "
+                        f"(expected {FORMAT})")
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the architecture a checkpoint names, for its classes and image size (32 in checkpoints from before
-    image sizes were recorded), and load its weights; a mismatch is a clear error."""
-    name, num_classes, image_size = checkpoint["model"], checkpoint["num_classes"], checkpoint.get("image_size", 32)
+    """Rebuild the architecture a checkpoint names, for its classes and image size (32 in checkpoints from
+    before image sizes were recorded), and load its weights; a mismatch is a clear error."""
+    name, num_classes = checkpoint["model"], checkpoint["num_classes"]
+    image_size = checkpoint.get("image_size", 32)
     if name not in MODELS:
-        raise UserError(f"{path}: architecture {name!r} is not known here (known: {', '.join(sorted(MODELS))})")
+        raise UserError(f"{path}: architecture {name!r} is not known here "
+                        f"(known: {', '.join(sorted(MODELS))})")
     model = build_model(name, num_classes, image_size)
     try:
         model.load_state_dict(checkpoint["model_state"])
     except RuntimeError as e:
         detail = " ".join(str(e).split("\n", 1)[-1].split())[:300]
-        raise UserError(f"{path}: weights do not fit {name} with {num_classes} classes at {image_size}x{image_size}:"
-                        f" {detail}") from None
+        raise UserError(f"{path}: weights do not fit {name} with {num_classes} classes at "
+                        f"{image_size}x{image_size}: {detail}") from None
     return model

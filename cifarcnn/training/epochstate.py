@@ -1,5 +1,5 @@
-"""Where a run stands inside an epoch: the running sums and RNG states that a mid-epoch checkpoint carries, so a
-resumed epoch ends with the same metrics as an uninterrupted one."""
+"""Where a run stands inside an epoch: the running sums and RNG states that a mid-epoch checkpoint carries, so
+a resumed epoch ends with the same metrics as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class EpochTotals:
 
 
 def saved_totals(checkpoint: dict | None, dist: Dist) -> dict | None:
-    """This rank's share of a mid-epoch checkpoint's sums (one entry per rank): its own with the same number of
-    processes, else rank 0 carries the old ranks' sums and the others start from zero."""
+    """This rank's share of a mid-epoch checkpoint's sums (one entry per rank): its own with the same number
+    of processes, else rank 0 carries the old ranks' sums and the others start from zero."""
     saved = (checkpoint or {}).get("totals")
     if not saved:
         return None

@@ -1,9 +1,10 @@
-"""One epoch of training, the place to start reading: batches in; for each, the learning rates, the step (forward,
-loss, backward, optimizer), the weight averages and the running totals; then a check-in with the trainer.
+"""One epoch of training, the place to start reading: batches in; for each, the learning rates, the step
+(forward, loss, backward, optimizer), the weight averages and the running totals; then a check-in with the
+trainer.
 
-Distributed training, precision, CUDA graphs and fine-tuning stay behind the objects it calls: the Loader serves
-this rank's shard, the TrainStep runs the step as it must on this device, and the check-in (train.py) decides
-when to log, save or stop."""
+Distributed training, precision, CUDA graphs and fine-tuning stay behind the objects it calls: the Loader
+serves this rank's shard, the TrainStep runs the step as it must on this device, and the check-in (train.py)
+decides when to log, save or stop."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The optimizer and its parameter groups: BatchNorm parameters apart from the rest, a group per parameter the
-model trains only for its first epochs, and under `optimizer.name: muon` the split between Muon (conv filters) and
-SGD (muon.py); which groups train in an epoch; a checkpoint's optimizer state loaded under the current config."""
+model trains only for its first epochs, and under `optimizer.name: muon` the split between Muon (conv filters)
+and SGD (muon.py); which groups train in an epoch; a checkpoint's optimizer state loaded under the current
+config."""
 
 from __future__ import annotations
 

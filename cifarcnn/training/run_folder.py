@@ -1,7 +1,7 @@
-"""A run's folder and what the run tells its user: the folder opened (locked; a new run refuses one that holds a
-run, a resumed one reads its last.pt), its outputs (config.yaml, environment.json, TensorBoard events), the lines
-a run starts with, the test result's files, and the closing lines. Under torchrun only rank 0 writes and prints;
-the other ranks get a TensorBoard writer that does nothing."""
+"""A run's folder and what the run tells its user: the folder opened (locked; a new run refuses one that holds
+a run, a resumed one reads its last.pt), its outputs (config.yaml, environment.json, TensorBoard events), the
+lines a run starts with, the test result's files, and the closing lines. Under torchrun only rank 0 writes and
+prints; the other ranks get a TensorBoard writer that does nothing."""
 
 from __future__ import annotations
 
@@ -118,7 +118,8 @@ class RunFolder:
         if not self.dist.is_main:
             return
         if validated:
-            print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ", end="")
+            print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ",
+                  end="")
         print(f"trained {state['train_seconds']:.1f}s; checkpoints in {self.path} "
               f"(evaluate with: cifarcnn evaluate {self.path})")
         test = state.get("test")
@@ -139,7 +140,7 @@ def _announce_copies(change: SplitChange | None) -> None:
 
 
 def _announce_mirroring(cfg: Config, settings: Settings) -> None:
-    """A folder run says whether its images are mirrored, in training and test-time views, and how to stop it."""
+    """A folder run says whether its images are mirrored in training and test-time views, and how not to."""
     flip, tta = cfg.augment.flip, cfg.tta
     flips = {"random": "each training image mirrored left-right with probability 1/2",
              "alternate": "each training image mirrored left-right every other epoch",
@@ -147,5 +148,5 @@ def _announce_mirroring(cfg: Config, settings: Settings) -> None:
     views = tta_views(tta, settings.mirror)
     print(f"mirroring: augment.flip={flip} ({flips}); test-time views: tta {tta} ({views})")
     if flip != "none":
-        print("  if mirroring changes what an image shows (digits, text, signs, left/right classes), train with "
-              "augment.flip=none tta=0")
+        print("  if mirroring changes what an image shows (digits, text, signs, left/right classes), train "
+              "with augment.flip=none tta=0")

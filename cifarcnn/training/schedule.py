@@ -8,7 +8,8 @@ from ..base.config import Config
 
 
 def learning_rate(cfg: Config, epoch_progress: float) -> float:
-    """The learning rate after `epoch_progress` epochs (fractional); a pure function, so resume needs no state."""
+    """The learning rate after `epoch_progress` epochs (fractional); a pure function, so resume needs no
+    state."""
     s, peak = cfg.scheduler, cfg.optimizer.lr
     if epoch_progress < s.warmup_epochs:
         return peak * (s.warmup_factor + (1 - s.warmup_factor) * epoch_progress / s.warmup_epochs)

@@ -1,6 +1,6 @@
-"""One training step on a batch (`TrainStep`: forward, loss, backward, gradient norm, optimizer step; replayed as
-a CUDA graph on one GPU), and the warm-up that compiles, autotunes and captures before the clock starts, leaving no
-trace (`restored_afterwards`). The trainer and `bench` share them."""
+"""One training step on a batch (`TrainStep`: forward, loss, backward, gradient norm, optimizer step; replayed
+as a CUDA graph on one GPU), and the warm-up that compiles, autotunes and captures before the clock starts,
+leaving no trace (`restored_afterwards`). The trainer and `bench` share them."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from .optimizers import frozen_at
 
 @contextlib.contextmanager
 def restored_afterwards(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Warm-up steps run inside leave no trace: every model and optimizer tensor is put back in place (in place,
-    so captured CUDA graphs keep valid addresses), and optimizer state the warm-up created is zeroed, which
-    steps exactly like a fresh optimizer's (Adam: zero moments at step 0; SGD: a zero momentum buffer)."""
-    tensors = [*model.state_dict().values(),
-               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
+    """Warm-up steps run inside leave no trace: every model and optimizer tensor is put back in place (in
+    place, so captured CUDA graphs keep valid addresses), and optimizer state the warm-up created is zeroed,
+    which steps exactly like a fresh optimizer's (Adam: zero moments at step 0; SGD: a zero momentum buffer).
+    """
+    optimizer_tensors = (v for state in optimizer.state.values() for v in state.values()
+                         if isinstance(v, torch.Tensor))
+    tensors = [*model.state_dict().values(), *optimizer_tensors]
     saved = [t.detach().clone() for t in tensors]
     fresh = not optimizer.state
     try:
@@ -67,10 +69,10 @@ class TrainStep:
         self._train_mode(self.model)
 
     def freeze(self, frozen: list[nn.Parameter]) -> None:
-        """Compute no gradient for `frozen` (the other parameters train), which also skips the backward only they
-        need (for FastNet's whitening bias, the first conv block's input gradient). Under
-        DistributedDataParallel, which waits for every parameter's gradient, this does nothing; the trainer gives
-        frozen parameters learning rate 0 either way."""
+        """Compute no gradient for `frozen` (the other parameters train), which also skips the backward only
+        they need (for FastNet's whitening bias, the first conv block's input gradient). Under
+        DistributedDataParallel, which waits for every parameter's gradient, this does nothing; the trainer
+        gives frozen parameters learning rate 0 either way."""
         if self.distributed:
             return
         frozen_ids = {id(p) for p in frozen}

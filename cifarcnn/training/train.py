@@ -1,6 +1,7 @@
 """`train()`: one training run, set up and carried out by a `Trainer`, which wires the parts together: the run
-folder (run_folder.py), the data and model (build.py), each epoch (loop.py: read it first), validation, the best
-model and early stopping, checkpoints (checkpoint.py) and resume, and stopping on a signal or a diverged loss."""
+folder (run_folder.py), the data and model (build.py), each epoch (loop.py: read it first), validation, the
+best model and early stopping, checkpoints (checkpoint.py) and resume, and stopping on a signal or a diverged
+loss."""
 
 from __future__ import annotations
 
@@ -72,8 +73,10 @@ class DivergedError(UserError):
 
 
 def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, device: str | None = None,
-          resume: bool = False, test: bool = False, on_epoch_end: Callable[[dict], bool] | None = None) -> dict:
-    """Train `cfg` into `run_dir` (or continue the run there when `resume`); returns the last checkpoint state.
+          resume: bool = False, test: bool = False, on_epoch_end: Callable[[dict], bool] | None = None
+          ) -> dict:
+    """Train `cfg` into `run_dir` (or continue the run there when `resume`); returns the last checkpoint
+    state.
 
     `test`: after the last epoch, also measure test accuracy (with the configured TTA) and record it.
     `on_epoch_end(metrics)` is called after each epoch's checkpoint; returning True stops the run there.
@@ -108,12 +111,11 @@ class Trainer:
     """One training run, in the order a reader meets it.
 
     Setting up (`__init__`): the run folder (lock, resume or refuse), the data and its loaders, the model and
-    its step, the weight averages, and the state a checkpoint restores. `run`: the warm-up before the clock, the
-    outputs, then epoch after epoch: its steps (`loop.train_epoch`, checking in at logging intervals through
-    `_check_in`: divergence, progress, mid-epoch checkpoints, signals) and its end (`_end_epoch`: validation,
-    best model and early stopping, checkpoint, logs). `state` is what checkpoints hold besides the tensors;
-    `start` the position the next epoch begins at (a mid-epoch checkpoint's, on resume).
-    """
+    its step, the weight averages, and the state a checkpoint restores. `run`: the warm-up before the clock,
+    the outputs, then epoch after epoch: its steps (`loop.train_epoch`, checking in at logging intervals
+    through `_check_in`: divergence, progress, mid-epoch checkpoints, signals) and its end (`_end_epoch`:
+    validation, best model and early stopping, checkpoint, logs). `state` is what checkpoints hold besides the
+    tensors; `start` the position the next epoch begins at (a mid-epoch checkpoint's, on resume)."""
 
     def __init__(self, cfg: Config, run_dir: Path, dist: Dist, device: torch.device, lock: RunLock, *,
                  data_dir: str | Path | None, device_arg: str | None, resume: bool, test: bool):
@@ -133,7 +135,8 @@ class Trainer:
         self.classes = list(self.data.classes)
         (train_x, train_y), held_out = split_by_mask(self.data, val_mask)
         self.train_loader, self.val_loader, self.test_loader = self._loaders(train_x, train_y, held_out, test)
-        self.model = make_model(cfg, len(self.classes), train_x, device, mean=self.data.mean, std=self.data.std)
+        self.model = make_model(cfg, len(self.classes), train_x, device, mean=self.data.mean,
+                                std=self.data.std)
         self.origin = self._start_from_source()  # what a fine-tuning run started from, else None
         self.step = make_step(cfg, self.model, device, self.settings.precision, dist,
                               functools.partial(train_mode, cfg=cfg))
@@ -141,19 +144,19 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.averages = Averages(self.model, cfg, self.total_steps)
         self.state = {
-            "format": FORMAT, "model": cfg.model, "num_classes": len(self.classes), "classes": list(self.classes),
-            "dataset": self.data.name, "mean": list(self.data.mean), "std": list(self.data.std),
-            "image_size": self.data.image_size,
+            "format": FORMAT, "model": cfg.model, "num_classes": len(self.classes),
+            "classes": list(self.classes), "dataset": self.data.name, "mean": list(self.data.mean),
+            "std": list(self.data.std), "image_size": self.data.image_size,
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
-            "history": [], "train_seconds": 0.0, "precision": self.settings.precision, "init_from": self.origin,
-            "tta_mirror": self.settings.mirror, "split": self.split,
+            "history": [], "train_seconds": 0.0, "precision": self.settings.precision,
+            "init_from": self.origin, "tta_mirror": self.settings.mirror, "split": self.split,
         }
         self.start = EpochStart()
         self.last_good = "no checkpoint was saved yet"
         self.changed: list[str] = []  # on resume: the config keys changed since the checkpoint
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
-        self.best_weights: dict | None = None  # with --test: the best model's weights, tested when the run ends
+        self.best_weights: dict | None = None  # with --test: the best model's weights, tested at the end
         self.checkpoint_writer = CheckpointWriter(device)
         self.stop = StopRequest()
         self.session_started, self.seconds_before = 0.0, 0.0  # set when the clock starts
@@ -166,7 +169,7 @@ class Trainer:
         """The dataset (rank 0 reads it first); a fine-tuning run's normalized as its source's inputs were."""
         cfg, dist = self.cfg, self.dist
         if not dist.is_main:
-            dist.barrier()  # rank 0 downloads, extracts or decodes first; the others then read its files or cache
+            dist.barrier()  # rank 0 downloads, extracts or decodes first; the others read its files or cache
         data = load_dataset(cfg.data, self.data_dir, device=self.device)
         if dist.is_main:
             dist.barrier()
@@ -192,11 +195,13 @@ class Trainer:
         cfg, dist, data, device = self.cfg, self.dist, self.data, self.device
         if 0 < len(train_x) % cfg.batch_size < dist.world_size:
             raise ConfigError(f"config key 'batch_size': the last batch of each epoch would hold "
-                              f"{len(train_x) % cfg.batch_size} images, fewer than the {dist.world_size} processes")
+                              f"{len(train_x) % cfg.batch_size} images, fewer than the {dist.world_size} "
+                              f"processes")
         train = train_loader(cfg, train_x, train_y, data, device, dist)
         val = eval_loader(cfg, *held_out, data, device, dist) if held_out else None
-        # the test images evaluate counts too: none the model trains on
-        tested = eval_loader(cfg, *untrained_test(data, self.split_change), data, device, dist) if test else None
+        tested = None
+        if test:  # the test images evaluate counts too: none the model trains on
+            tested = eval_loader(cfg, *untrained_test(data, self.split_change), data, device, dist)
         return train, val, tested
 
     def _start_from_source(self) -> dict | None:
@@ -213,15 +218,16 @@ class Trainer:
         """Continue from `checkpoint`: weights and averages, optimizer, RNG, progress and position."""
         if list(checkpoint["classes"]) != list(self.classes):
             raise UserError(f"{self.run_dir}: the dataset's classes changed since the run was trained "
-                            f"({len(checkpoint['classes'])} then, {len(self.classes)} now): restore the dataset as it "
-                            f"was, or start a new run")
+                            f"({len(checkpoint['classes'])} then, {len(self.classes)} now): restore the "
+                            f"dataset as it was, or start a new run")
         self.averages.restore(checkpoint)
         saved, ours = checkpoint["config"]["optimizer"]["name"], self.cfg.optimizer.name
         if saved != ours:  # the saved state (momentum buffers, moments) is another optimizer's
             raise ConfigError(f"config key 'optimizer.name': {self.run_dir} was trained with {saved}, "
                               f"whose state cannot continue as {ours}: resume with optimizer.name={saved}, "
                               f"or start a new run with init_from={self.run_dir}")
-        load_optimizer_state(self.step.optimizer, checkpoint["optimizer_state"])  # this config's hyperparameters
+        # the saved state under this config's hyperparameters
+        load_optimizer_state(self.step.optimizer, checkpoint["optimizer_state"])
         self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
         restore_rng(checkpoint, self.device, self.dist)
         self.state.update({k: checkpoint[k] for k in RESUMED_KEYS})
@@ -239,7 +245,8 @@ class Trainer:
         """Train the remaining epochs; returns the state of the last checkpoint."""
         if self.finished:
             if self.dist.is_main:
-                print(f"{self.run_dir}: training already finished after {self.state['epoch']} epochs; nothing to do")
+                print(f"{self.run_dir}: training already finished after {self.state['epoch']} epochs; "
+                      f"nothing to do")
             return self.state
         self._warm_up()
         # On resume, drop events an interrupted run logged after its last checkpoint.
@@ -253,7 +260,8 @@ class Trainer:
                 for epoch in range(self.state["epoch"], self.cfg.epochs):
                     started = time.perf_counter()
                     totals = train_epoch(epoch, self.cfg, self.step, self.train_loader, self.averages,
-                                         start=self.start, check_in=self._check_in, show_progress=self.dist.is_main)
+                                         start=self.start, check_in=self._check_in,
+                                         show_progress=self.dist.is_main)
                     self.start = EpochStart()
                     if self._end_epoch(epoch, totals, started, on_epoch_end):
                         break
@@ -267,12 +275,13 @@ class Trainer:
         return self.state
 
     def _warm_up(self) -> None:
-        """Compile, autotune and capture CUDA graphs before the clock starts (when compiling or on one GPU)."""
+        """Compile, autotune and capture CUDA graphs before the clock starts (compiling, or on one GPU)."""
         if not (self.cfg.compile or self.step.use_graphs):
             return
         started = time.perf_counter()
         evaluated = [loader for loader in (self.val_loader, self.test_loader) if loader is not None]
-        warm_up(self.step, self.train_loader, evaluated, self.settings, range(self.state["epoch"], self.cfg.epochs))
+        epochs = range(self.state["epoch"], self.cfg.epochs)
+        warm_up(self.step, self.train_loader, evaluated, self.settings, epochs)
         sync(self.device)
         if self.dist.is_main:
             work = ", ".join(name for name, done in (("torch.compile", self.cfg.compile),
@@ -290,8 +299,8 @@ class Trainer:
 
     def _test_best(self) -> None:
         """With --test, however the run ended: the test accuracy of the model the run keeps (best.pt: the best
-        validation accuracy, or the last epoch without a validation set), recorded in the state, metrics.jsonl's
-        last line and test.json, and printed last by the farewell."""
+        validation accuracy, or the last epoch without a validation set), recorded in the state,
+        metrics.jsonl's last line and test.json, and printed last by the farewell."""
         self.checkpoint_writer.wait()
         weights = self.best_weights
         if weights is None:  # a resumed run whose best epoch came before the resume
@@ -299,10 +308,12 @@ class Trainer:
         current = to_cpu(self.model.state_dict())
         self.model.load_state_dict(weights)
         self.dist.share_buffers(self.model)
-        loss, acc, count = evaluate_split(self.step.forward, self.test_loader, self.dist, "test", self.settings)
+        loss, acc, count = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
+                                          self.settings)
         self.model.load_state_dict(current)
         result = {"test_loss": loss, "test_acc": acc, "test_images": count, "checkpoint": "best.pt",
-                  "epoch": self.state["best_epoch"], "tta": self.cfg.tta, "precision": self.settings.precision}
+                  "epoch": self.state["best_epoch"], "tta": self.cfg.tta,
+                  "precision": self.settings.precision}
         self.state["test"] = result
         self.folder.record_test(result, self.state["history"], self.state["epoch"] * self.steps_per_epoch)
 
@@ -334,7 +345,8 @@ class Trainer:
         if at_log and self.dist.is_main:
             self.folder.writer.add_scalar("Loss/train_step", loss.item(), global_step)
             seen = totals.seen.item()
-            progress.show(done, loss=f"{totals.loss.item() / seen:.4f}", acc=f"{totals.correct.item() / seen:.2%}")
+            progress.show(done, loss=f"{totals.loss.item() / seen:.4f}",
+                          acc=f"{totals.correct.item() / seen:.2%}")
         if done < self.steps_per_epoch and (at_checkpoint or stopping):
             self._save(epoch, done, totals, order, best=False)
             if stopping:
@@ -342,9 +354,10 @@ class Trainer:
                 raise self._interrupted(epoch, done)
 
     def _estimate_time(self, global_step: int) -> None:
-        """Once per session on a CPU: when the rest of the run looks longer than LONG_RUN_SECONDS, say how long,
-        and how to get a good model in minutes instead. Timed from the first logging interval to the second:
-        the first steps of a process are several times slower (oneDNN picks and builds its kernels)."""
+        """Once per session on a CPU: when the rest of the run looks longer than LONG_RUN_SECONDS, say how
+        long, and how to get a good model in minutes instead. Timed from the first logging interval to the
+        second: the first steps of a process are several times slower (oneDNN picks and builds its kernels).
+        """
         now = time.perf_counter()
         if self.estimate_start is None:
             self.estimate_start = (now, global_step)
@@ -354,9 +367,10 @@ class Trainer:
         remaining = (self.total_steps - global_step) * (now - started) / (global_step - first_step)
         if remaining < LONG_RUN_SECONDS or not self.dist.is_main:
             return
-        hint = "" if self.cfg.model == QUICK_MODEL else "; `cifarcnn train --preset quick` trains one in minutes"
-        tqdm.write(f"estimated time on this CPU: about {remaining / 60:.0f} more minutes for {self.cfg.epochs} "
-                   f"epochs (timed over steps {first_step + 1}-{global_step}){hint}")
+        hint = "" if self.cfg.model == QUICK_MODEL else (
+            "; `cifarcnn train --preset quick` trains one in minutes")
+        tqdm.write(f"estimated time on this CPU: about {remaining / 60:.0f} more minutes for "
+                   f"{self.cfg.epochs} epochs (timed over steps {first_step + 1}-{global_step}){hint}")
 
     # -- the end of an epoch ---------------------------------------------------------------------------------
 
@@ -372,7 +386,8 @@ class Trainer:
         self._save(epoch + 1, 0, None, None, best=improved)
         self.folder.log_epoch(metrics, (epoch + 1) * self.steps_per_epoch)
         if self.dist.is_main:
-            tqdm.write(_summary(self.cfg, metrics) + ("  *best*" if improved and self.val_loader is not None else ""))
+            best = "  *best*" if improved and self.val_loader is not None else ""
+            tqdm.write(_summary(self.cfg, metrics) + best)
         if self.state["stopped_early"]:
             if self.dist.is_main:
                 tqdm.write(f"early stopping: no validation improvement for {self.cfg.patience} epochs "
@@ -428,8 +443,9 @@ class Trainer:
 
     def _save(self, epoch_done: int, steps_done: int, totals: EpochTotals | None, order: torch.Tensor | None,
               best: bool) -> None:
-        """Checkpoint after `steps_done` steps of epoch `epoch_done` + 1 (0: at the end of epoch `epoch_done`).
-        Collective under torchrun: every rank calls it, rank 0 writes (on a background thread)."""
+        """Checkpoint after `steps_done` steps of epoch `epoch_done` + 1 (0: at the end of epoch
+        `epoch_done`). Collective under torchrun: every rank calls it, rank 0 writes (on a background thread).
+        """
         rng = self.dist.gather(rng_state(self.device))
         sums = self.dist.gather(to_cpu(totals.local())) if totals is not None else None
         if not self.dist.is_main:
@@ -455,7 +471,8 @@ class Trainer:
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "a signal"
         command = resume_command(self.run_dir, self.data_dir, self.device_arg, self.dist.active)
         return Interrupted(f"interrupted by {name} {_position(epoch_done, steps_done)}; saved "
-                           f"{self.run_dir / 'last.pt'}; resume with: {command}", self.stop.signum or signal.SIGTERM)
+                           f"{self.run_dir / 'last.pt'}; resume with: {command}",
+                           self.stop.signum or signal.SIGTERM)
 
 
 def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
