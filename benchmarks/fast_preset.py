@@ -3,7 +3,7 @@
     python benchmarks/fast_preset.py --seeds 5 [--preset fast] [--data-dir DIR] [KEY=VALUE ...] [--out FILE]
 
 Each seed trains with `data.val_size=0` (all 50,000 training images, no per-epoch validation) and `--test`
-semantics: the clock (CUDA-synchronised) runs from the first step to the final test predictions with TTA,
+semantics: the clock (CUDA-synchronized) runs from the first step to the final test predictions with TTA,
 checkpoints and logging included; the data upload and the trainer's warm-up (torch.compile, cuDNN autotuning,
 CUDA graph capture, all batch shapes) happen before it starts. All seeds run in one process; the median is
 the figure to quote.
@@ -31,10 +31,11 @@ def main() -> int:
     runs = []
     for seed in range(args.seeds):
         cfg = load_preset(args.preset, ["data.val_size=0", *args.overrides, f"seed={seed}"])
-        state = train(cfg, args.runs_dir / f"{args.preset}-seed{seed}", data_dir=args.data_dir, device=args.device,
-                      test=True)
+        state = train(cfg, args.runs_dir / f"{args.preset}-seed{seed}", data_dir=args.data_dir,
+                      device=args.device, test=True)
         runs.append({"seed": seed, "test_acc": state["test"]["test_acc"], "seconds": state["train_seconds"],
-                     "epochs": state["epoch"], "epoch_seconds": [round(m["seconds"], 4) for m in state["history"]]})
+                     "epochs": state["epoch"],
+                     "epoch_seconds": [round(m["seconds"], 4) for m in state["history"]]})
         print(json.dumps(runs[-1]), flush=True)
     accs, secs = [r["test_acc"] for r in runs], [r["seconds"] for r in runs]
     summary = {
@@ -42,8 +43,9 @@ def main() -> int:
         "mean_test_acc": statistics.mean(accs), "std_test_acc": statistics.pstdev(accs),
         "mean_seconds": statistics.mean(secs), "median_seconds": statistics.median(secs),
     }
-    print(f"{args.preset}: test accuracy {summary['mean_test_acc']:.2%} +- {summary['std_test_acc']:.2%} over "
-          f"{len(runs)} seeds; time {summary['mean_seconds']:.2f}s mean, {summary['median_seconds']:.2f}s median")
+    print(f"{args.preset}: test accuracy {summary['mean_test_acc']:.2%} +- {summary['std_test_acc']:.2%} "
+          f"over {len(runs)} seeds; time {summary['mean_seconds']:.2f}s mean, "
+          f"{summary['median_seconds']:.2f}s median")
     atomic_write_json(args.out, summary)
     return 0
 

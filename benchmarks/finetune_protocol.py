@@ -1,20 +1,21 @@
-"""Fine-tuning protocol: does starting from a model trained on other classes beat training from scratch on few images?
+"""Fine-tuning protocol: does starting from a model trained on other classes beat training from scratch on few
+images?
 
-    python benchmarks/finetune_protocol.py --data-dir /path/to/cifar10 [--work DIR] [--sizes 100 1000] [--seeds 3]
-        [--compare-normalization] [--out finetune_protocol.json] [KEY=VALUE ...]
+    python benchmarks/finetune_protocol.py --data-dir /path/to/cifar10 [--work DIR] [--sizes 100 1000]
+        [--seeds 3] [--compare-normalization] [--out finetune_protocol.json] [KEY=VALUE ...]
 
-Source: CIFAR-10's first five classes (airplane, automobile, bird, cat, deer), all 25,000 training images, written
-as a folder dataset (PNG, pixels unchanged) and trained with the quick preset (`data.val_size=0`, test accuracy on
-their 5,000 official test images). Target: the other five classes (dog, frog, horse, ship, truck) as folder
-datasets of N training images per class (a seeded choice, the same for every seed and way) with all their 5,000
-official test images as test/. Per target size and seed (0, 1, 2) three ways are trained with the same preset and
-epochs: from scratch, `init_from` + `finetune=all`, and `finetune=head` (a linear probe). Epochs: the quick
-preset's 5, raised to give at least MIN_STEPS optimizer steps (at 100 images per class, 500 images are 2 batches
-of 256 a epoch, so 5 epochs would be 10 steps; 50 epochs are 100). `--compare-normalization` also runs
-`finetune=all` at the first size normalised with the target dataset's own mean and std instead of the source
-model's. Seconds are the trainer's `train_seconds` (training plus the final test with TTA). KEY=VALUE overrides
-apply to every run (source included). The work folder keeps the datasets and the source run: a rerun with the same
---work reuses them (delete it to start over).
+Source: CIFAR-10's first five classes (airplane, automobile, bird, cat, deer), all 25,000 training images,
+written as a folder dataset (PNG, pixels unchanged) and trained with the quick preset (`data.val_size=0`, test
+accuracy on their 5,000 official test images). Target: the other five classes (dog, frog, horse, ship, truck)
+as folder datasets of N training images per class (a seeded choice, the same for every seed and way) with all
+their 5,000 official test images as test/. Per target size and seed (0, 1, 2) three ways are trained with the
+same preset and epochs: from scratch, `init_from` + `finetune=all`, and `finetune=head` (a linear probe).
+Epochs: the quick preset's 5, raised to give at least MIN_STEPS optimizer steps (at 100 images per class, 500
+images are 2 batches of 256 a epoch, so 5 epochs would be 10 steps; 50 epochs are 100).
+`--compare-normalization` also runs `finetune=all` at the first size normalized with the target dataset's own
+mean and std instead of the source model's. Seconds are the trainer's `train_seconds` (training plus the final
+test with TTA). KEY=VALUE overrides apply to every run (source included). The work folder keeps the datasets
+and the source run: a rerun with the same --work reuses them (delete it to start over).
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def train_source(work: Path, folder: Path, overrides: list[str], device: str | N
                     "seconds": state["train_seconds"], "epochs": state["epoch"]}
     cfg = load_preset(PRESET, ["data.dataset=folder", f"data.path={folder}", "data.val_size=0", *overrides])
     state = train(cfg, run_dir, device=device, test=True, resume=(run_dir / "last.pt").exists())
-    return {"run": str(run_dir), "test_acc": state["history"][-1]["test_acc"], "seconds": state["train_seconds"],
-            "epochs": state["epoch"]}
+    return {"run": str(run_dir), "test_acc": state["history"][-1]["test_acc"],
+            "seconds": state["train_seconds"], "epochs": state["epoch"]}
 
 
 def run_cell(work: Path, folder: Path, per_class: int, way: str, seed: int, source: str, overrides: list[str],
@@ -108,27 +109,28 @@ def run_cell(work: Path, folder: Path, per_class: int, way: str, seed: int, sour
     base = load_preset(PRESET, overrides)
     epochs = epochs_for(per_class * len(TARGET_CLASSES), base.batch_size, base.epochs, min_steps)
     extra = [] if way == "scratch" else [f"init_from={source}", f"finetune={way.split()[-1]}"]
-    cfg = load_preset(PRESET, ["data.dataset=folder", f"data.path={folder}", "data.val_size=0", f"epochs={epochs}",
-                               f"seed={seed}", *extra, *overrides])
+    cfg = load_preset(PRESET, ["data.dataset=folder", f"data.path={folder}", "data.val_size=0",
+                               f"epochs={epochs}", f"seed={seed}", *extra, *overrides])
     tag = f"{per_class}-{way.replace(' ', '-')}-{normalization}-seed{seed}"
     finetune.NORMALIZATION = normalization
     try:
         state = train(cfg, work / "runs" / tag, device=device, test=True)
     finally:
         finetune.NORMALIZATION = "source"
-    cell = {"per_class": per_class, "way": way, "normalization": normalization if way != "scratch" else "dataset",
-            "seed": seed, "epochs": epochs, "test_acc": state["history"][-1]["test_acc"],
-            "seconds": round(state["train_seconds"], 2)}
+    cell = {"per_class": per_class, "way": way,
+            "normalization": normalization if way != "scratch" else "dataset", "seed": seed, "epochs": epochs,
+            "test_acc": state["history"][-1]["test_acc"], "seconds": round(state["train_seconds"], 2)}
     print(json.dumps(cell), flush=True)
     return cell
 
 
-def summarise(cells: list[dict]) -> list[dict]:
+def summarize(cells: list[dict]) -> list[dict]:
     rows: dict[tuple, list[dict]] = {}
     for c in cells:
         rows.setdefault((c["per_class"], c["way"], c["normalization"]), []).append(c)
     return [{"per_class": k[0], "way": k[1], "normalization": k[2], "epochs": v[0]["epochs"],
-             "test_acc": [c["test_acc"] for c in v], "mean_test_acc": statistics.mean(c["test_acc"] for c in v),
+             "test_acc": [c["test_acc"] for c in v],
+             "mean_test_acc": statistics.mean(c["test_acc"] for c in v),
              "mean_seconds": statistics.mean(c["seconds"] for c in v)} for k, v in rows.items()]
 
 
@@ -150,9 +152,12 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="cifarcnn-finetune-")))
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000], help="training images per class")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--min-steps", type=int, default=MIN_STEPS, help="raise the epochs to this many steps")
-    parser.add_argument("--source-per-class", type=int, help="fewer source images (for trying the script out)")
-    parser.add_argument("--source-only", action="store_true", help="prepare the data and train the source, then stop")
+    parser.add_argument("--min-steps", type=int, default=MIN_STEPS,
+                        help="raise the epochs to this many steps")
+    parser.add_argument("--source-per-class", type=int,
+                        help="fewer source images (for trying the script out)")
+    parser.add_argument("--source-only", action="store_true",
+                        help="prepare the data and train the source, then stop")
     parser.add_argument("--compare-normalization", action="store_true",
                         help="also fine-tune the first size with the target dataset's own mean and std")
     parser.add_argument("--out", type=Path, default=Path("finetune_protocol.json"))
@@ -161,7 +166,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     folders = prepare(args.work, args.data_dir, args.sizes, args.source_per_class)
     source = train_source(args.work, folders["source"], args.overrides, args.device)
-    print(f"source: {source['test_acc']:.2%} test accuracy on its 5 classes, {source['seconds']:.1f}s", flush=True)
+    print(f"source: {source['test_acc']:.2%} test accuracy on its 5 classes, {source['seconds']:.1f}s",
+          flush=True)
     if args.source_only:
         return 0
     plan = [(n, way, seed, "source") for n in args.sizes for seed in range(args.seeds) for way in WAYS]
@@ -174,15 +180,15 @@ def main() -> int:
                               args.device, normalization, args.min_steps))
         atomic_write_json(args.out, {"preset": PRESET, "overrides": args.overrides, "source": source,
                                      "cells": cells, "complete": False})
-    rows = summarise(cells)
+    rows = summarize(cells)
     mean = {(r["per_class"], r["way"], r["normalization"]): r["mean_test_acc"] for r in rows}
     small = args.sizes[0]
     gain = mean[(small, "finetune all", "source")] - mean[(small, "scratch", "dataset")]
     print(table(rows))
     print(f"source model: {source['test_acc']:.2%}; at {small} images per class, finetune all - scratch = "
           f"{gain * 100:+.1f} points (target: >= +8)")
-    atomic_write_json(args.out, {"preset": PRESET, "overrides": args.overrides, "source": source, "cells": cells,
-                                 "rows": rows, "gain_points": gain * 100, "complete": True})
+    atomic_write_json(args.out, {"preset": PRESET, "overrides": args.overrides, "source": source,
+                                 "cells": cells, "rows": rows, "gain_points": gain * 100, "complete": True})
     return 0
 
 

@@ -1,6 +1,6 @@
-"""FLOPs per training image of each registered model: forward and backward of the cross-entropy loss, counted by
-torch.utils.flop_counter.FlopCounterMode on the CPU (matrix multiplies and convolutions; elementwise ops are not
-counted).
+"""FLOPs per training image of each registered model: forward and backward of the cross-entropy loss, counted
+by torch.utils.flop_counter.FlopCounterMode on the CPU (matrix multiplies and convolutions; elementwise ops
+are not counted).
 
     python benchmarks/flops.py [--batch 8] [--out flops.json]
 
@@ -29,7 +29,8 @@ def training_flops(name: str, batch: int) -> dict:
     with torch.no_grad(), FlopCounterMode(display=False) as forward:
         model(torch.randn(batch, 3, 32, 32))
     return {"model": name, "parameters": count_parameters(model)[0],
-            "train_gflops_per_image": train_flops_per_image(model, batch=batch) / 1e9,  # as `cifarcnn bench` counts
+            # as `cifarcnn bench` counts them
+            "train_gflops_per_image": train_flops_per_image(model, batch=batch) / 1e9,
             "forward_gflops_per_image": forward.get_total_flops() / batch / 1e9}
 
 
@@ -40,8 +41,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = [training_flops(name, args.batch) for name in sorted(MODELS)]
     for r in rows:
-        print(f"{r['model']:<11} {r['parameters']:>11,} parameters  {r['train_gflops_per_image']:.3f} GFLOPs per "
-              f"training image (forward + backward), {r['forward_gflops_per_image']:.3f} forward")
+        print(f"{r['model']:<11} {r['parameters']:>11,} parameters  {r['train_gflops_per_image']:.3f} GFLOPs "
+              f"per training image (forward + backward), {r['forward_gflops_per_image']:.3f} forward")
     if args.out:
         atomic_write_json(args.out, {"batch": args.batch, "models": rows})
     return 0

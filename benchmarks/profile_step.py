@@ -1,6 +1,6 @@
-"""Where a preset's training step spends its time: torch.profiler over a few steps of the trainer's own TrainStep
-(the preset's model, batch size, precision and optimizer) on random images, self time grouped by kind of op, and
-the optimizer's step timed alone.
+"""Where a preset's training step spends its time: torch.profiler over a few steps of the trainer's own
+TrainStep (the preset's model, batch size, precision and optimizer) on random images, self time grouped by
+kind of op, and the optimizer's step timed alone.
 
     python benchmarks/profile_step.py [--preset fast] [--steps 5] [--device cpu] [KEY=VALUE ...]
 
@@ -18,12 +18,13 @@ from torch.profiler import ProfilerActivity, profile
 from cifarcnn.base.config import load_preset
 from cifarcnn.base.device import keep_freed_memory, select_device
 from cifarcnn.base.inference import settings_for
-from cifarcnn.training.step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync
+from cifarcnn.training.build import CHANNELS_LAST, make_model, make_step
+from cifarcnn.training.step import sync
 
-# op-name substring -> kind, first match wins (convolution before everything: its backward fills and copies too)
-KINDS = [("convolution", "convolutions"), ("mm", "matmuls (Newton-Schulz, classifier)"), ("max_pool", "max-pool"),
-         ("gelu", "GELU"), ("relu", "ReLU"), ("batch_norm", "BatchNorm"), ("copy", "copies and casts"),
-         ("_to", "copies and casts"), ("fill", "fills"), ("zero", "fills")]
+# op-name substring -> kind, first match wins (convolution first: its backward fills and copies too)
+KINDS = [("convolution", "convolutions"), ("mm", "matmuls (Newton-Schulz, classifier)"),
+         ("max_pool", "max-pool"), ("gelu", "GELU"), ("relu", "ReLU"), ("batch_norm", "BatchNorm"),
+         ("copy", "copies and casts"), ("_to", "copies and casts"), ("fill", "fills"), ("zero", "fills")]
 
 
 def kind_of(op: str) -> str:
@@ -43,8 +44,8 @@ def main() -> None:
     torch.manual_seed(0)
     images = torch.randint(0, 256, (max(cfg.batch_size, 5000), 3, 32, 32), dtype=torch.uint8)
     model = make_model(cfg, 10, images, device)
-    optimizer = build_optimizer(cfg, model, device)
-    step = TrainStep(model, optimizer, cfg, device, settings_for(cfg.to_dict(), device).precision)
+    step = make_step(cfg, model, device, settings_for(cfg.to_dict(), device).precision)
+    optimizer = step.optimizer
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=CHANNELS_LAST)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
     for _ in range(2):  # warm-up: oneDNN primitives, optimizer state
@@ -71,8 +72,8 @@ def main() -> None:
           f"{cfg.batch_size / step_seconds:.0f} images/s")
     for kind, micros in sorted(shares.items(), key=lambda item: -item[1]):
         print(f"  {kind:40s} {micros / total:6.1%}")
-    print(f"  optimizer step alone: {optimizer_seconds * 1000:.1f} ms ({optimizer_seconds / step_seconds:.1%} of a "
-          f"step)")
+    print(f"  optimizer step alone: {optimizer_seconds * 1000:.1f} ms "
+          f"({optimizer_seconds / step_seconds:.1%} of a step)")
 
 
 if __name__ == "__main__":

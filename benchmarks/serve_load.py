@@ -1,5 +1,5 @@
-"""Load test for `cifarcnn serve`: concurrent clients send single-image requests (PNG files, one per request, as
-the raw body), with batching and with --max-batch 1, then `cifarcnn predict` classifies the same files.
+"""Load test for `cifarcnn serve`: concurrent clients send single-image requests (PNG files, one per request,
+as the raw body), with batching and with --max-batch 1, then `cifarcnn predict` classifies the same files.
 
 Reports requests/s, p50/p99 latency, errors and the server's memory (RSS) at start and end, and checks the
 targets: zero errors, throughput >= 0.3x predict's images/s, p99 <= 250 ms, memory growth < 50 MB, batching
@@ -30,8 +30,8 @@ from cifarcnn.data.images import walk_images  # noqa: E402
 
 def start_server(run: str, device: str, max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, int]:
     """`cifarcnn serve` on a free 127.0.0.1 port; the process and its port once it listens."""
-    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn", "serve", run, "--port", "0", "--device", device,
-                             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
+    proc = subprocess.Popen([sys.executable, "-m", "cifarcnn", "serve", run, "--port", "0", "--device",
+                             device, "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         found = re.search(r" on http://127\.0\.0\.1:(\d+)/", line)
@@ -91,7 +91,8 @@ async def load(port: int, bodies: list[bytes], clients: int) -> dict:
     seconds = time.perf_counter() - started
     ordered = sorted(latencies)
     return {"requests": len(bodies), "seconds": seconds, "requests_per_second": len(bodies) / seconds,
-            "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
+            "p50_ms": 1000 * statistics.median(ordered),
+            "p99_ms": 1000 * ordered[int(0.99 * (len(ordered) - 1))],
             "errors": len(errors), "first_errors": errors[:5]}
 
 
@@ -136,11 +137,14 @@ def targets(batched: dict, single: dict, predict: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="run folder or checkpoint (e.g. one trained with --preset quick)")
-    parser.add_argument("pngs", type=Path, help="folder of PNG files (scripts/test_set_as_pngs.py writes one)")
+    parser.add_argument("pngs", type=Path,
+                        help="folder of PNG files (scripts/test_set_as_pngs.py writes one)")
     parser.add_argument("--requests", type=int, default=5000, help="single-image requests (default: 5000)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")
-    parser.add_argument("--max-batch", type=int, default=64, help="the batched server's --max-batch (default: 64)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the servers' --max-wait-ms (default: 5)")
+    parser.add_argument("--max-batch", type=int, default=64,
+                        help="the batched server's --max-batch (default: 64)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="the servers' --max-wait-ms (default: 5)")
     parser.add_argument("--device", default="cpu", help="device for the server and predict (default: cpu)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Training time until a recipe's checkpoint first reaches a test accuracy (the figure a laptop user sees).
 
-    python benchmarks/time_to_accuracy.py [--preset fast] [--target 0.85 ...] [--whole-schedule] [--from-epoch 1]
-                                          [--data-dir DIR] [KEY=VALUE ...] [--out FILE]
+    python benchmarks/time_to_accuracy.py [--preset fast] [--target 0.85 ...] [--whole-schedule]
+                                          [--from-epoch 1] [--data-dir DIR] [KEY=VALUE ...] [--out FILE]
 
 Trains one run with `data.val_size=0` (all 50,000 training images). After each epoch from `--from-epoch` on,
 the checkpoint just written is evaluated on the test set with the recipe's TTA, as `cifarcnn evaluate` would;
@@ -53,7 +53,8 @@ def main() -> int:
         if metrics["epoch"] >= args.from_epoch:
             started = time.perf_counter()
             checkpoint = load_checkpoint(run_dir / "last.pt")
-            model = model_from_checkpoint(checkpoint, run_dir / "last.pt").to(device, memory_format=torch.channels_last)
+            model = model_from_checkpoint(checkpoint, run_dir / "last.pt")
+            model = model.to(device, memory_format=torch.channels_last)
             settings = checkpoint_settings(checkpoint, device)  # the views and precision evaluate uses
             _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, settings)
             point["eval_seconds"] = time.perf_counter() - started
@@ -75,13 +76,13 @@ def report(preset: str, target: float, curve: list[dict], device: torch.device) 
     """Print and return when `target` was first reached (epoch, seconds and accuracy; None when never)."""
     reached = next((p for p in curve if p.get("test_acc", 0.0) >= target), None)
     if reached:
-        print(f"{preset}: test accuracy {reached['test_acc']:.2%} >= {target:.1%} after epoch {reached['epoch']}, "
-              f"{reached['train_seconds']:.0f}s of training on {device}")
+        print(f"{preset}: test accuracy {reached['test_acc']:.2%} >= {target:.1%} after epoch "
+              f"{reached['epoch']}, {reached['train_seconds']:.0f}s of training on {device}")
     else:
         print(f"{preset}: test accuracy never reached {target:.1%} "
               f"(best {max((p.get('test_acc', 0.0) for p in curve), default=0.0):.2%})")
-    return {"target": target, "epoch": reached and reached["epoch"], "seconds": reached and reached["train_seconds"],
-            "test_acc": reached and reached["test_acc"]}
+    return {"target": target, "epoch": reached and reached["epoch"],
+            "seconds": reached and reached["train_seconds"], "test_acc": reached and reached["test_acc"]}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""`torchrun ... tests/shard_probe.py OUT_DIR train ARGS...` runs `python -m cifarcnn train ARGS...` with each rank
-recording, as uint8 images, what the trainer handed its training step (per epoch) and each evaluation, saved to
-OUT_DIR/rank<RANK>.pt: the shards a rank actually worked on. Run with augmentation off, so the images are exact."""
+"""`torchrun ... tests/shard_probe.py OUT_DIR train ARGS...` runs `python -m cifarcnn train ARGS...` with each
+rank recording, as uint8 images, what the trainer handed its training step (per epoch) and each evaluation,
+saved to OUT_DIR/rank<RANK>.pt: the shards a rank actually worked on. Run with augmentation off, so the images
+are exact."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from cifarcnn.cli import main
 from cifarcnn.data.dataset import denormalize
 from cifarcnn.training import train as train_module
+from cifarcnn.training.step import TrainStep
 
 SEEN: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -23,13 +25,23 @@ def as_uint8(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
 
 
 def record_steps() -> None:
-    original = train_module.Trainer._step
+    original_epoch, original_step = train_module.train_epoch, TrainStep.__call__
+    current: dict = {}  # the epoch under way: its key and its loader
 
-    def step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        SEEN[f"train epoch {epoch + 1}"].append(as_uint8(x, self.data.mean, self.data.std))
-        return original(self, epoch, i, x, y)
+    def train_epoch(epoch, cfg, step, loader, *args, **kwargs):
+        current.update(key=f"train epoch {epoch + 1}", loader=loader)
+        try:
+            return original_epoch(epoch, cfg, step, loader, *args, **kwargs)
+        finally:
+            current.clear()
 
-    train_module.Trainer._step = step
+    def step(self, x: torch.Tensor, y: torch.Tensor):
+        if current:
+            SEEN[current["key"]].append(as_uint8(x, current["loader"].mean, current["loader"].std))
+        return original_step(self, x, y)
+
+    train_module.train_epoch = train_epoch
+    TrainStep.__call__ = step
 
 
 def record_evaluations() -> None:

@@ -8,9 +8,10 @@ from cifarcnn.base.config import make_config
 from cifarcnn.base.inference import settings_for
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.data.loader import Loader, split_train_val
+from cifarcnn.training.averages import WeightAverage
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.training.distributed import Dist
-from cifarcnn.training.step import WeightAverage, learning_rate
+from cifarcnn.training.schedule import learning_rate
 from cifarcnn.training.train import evaluate_split, train
 
 DETERMINISTIC = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm")

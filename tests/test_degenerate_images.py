@@ -20,8 +20,8 @@ from cifarcnn.data.dataset import normalize_
 from cifarcnn.data.datasets import dataset_of_checkpoint
 from cifarcnn.data.folders import load_folder
 from cifarcnn.models.fastnet import FastBatchNorm
+from cifarcnn.training.build import make_model
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
-from cifarcnn.training.step import make_model
 
 # epochs: a step or more past the end of each preset's warm-up (1 step per epoch: 32 training images)
 PRESETS = {"quick": 3, "fast": 4, "best": 5, "seed": 2, "resnet18": 2}

@@ -12,7 +12,9 @@ from cifarcnn.base.config import Config, make_config, preset_names
 from cifarcnn.base.inference import Settings, infer, tta_logits
 from cifarcnn.cli import main
 from cifarcnn.models.registry import build_model
-from cifarcnn.training.step import Lookahead, build_optimizer, learning_rate
+from cifarcnn.training.averages import Lookahead
+from cifarcnn.training.optimizers import build_optimizer
+from cifarcnn.training.schedule import learning_rate
 
 TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]
 
@@ -130,11 +132,11 @@ def test_lookahead_pulls_weights_toward_their_average():
     lookahead = Lookahead(model, every=1)
     with torch.no_grad():
         model.weight.fill_(3.0)
-    lookahead.update(model, decay=0.5)
+    lookahead.update(decay=0.5)
     assert torch.allclose(model.weight, torch.full((1, 2), 2.0))  # halfway between 1 and 3, copied back
     with torch.no_grad():
         model.weight.fill_(10.0)
-    lookahead.update(model, decay=1.0)
+    lookahead.update(decay=1.0)
     assert torch.allclose(model.weight, torch.full((1, 2), 2.0))  # decay 1: the model takes the average
 
 
@@ -324,7 +326,8 @@ def test_freezing_the_whitening_bias_skips_its_backward_and_changes_no_update():
     skipped: the same weights as giving it learning rate 0, for fewer FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cifarcnn.training.step import TrainStep, frozen_at
+    from cifarcnn.training.optimizers import frozen_at
+    from cifarcnn.training.step import TrainStep
 
     cfg = make_config({}, ["model=fastnet", "optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.05",
                            "optimizer.weight_decay=0.001"])

@@ -18,7 +18,8 @@ from cifarcnn.training import finetune
 from cifarcnn.training import train as train_module
 from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.finetune import Source, load_matching, start_from, train_mode, weights_digest
-from cifarcnn.training.step import TrainStep, build_optimizer, restored_afterwards
+from cifarcnn.training.optimizers import build_optimizer
+from cifarcnn.training.step import TrainStep, restored_afterwards
 from cifarcnn.training.train import train
 from cifarcnn.use.evaluate import evaluate
 from tests.conftest import FOLDER_CLASSES, write_image_folder

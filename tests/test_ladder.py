@@ -14,8 +14,11 @@ from cifarcnn.base.inference import Settings, infer
 from cifarcnn.cli import main
 from cifarcnn.data.images import to_model_input
 from cifarcnn.models.registry import build_model, count_parameters
+from cifarcnn.training.build import make_model
 from cifarcnn.training.checkpoint import load_checkpoint
-from cifarcnn.training.step import TrainStep, build_optimizer, learning_rate, make_model
+from cifarcnn.training.optimizers import build_optimizer
+from cifarcnn.training.schedule import learning_rate
+from cifarcnn.training.step import TrainStep
 
 from .conftest import write_cifar
 

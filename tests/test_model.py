@@ -52,7 +52,7 @@ def test_a_model_declares_nothing_unless_it_says_so():
 def test_the_trainer_initializes_a_model_from_as_many_images_as_it_asks_for(monkeypatch):
     from cifarcnn.base.config import make_config
     from cifarcnn.data.dataset import MEAN, STD, normalize_
-    from cifarcnn.training.step import make_model
+    from cifarcnn.training.build import make_model
 
     seen = []
 

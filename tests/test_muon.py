@@ -7,7 +7,7 @@ import torch.nn as nn
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.models.registry import build_model
-from cifarcnn.training.step import build_optimizer
+from cifarcnn.training.optimizers import build_optimizer
 from cifarcnn.training.train import train
 
 from .test_train import assert_resume_reproduces

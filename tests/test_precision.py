@@ -10,7 +10,8 @@ from cifarcnn.base import precision
 from cifarcnn.base.config import make_config
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.models.registry import build_model
-from cifarcnn.training.step import TrainStep, build_optimizer
+from cifarcnn.training.optimizers import build_optimizer
+from cifarcnn.training.step import TrainStep
 from cifarcnn.training.train import train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

@@ -11,7 +11,7 @@ from cifarcnn.base.config import make_config
 from cifarcnn.cli import main
 from cifarcnn.models.registry import build_model
 from cifarcnn.training.checkpoint import load_checkpoint
-from cifarcnn.training.step import build_optimizer
+from cifarcnn.training.optimizers import build_optimizer
 from cifarcnn.training.train import resume_config, train
 
 SMALL = ["epochs=1", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2",

@@ -12,7 +12,7 @@ from cifarcnn.base.config import Config, make_config
 from cifarcnn.base.errors import UserError
 from cifarcnn.cli import main
 from cifarcnn.training.checkpoint import load_checkpoint
-from cifarcnn.training.step import learning_rate
+from cifarcnn.training.schedule import learning_rate
 from cifarcnn.training.train import train
 from cifarcnn.use.evaluate import evaluate
 
@@ -149,7 +149,7 @@ def test_the_default_recipe_trains_with_its_declared_l2_decay_in_adam(trained_ru
 
 def test_l2_in_adam_moves_a_weight_without_loss_gradient_by_about_the_learning_rate():
     """Adam normalises the decay term with the gradient (L2); AdamW would shrink by lr x decay x weight only."""
-    from cifarcnn.training.step import build_optimizer
+    from cifarcnn.training.optimizers import build_optimizer
 
     model = torch.nn.Linear(4, 1, bias=False)
     with torch.no_grad():

@@ -64,7 +64,12 @@ def validation_mask(data: Dataset, cfg: DataConfig) -> torch.Tensor | None:
 def training_split(data: Dataset, cfg: DataConfig
                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """The (images, labels) to train on and the validation pair held out of them (None without validation)."""
-    mask = validation_mask(data, cfg)
+    return split_by_mask(data, validation_mask(data, cfg))
+
+
+def split_by_mask(data: Dataset, mask: torch.Tensor | None
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """`training_split` for a `validation_mask` already computed."""
     if mask is None:
         return (data.train_images, data.train_labels), None
     return (data.train_images[~mask], data.train_labels[~mask]), (data.train_images[mask], data.train_labels[mask])

@@ -73,8 +73,9 @@ class Dist:
                 dist.broadcast(buffer, 0)
 
     def wrap(self, model: nn.Module, sync_batchnorm: bool) -> nn.Module:
-        """The model to train: DistributedDataParallel (after converting BatchNorm to SyncBatchNorm when asked)
-        under torchrun, the model itself otherwise. The parameters are shared with `model` either way."""
+        """The model to train: DistributedDataParallel (after converting BatchNorm to SyncBatchNorm when
+        asked) under torchrun, the model itself otherwise. The parameters are shared with `model` either way.
+        """
         if not self.active:
             return model
         if sync_batchnorm:
@@ -107,7 +108,8 @@ def setup(device: str | None, sync_batchnorm: bool = False) -> tuple[Dist, torch
     if chosen.type not in ("cuda", "cpu"):
         raise UsageError(f"--device {device}: torchrun training runs on CUDA (nccl) or the CPU (gloo)")
     if sync_batchnorm and chosen.type != "cuda":
-        raise ConfigError("config key 'sync_batchnorm' needs CUDA: PyTorch's SyncBatchNorm does not run on the CPU")
+        raise ConfigError("config key 'sync_batchnorm' needs CUDA: PyTorch's SyncBatchNorm does not run on "
+                          "the CPU")
     # torchrun's rendezvous store outlives an elastic restart; a prefix per attempt keeps the restarted
     # processes from reading the dead ones' connection details.
     store, _, _ = next(dist.rendezvous("env://"))

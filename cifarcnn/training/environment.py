@@ -1,4 +1,5 @@
-"""What a run trained on: device, its name, CPU, library versions; appended to RUN/environment.json per (re)start."""
+"""What a run trained on: device, its name, CPU, library versions; appended to RUN/environment.json per
+(re)start."""
 
 from __future__ import annotations
 

@@ -1,11 +1,29 @@
-"""Where a run stands inside an epoch: the running sums and RNG states that a mid-epoch checkpoint carries, so a
-resumed epoch ends with the same metrics as an uninterrupted one."""
+"""Where a run stands inside an epoch: the running sums and RNG states that a mid-epoch checkpoint carries, so
+a resumed epoch ends with the same metrics as an uninterrupted one."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .distributed import Dist
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where an epoch begins: at its first step, in the order its seed gives, with zero sums; or where a
+    mid-epoch checkpoint left it (`start_from`)."""
+
+    step: int = 0
+    order: torch.Tensor | None = None  # the epoch's permutation of the training images
+    totals: dict | None = None  # this rank's running sums so far (EpochTotals)
+
+    @staticmethod
+    def start_from(checkpoint: dict, dist: Dist) -> EpochStart:
+        """The position a checkpoint saved: mid-epoch, or the start of the epoch after its last one."""
+        step = checkpoint.get("step", 0)
+        return EpochStart(step, checkpoint.get("order"), saved_totals(checkpoint, dist) if step else None)
 
 
 class EpochTotals:
@@ -41,8 +59,8 @@ class EpochTotals:
 
 
 def saved_totals(checkpoint: dict | None, dist: Dist) -> dict | None:
-    """This rank's share of a mid-epoch checkpoint's sums (one entry per rank): its own with the same number of
-    processes, else rank 0 carries the old ranks' sums and the others start from zero."""
+    """This rank's share of a mid-epoch checkpoint's sums (one entry per rank): its own with the same number
+    of processes, else rank 0 carries the old ranks' sums and the others start from zero."""
     saved = (checkpoint or {}).get("totals")
     if not saved:
         return None

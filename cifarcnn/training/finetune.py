@@ -1,11 +1,12 @@
-"""Fine-tuning: a new run whose model starts from a trained model's weights (`init_from`), then trains every layer
-(`finetune: all`) or only the classifier (`finetune: head`, a linear probe: the rest frozen, BatchNorm statistics
-included).
+"""Fine-tuning: a new run whose model starts from a trained model's weights (`init_from`), then trains every
+layer (`finetune: all`) or only the classifier (`finetune: head`, a linear probe: the rest frozen, BatchNorm
+statistics included).
 
-Every tensor whose name and shape match is copied, the data-initialised layers (FastNet's whitening) included;
-the classifier starts new when the classes differ (their number or their names). Inputs are normalised with the
-source model's mean and std (NORMALIZATION; measured against the new dataset's own in
-benchmarks/finetune_protocol.py, docs/finetune.md): the loaded layers keep seeing inputs scaled as in training.
+Every tensor whose name and shape match is copied, the data-initialized layers (FastNet's whitening) included;
+the classifier starts new when the classes differ (their number or their names). Inputs are normalized with
+the source model's mean and std (NORMALIZATION; measured against the new dataset's own in
+benchmarks/finetune_protocol.py, docs/finetune.md): the loaded layers keep seeing inputs scaled as in
+training.
 
 The run's split record keeps the pixel identities of the images the source model (and the models it started
 from) trained on, `source_train`: the split check counts a test image the source trained on as one the model
@@ -57,7 +58,7 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def open_source(cfg: Config) -> Source:
+def load_source(cfg: Config) -> Source:
     """The checkpoint `init_from` names, checked against the config's model; a mistake is a ConfigError."""
     try:
         path = resolve_checkpoint(cfg.init_from)
@@ -65,8 +66,8 @@ def open_source(cfg: Config) -> Source:
     except UserError as e:
         raise ConfigError(f"config key 'init_from': {e}") from None
     if checkpoint["model"] != cfg.model:
-        raise ConfigError(f"config key 'init_from': the checkpoint {path} holds a {checkpoint['model']}, the config "
-                          f"asks for {cfg.model}: set model={checkpoint['model']}")
+        raise ConfigError(f"config key 'init_from': the checkpoint {path} holds a {checkpoint['model']}, the "
+                          f"config asks for {cfg.model}: set model={checkpoint['model']}")
     return Source(path.resolve(), checkpoint)
 
 
@@ -77,11 +78,11 @@ def check_size(source: Source, data: Dataset, cfg: Config) -> None:
         return
     fix = (f"set data.image_size={theirs}" if cfg.data.dataset == "folder"
            else f"{data.name} images are {ours}x{ours}: start from a model trained at that size")
-    raise ConfigError(f"config key 'init_from': the checkpoint {source.path} was trained on {theirs}x{theirs} images, "
-                      f"the dataset gives {ours}x{ours}: {fix}")
+    raise ConfigError(f"config key 'init_from': the checkpoint {source.path} was trained on "
+                      f"{theirs}x{theirs} images, the dataset gives {ours}x{ours}: {fix}")
 
 
-def normalised_like(data: Dataset, checkpoint: dict, resumed: bool) -> Dataset:
+def normalized_like(data: Dataset, checkpoint: dict, resumed: bool) -> Dataset:
     """`data` with the mean and std a fine-tuning run uses: the source model's (`checkpoint`), unless
     NORMALIZATION says the dataset's own; on resume (`checkpoint` is the run's own) those it recorded."""
     if not resumed and NORMALIZATION != "source":
@@ -97,9 +98,10 @@ def head_names(model: nn.Module) -> set[str]:
 
 
 @torch.no_grad()
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], new_head: bool) -> tuple[list[str], list[str]]:
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], new_head: bool
+                  ) -> tuple[list[str], list[str]]:
     """Copy every tensor of `state` whose name and shape match the model's (the classifier's only when not
-    `new_head`); returns the names (loaded, left as initialised)."""
+    `new_head`); returns the names (loaded, left as initialized)."""
     head, loaded, new = head_names(model), [], []
     for name, tensor in model.state_dict().items():
         value = state.get(name)
@@ -111,9 +113,11 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], new_head: bo
     return loaded, new
 
 
-def start_from(model: nn.Module, source: Source, classes: list[str], cfg: Config, announce: bool = True) -> dict:
+def start_from(model: nn.Module, source: Source, classes: list[str], cfg: Config, announce: bool = True
+               ) -> dict:
     """Load the source weights into `model`, say what was loaded in one line, and return what the checkpoint
-    records: the source's path and weights digest, the fine-tuning mode, and the tensors loaded and made new."""
+    records: the source's path and weights digest, the fine-tuning mode, and the tensors loaded and made new.
+    """
     theirs = list(source.checkpoint["classes"])
     new_head = theirs != list(classes)
     loaded, new = load_matching(model, source.checkpoint["model_state"], new_head)
@@ -126,13 +130,13 @@ def start_from(model: nn.Module, source: Source, classes: list[str], cfg: Config
         print(f"init_from {source.path}: loaded {len(loaded)} of {len(loaded) + len(new)} tensors; new: "
               f"{', '.join(new) or 'none'}{why}; finetune: {cfg.finetune}; inputs normalised with "
               f"{norm} mean and std")
-    return {"path": str(source.path), "sha256": source.digest, "finetune": cfg.finetune, "loaded": len(loaded),
-            "new": new}
+    return {"path": str(source.path), "sha256": source.digest, "finetune": cfg.finetune,
+            "loaded": len(loaded), "new": new}
 
 
 def freeze_body(model: nn.Module) -> None:
-    """`finetune: head`: no gradient, hence no update, weight decay or optimizer state, for any parameter but the
-    classifier's."""
+    """`finetune: head`: no gradient, hence no update, weight decay or optimizer state, for any parameter but
+    the classifier's."""
     head = head_names(model)
     for name, p in model.named_parameters():
         if name not in head:
@@ -140,8 +144,8 @@ def freeze_body(model: nn.Module) -> None:
 
 
 def train_mode(model: nn.Module, cfg: Config) -> None:
-    """The model in training mode, except under `finetune: head`, where BatchNorm layers stay in eval mode: they
-    normalise with the loaded statistics and do not update them."""
+    """The model in training mode, except under `finetune: head`, where BatchNorm layers stay in eval mode:
+    they normalize with the loaded statistics and do not update them."""
     model.train()
     if cfg.init_from and cfg.finetune == "head":
         for module in model.modules():

@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM during training: note the signal, let the trainer finish its step and save, then exit."""
+"""SIGINT and SIGTERM during training: note the signal, let the trainer finish its step, save, then exit."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
-"""`optimizer.name: muon`: Muon (momentum orthogonalised by a Newton-Schulz iteration, Jordan et al. 2024) for the
-convolution filters, SGD (Nesterov if set) for every other parameter, in one optimizer object, as the
+"""`optimizer.name: muon`: Muon (momentum orthogonalized by a Newton-Schulz iteration, Jordan et al. 2024) for
+the convolution filters, SGD (Nesterov if set) for every other parameter, in one optimizer object, as the
 airbench94_muon recipe splits them. One object keeps the trainer unchanged: its parameter groups carry
 `lr_scale` and `until_epoch` like the other optimizers' (the schedule sets each group's lr), and its
 state_dict is what checkpoints save and exact resume loads.
 
-Why not `torch.optim.Muon`: it accepts only 2-D parameters (it raises on a 4-D conv weight), and it would need a
-second optimizer object for the other parameters, which the checkpoint, Lookahead, schedule and CUDA-graph code
-(each written for one optimizer) would all have to learn about. Reshaping views into it would still leave the
-second object. The orthogonalisation itself is a few lines, written here."""
+Why not `torch.optim.Muon`: it accepts only 2-D parameters (it raises on a 4-D conv weight), and it would need
+a second optimizer object for the other parameters, which the checkpoint, Lookahead, schedule and CUDA-graph
+code (each written for one optimizer) would all have to learn about. Reshaping views into it would still leave
+the second object. The orthogonalization itself is a few lines, written here."""
 
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 
 
-def orthogonalise(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     """An approximation of U V^T for a 2-D `g` = U S V^T: the same singular vectors, singular values near 1.
-    In fp32: the published bf16 iteration made a fast step 1.5-3% quicker on the Xeon with AMX, but fast's final
-    accuracy fell from a mean of 90.78% to 90.63% over the same 3 seeds (docs/presets.md)."""
+    The iteration runs in fp32 and returns `g`'s dtype (docs/presets.md compares the published bf16 one)."""
     a, b, c = NS_COEFFICIENTS
     x = g.float()
     tall = x.shape[0] > x.shape[1]
@@ -36,13 +35,13 @@ def orthogonalise(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
 
 
 class MuonSGD(torch.optim.Optimizer):
-    """Groups with `muon: True` (4-D conv filters): momentum (Nesterov if `nesterov`), the result orthogonalised as
-    an (out_channels, in_channels x kh x kw) matrix and scaled by sqrt(max(1, rows / cols)); before each step the
-    filter is rescaled to norm sqrt(out_channels), as the published recipe does, in place of weight decay (every
-    conv here feeds a BatchNorm, so a filter's scale only sets its effective learning rate). Other groups: exactly
-    torch.optim.SGD with dampening 0 (L2 decay added to the gradient, then momentum, Nesterov if set). Each group
-    has its own momentum. The learning rate may be a device tensor (CUDA graph replay), so it only ever multiplies
-    tensors."""
+    """Groups with `muon: True` (4-D conv filters): momentum (Nesterov if `nesterov`), the result
+    orthogonalized as an (out_channels, in_channels x kh x kw) matrix and scaled by sqrt(max(1, rows / cols));
+    before each step the filter is rescaled to norm sqrt(out_channels), as the published recipe does, in place
+    of weight decay (every conv here feeds a BatchNorm, so a filter's scale only sets its effective learning
+    rate). Other groups: exactly torch.optim.SGD with dampening 0 (L2 decay added to the gradient, then
+    momentum, Nesterov if set). Each group has its own momentum. The learning rate may be a device tensor
+    (CUDA graph replay), so it only ever multiplies tensors."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -71,7 +70,7 @@ class MuonSGD(torch.optim.Optimizer):
                 if group["muon"]:
                     matrix = d.reshape(d.shape[0], -1)
                     scale = max(1.0, matrix.shape[0] / matrix.shape[1]) ** 0.5
-                    d = orthogonalise(matrix).reshape(d.shape) * scale
+                    d = orthogonalize(matrix).reshape(d.shape) * scale
                     p.mul_(p.shape[0] ** 0.5 / (p.norm() + 1e-12))
                 p.sub_(d * lr)
         return loss
