@@ -122,8 +122,8 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
     from .base.device import select_device
     from .base.plots import save_image_grid
     from .data.dataset import denormalize
-    from .data.datasets import load_dataset
     from .data.loader import Loader, training_split
+    from .data.sources import load_dataset
 
     cfg = config_from_args(args)
     device = select_device(args.device)
@@ -142,7 +142,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
     from .base.model import build_model, count_parameters
-    from .data.datasets import dataset_shape
+    from .data.sources import dataset_shape
 
     cfg = config_from_args(args)
     num_classes, image_size = dataset_shape(cfg.data)

@@ -8,8 +8,8 @@ JPEG re-encoding changes pixels (quality 95 by default); --format png keeps them
 The other options make a folder like a user's: --grey writes grey-scale pictures (ITU-R 601-2 luma, Pillow's
 "L" mode), --size shrinks them to SxS, --black-below sets every pixel under V to 0 (a plain black background),
 --train-count keeps the first N training images, --no-test writes no test/ folder (the loader then holds out
-data.test_fraction of the images). The issue-19 reproduction: --grey --size 8 --black-below 110
---train-count 3000 --no-test --format png.
+data.test_fraction of the images). The folder benchmarks/own_folder.sh trains on: --grey --size 8
+--black-below 110 --train-count 3000 --no-test --format png.
 """
 
 from __future__ import annotations

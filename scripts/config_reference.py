@@ -22,8 +22,8 @@ import typing
 from pathlib import Path
 from types import ModuleType
 
-# The one place that names the config module (it becomes "cifarcnn.base.config" when the package moves into
-# subfolders). The model registry is read from the `model` module of the same package.
+# The one place that names the config module.
+# The model registry is read from the `model` module of the same package.
 CONFIG_MODULE = "cifarcnn.base.config"
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ from cifarcnn.base.plots import save_confusion_matrix
 from cifarcnn.cli import main
 from cifarcnn.data import splits
 from cifarcnn.data.dataset import MEAN, STD
-from cifarcnn.data.datasets import checkpoint_dataset, load_dataset
 from cifarcnn.data.images import load_image, walk_images
 from cifarcnn.data.loader import Loader, validation_mask
+from cifarcnn.data.sources import checkpoint_dataset, load_dataset
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 from .conftest import FOLDER_CLASSES, write_image_folder
@@ -63,8 +63,8 @@ def test_evaluate_and_predict_use_the_checkpoints_dataset(folder_run, tmp_path, 
         assert predicted["accuracy"]["per_class"][name]["accuracy"] == pytest.approx(acc)
 
 
-def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
-    """The probabilities predict reports are the model's on the loader's input, not on 32x32 CIFAR-normalised."""
+def test_predict_shrinks_and_normalizes_as_the_run_was_trained(folder_run):
+    """The probabilities predict reports are the model's on the loader's input, not on 32x32 CIFAR-normalized."""
     from cifarcnn.use.predict import predict_files
 
     run_dir, pictures = folder_run
@@ -209,7 +209,7 @@ def test_a_100_class_confusion_matrix_renders_without_cell_numbers(tmp_path):
 
 
 def test_predict_on_the_command_line_uses_the_runs_size_mean_and_std(folder_run, tmp_path):
-    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalised with the
+    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalized with the
     run's mean and std (a predict using CIFAR's 32x32 or mean/std gives other ones)."""
     run_dir, pictures = folder_run
     checkpoint = load_checkpoint(run_dir / "best.pt")

@@ -61,7 +61,7 @@ def test_metadata_documents_classes_and_preprocessing(exported):
     assert "32x32" in meta["preprocessing"] and "/ 255" in meta["preprocessing"]
     assert meta["architecture"] == "simple_cnn"
     assert "bare network" in meta["test_time_augmentation"] and "tta 0" in meta["test_time_augmentation"]
-    assert "normalised" in model.doc_string
+    assert "normalized" in model.doc_string
     onnx.checker.check_model(model)
 
 

@@ -18,6 +18,7 @@ from .storage import atomic_write_text
 
 CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
 DATASETS = ("cifar10", "cifar100", "folder")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -85,7 +86,7 @@ class Config:
     label_smoothing: float = _field(0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes
     tta: int = _field(0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
     compile: bool = False  # torch.compile the model (warm-up is done before training starts)
-    precision: str = _field("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on CUDA and bf16 CPUs, else fp32
+    precision: str = _field("auto", choices=PRECISIONS)  # auto: bf16 on CUDA and bf16 CPUs, else fp32
     ema_decay: float = _field(0.0, lo=0, hi=1, hi_open=True)  # > 0: validate, test and save a weight average (EMA)
     checkpoint_every_steps: int = _field(0, lo=0)  # also save last.pt every N optimizer steps mid-epoch; 0: off
     sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch

@@ -1,5 +1,5 @@
 """The one inference path: `evaluate`, `predict`, the trainer's validation, `bench` and the ONNX export's check all
-turn a batch of normalised images into logits here.
+turn a batch of normalized images into logits here.
 
 A checkpoint is run with its config's test-time augmentation (`tta`) and the precision its config resolves to on
 this machine (bf16 autocast or fp32, `precision.choose`). Each TTA view's logits are cast to fp32 before the views
@@ -103,14 +103,14 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
 
 @torch.inference_mode()
 def infer(model: nn.Module, x: torch.Tensor, settings: Settings) -> torch.Tensor:
-    """Float32 logits of `model` (in eval mode) for a batch of normalised images, with the settings' TTA views
+    """Float32 logits of `model` (in eval mode) for a batch of normalized images, with the settings' TTA views
     (mirrored ones only with `settings.mirror`), under bf16 autocast when its precision is "bf16"."""
     with autocast(x.device, settings.precision):
         return tta_logits(model, x, settings.tta, settings.mirror)
 
 
 class Batches(Protocol):
-    """What `predict_logits` reads: a sized iterable of (normalised images, labels), such as `data.loader.Loader`."""
+    """What `predict_logits` reads: a sized iterable of (normalized images, labels), such as `data.loader.Loader`."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 

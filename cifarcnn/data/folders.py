@@ -36,7 +36,7 @@ CACHE_DIR = ".cifarcnn-cache"
 CACHE_VERSION = 1
 MAX_LISTED = 20  # unreadable files listed by name; any more are counted
 # Bytes per pixel of a training image while it is used: 1 as the stored uint8 image, about 10 more for one epoch's
-# gathered, augmented and normalised float32 copies.
+# gathered, augmented and normalized float32 copies.
 TRAIN_BYTES_PER_PIXEL = 11
 
 

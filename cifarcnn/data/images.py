@@ -3,7 +3,7 @@
 Preprocessing (the same for every file, in `predict` and for folder datasets): decode the first frame, apply the
 EXIF orientation, flatten transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not
 clipped), crop the largest centred square, resize it to the model's image size (32x32 for CIFAR) with Pillow's
-antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalises with the dataset's mean/std
+antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalizes with the dataset's mean/std
 exactly as the training and test loaders do.
 """
 
@@ -172,7 +172,7 @@ def read_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | N
 
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
                    mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with `mean` and `std` (the checkpoint's dataset's;
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalized with `mean` and `std` (the checkpoint's dataset's;
     default CIFAR-10's), the same arithmetic as `data.Loader`."""
     x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).contiguous()
     return normalize_(x.float().div_(255), mean, std)

@@ -1,8 +1,8 @@
 """The train/validation split and the Loader serving batches, with its augmentation.
 
 The whole dataset lives as one uint8 tensor on the training device. Batches are picked, augmented
-(flip, padded crop, brightness/contrast jitter, cutout, independent parameters per image) and normalised there
-with a few vectorised ops, a whole epoch at a time. Randomness is keyed by (seed, epoch), so any batch of
+(flip, padded crop, brightness/contrast jitter, cutout, independent parameters per image) and normalized there
+with a few vectorized ops, a whole epoch at a time. Randomness is keyed by (seed, epoch), so any batch of
 any epoch can be reproduced without replaying the epochs before it.
 """
 
@@ -16,18 +16,6 @@ from ..base.config import AugmentConfig, DataConfig
 from ..base.errors import ConfigError
 from .dataset import MEAN, STD, Dataset, normalize_
 from .splits import hash_held_out
-
-
-def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
-                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """A random (train, val) split of the training set, the same for the same seed."""
-    n = len(images)
-    if not 0 < val_size < n:
-        raise ConfigError(f"config key 'data.val_size' is {val_size}, but it must be between 1 and the "
-                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
-    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 
 def val_count(val_size: int | float | str, n: int) -> int:
@@ -124,7 +112,7 @@ def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """Floats in [0, 1] with one `size` x `size` square per image, at a random position wholly inside it, set to
-    the dataset's mean colour, which normalisation maps to zero (as the published method zeroes normalised
+    the dataset's mean colour, which normalization maps to zero (as the published method zeroes normalized
     pixels)."""
     n, c, h, w = x.shape
     size = min(size, h, w)
@@ -155,10 +143,10 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 
 
 class Loader:
-    """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set, normalised
+    """Shuffled, normalized batches from uint8 images kept on `device`; augmented when `augment` is set, normalized
     with the dataset's `mean` and `std` (default CIFAR-10's).
 
-    Each epoch's images are gathered, augmented and normalised at its start in a few vectorised ops, and its
+    Each epoch's images are gathered, augmented and normalized at its start in a few vectorized ops, and its
     batches are slices of that one tensor: no work per batch beyond a view, so a GPU never waits on launches.
 
     `epoch(e, start_step)` is a pure function of (seed, e): the same batches, augmented the same way, whether an

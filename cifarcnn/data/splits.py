@@ -1,17 +1,17 @@
-"""Which side of a folder dataset's split (training, validation or test) each image is on, what a checkpoint records
-of the split, and how the split changed since a checkpoint was trained.
+"""Which side of a folder dataset's split (training, validation or test) each image is on, what a checkpoint
+records of the split, and how the split changed since a checkpoint was trained.
 
 A folder image's side follows from its own path relative to the dataset root, never from its position in a list:
-a blake2b hash keyed with `data.split_seed` (personalised per split, "test" or "val") maps the path to a number u
-in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files therefore never
-moves an image to another side. The one exception keeps every class trainable: when every image of a class would be
-held out, the one with the largest u stays on the training side.
+a blake2b hash keyed with `data.split_seed` (personalized per split, "test" or "val") maps the path to a number u
+in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files therefore
+never moves an image to another side. The one exception keeps every class trainable: when every image of a class
+would be held out, the one with the largest u stays on the training side.
 
-Each class is split by its own images' hashes, so its held-out share is that of independent coin flips: for a class
-of n images and a fraction f, the held-out count lies within TOLERANCE_SIGMAS x sqrt(n f (1 - f)) + 1 of n f (the
-stated tolerance; outside it with a probability below 1 in 10,000 per class).
+Each class is split by its own images' hashes, so its held-out count is that of independent coin flips (within the
+tolerance docs/datasets.md states).
 
-CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and digests.
+CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and
+digests.
 
 A test accuracy never counts a test image the model trained on (by its path or by its pixels):
 `train --test` and `evaluate` both take their test images from `untrained_test`, so they count the same.
@@ -27,7 +27,6 @@ import torch
 
 from .dataset import DataError, Dataset
 
-TOLERANCE_SIGMAS = 4
 SCHEME = "blake2b-path-v1"
 
 
@@ -50,11 +49,6 @@ def hash_held_out(keys: list[str] | tuple[str, ...], labels: np.ndarray, fractio
     return held
 
 
-def within_tolerance(count: int, n: int, fraction: float) -> bool:
-    """Whether a class of `n` images with `count` held out is within the stated tolerance of `fraction`."""
-    return abs(count - n * fraction) <= TOLERANCE_SIGMAS * (n * fraction * (1 - fraction)) ** 0.5 + 1
-
-
 def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
     """An int64 identity per relative path."""
     return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, person=b"id").digest(), "big",
@@ -63,7 +57,7 @@ def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
 
 def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """An int64 identity per image from its decoded uint8 pixels, laid out (N, 3, S, S) as a Dataset holds
-    them: the same picture under another name is recognised."""
+    them: the same picture under another name is recognized."""
     array = images.numpy() if isinstance(images, torch.Tensor) else images
     array = np.ascontiguousarray(array)
     return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)

@@ -27,8 +27,8 @@ from ..base.errors import ConfigError
 from ..base.inference import predict_logits, settings_for
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
-from ..data.datasets import load_dataset
 from ..data.loader import Loader, training_split
+from ..data.sources import load_dataset
 from ..training.step import CHANNELS_LAST, TrainStep, build_optimizer, make_model, sync, warm_up
 
 

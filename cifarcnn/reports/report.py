@@ -13,7 +13,7 @@ from ..base.errors import UsageError, UserError
 from ..base.plots import ANNOTATED_CLASSES, training_curve_pngs
 from ..base.storage import atomic_write_text
 from ..data.dataset import DataError
-from ..data.datasets import dataset_of_checkpoint
+from ..data.sources import dataset_of_checkpoint
 from ..data.splits import SCHEME, compare_split
 from ..training.checkpoint import load_checkpoint
 from ..training.environment import read_sessions

@@ -28,7 +28,7 @@ from ..base.config import Config
 from ..base.errors import ConfigError, UserError
 from ..base.model import ClassifierHead
 from ..data.dataset import Dataset
-from ..data.datasets import checkpoint_dataset
+from ..data.sources import checkpoint_dataset
 from ..data.splits import SCHEME
 from .checkpoint import load_checkpoint, resolve_checkpoint
 

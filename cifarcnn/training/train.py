@@ -29,8 +29,8 @@ from ..base.errors import ConfigError, UsageError, UserError
 from ..base.inference import Settings, predict_logits, settings_for, tta_views
 from ..base.progress import Progress
 from ..base.storage import atomic_write_text, ensure_writable_dir, remove_stale_temp_files
-from ..data.datasets import load_dataset
 from ..data.loader import Loader, validation_mask
+from ..data.sources import load_dataset
 from ..data.splits import compare_split, split_record, untrained_test
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .distributed import Dist

@@ -13,8 +13,8 @@ from ..base.inference import Settings, checkpoint_settings, predict_logits
 from ..base.plots import save_confusion_matrix, save_image_grid
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
-from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
 from ..data.loader import Loader
+from ..data.sources import checkpoint_dataset, dataset_of_checkpoint
 from ..data.splits import SplitChange, compare_split, untrained_test
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
@@ -36,11 +36,10 @@ def confusion_count(num_classes: int) -> int:
     return 5 if num_classes <= 20 else 15
 
 
-def _print_results(matrix: np.ndarray, classes: list[str]) -> None:
+def _print_results(matrix: np.ndarray, per_class: np.ndarray, classes: list[str]) -> None:
     """The per-class table, best class first (classes without test images last), then the most frequent
     confusions."""
     totals = matrix.sum(1)
-    per_class = matrix.diagonal() / np.maximum(totals, 1)
     width = max(12, max(map(len, classes)) + 2)
     print(f"{'class':<{width}}{'accuracy':>10}{'correct':>10}{'total':>8}")
     for i in sorted(range(len(classes)), key=lambda i: (not totals[i], -per_class[i])):
@@ -80,7 +79,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     accuracy = float(matrix.diagonal().sum() / matrix.sum())
     _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"], change)
-    _print_results(matrix, classes)
+    _print_results(matrix, per_class, classes)
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{info['dataset']} test confusion matrix (accuracy {accuracy:.2%})")

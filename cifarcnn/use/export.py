@@ -19,7 +19,7 @@ from ..base.errors import UserError
 from ..base.inference import TTA_RECIPE, TTA_RECIPE_NO_MIRROR, Settings, infer, tta_views
 from ..base.storage import atomic_write
 from ..data.dataset import MEAN, STD, DataError, normalize_
-from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
+from ..data.sources import checkpoint_dataset, dataset_of_checkpoint
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
@@ -60,7 +60,7 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
         "std": json.dumps(list(info["std"])),
         "image_size": str(size),
         "dataset": info["dataset"],
-        "input": f"input: float32 (batch, 3, {size}, {size}), RGB, normalised: (pixel / 255 - mean) / std per "
+        "input": f"input: float32 (batch, 3, {size}, {size}), RGB, normalized: (pixel / 255 - mean) / std per "
                  f"channel",
         "output": "logits: float32 (batch, num_classes); softmax over axis 1 gives probabilities, index i is "
                   "classes[i]",
@@ -189,6 +189,6 @@ def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = No
     atomic_write(output, lambda f: f.write(onnx_bytes))
     size = checkpoint_dataset(checkpoint)["image_size"]
     print(f"wrote {output} ({len(onnx_bytes) / 1e6:.1f} MB; input 'input' float32 (batch, 3, {size}, {size}) "
-          f"normalised with the training data's mean/std, output 'logits' (batch, {checkpoint['num_classes']}); "
+          f"normalized with the training data's mean/std, output 'logits' (batch, {checkpoint['num_classes']}); "
           f"classes, mean, std and preprocessing are in the model metadata)")
     return result

@@ -24,8 +24,8 @@ from ..base.inference import Settings, checkpoint_settings, infer
 from ..base.progress import bar_disabled
 from ..base.storage import atomic_write_json, atomic_write_text
 from ..data.dataset import MEAN, STD
-from ..data.datasets import checkpoint_dataset
 from ..data.images import SIZE, find_images, read_image, to_model_input
+from ..data.sources import checkpoint_dataset
 from ..data.splits import SCHEME, path_ids, pixel_ids
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
@@ -105,7 +105,7 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
                   image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
                   std: tuple[float, ...] = STD) -> list[FileResult]:
     """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
-    could not be read. Images are shrunk to `image_size` and normalised with `mean` and `std`, as the model was
+    could not be read. Images are shrunk to `image_size` and normalized with `mean` and `std`, as the model was
     trained (default: CIFAR-10)."""
     model.eval()
     results = [FileResult(path) for path in files]

@@ -471,7 +471,7 @@ def serve(target: str | Path, options: ServeOptions, *, device: str | None = Non
     loaded = load_model(target, device, tta)
     if loaded.device.type == "cpu":
         # The forward pass shares the CPU with the event loop and the decoders; with every core in torch's pool
-        # they contend (2-core Xeon, quick model, 16 clients: 201 requests/s with 2 threads, 307 with 1).
+        # they contend (docs/serve.md).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     server, sock, _ = make_server(loaded, options)
     host, port = sock.getsockname()[:2]

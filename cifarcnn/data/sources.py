@@ -1,5 +1,6 @@
-"""The dataset a config names (`data.dataset`: cifar10, cifar100 or folder), loaded as one `data.Dataset`, and the
-dataset description a checkpoint carries (classes, mean, std, image size), with CIFAR-10's for older checkpoints."""
+"""Which source a dataset comes from: the one a config names (`data.dataset`: cifar10, cifar100 or folder),
+loaded as one `data.Dataset`, and the one a checkpoint was trained on, with the description it carries (classes,
+mean, std, image size; CIFAR-10's for older checkpoints)."""
 
 from __future__ import annotations
 
