@@ -18,7 +18,8 @@ PRESET_HELP = "a packaged recipe (list: cifarcnn presets), e.g. fast; seed is th
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """--config FILE, else --preset NAME, else ./config.yaml when the current folder has one, else the seed preset."""
+    """--config FILE, else --preset NAME, else ./config.yaml when the current folder has one, else the seed
+    preset."""
     if args.config is not None and args.preset is not None:
         raise UsageError("give either --config or --preset, not both")
     if args.config is not None:
@@ -173,7 +174,8 @@ def _with_data(p: argparse.ArgumentParser) -> None:
 
 
 def _config_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    """A subcommand that reads a config: KEY=VALUE overrides, --config, --preset, and the presets in its help."""
+    """A subcommand that reads a config: KEY=VALUE overrides, --config, --preset, and the presets in its
+    help."""
     epilog = (f"presets (--preset NAME):\n{textwrap.indent(presets_table() or '(none installed)', '  ')}\n\n"
               "config: --config FILE, else --preset NAME, else ./config.yaml when the current folder has one,\n"
               "else the seed preset; KEY=VALUE overrides apply on top")

@@ -1,11 +1,11 @@
 """Write docs/config.md, the config reference, from the config dataclasses.
 
-Every key (dotted for the nested sections: `data.val_size`, `optimizer.lr`) with its type, default, allowed range or
-values (the `_field(default, lo=..., hi=..., lo_open=..., hi_open=..., choices=...)` limits) and the trailing
-`# comment` of its line in the module's source.
+Every key (dotted for the nested sections: `data.val_size`, `optimizer.lr`) with its type, default, allowed
+range or values (the `_field(default, lo=..., hi=..., lo_open=..., hi_open=..., choices=...)` limits) and the
+trailing `# comment` of its line in the module's source.
 
     python scripts/config_reference.py            # (re)write docs/config.md
-    python scripts/config_reference.py --check    # exit 1 when docs/config.md differs from what would be written
+    python scripts/config_reference.py --check    # exit 1 when docs/config.md is out of date
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def model_names(module: ModuleType) -> list[str]:
 
 
 def trailing_comments(source: str) -> dict[tuple[str, str], str]:
-    """(class name, field name) -> the comment that ends the field's line, for the annotated fields of each class."""
+    """(class name, field name) -> the comment that ends the field's line, for the annotated fields of each
+    class."""
     comments = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
@@ -174,7 +175,8 @@ def section_rows(cls: type, prefix: str, comments: dict, models: list[str]) -> t
 
 
 def render(module: ModuleType | None = None, source: str | None = None) -> str:
-    """The page's text, from the module's dataclasses (and its source, for the comments: `source` replaces it)."""
+    """The page's text, from the module's dataclasses (and its source, for the comments: `source` replaces
+    it)."""
     module = module or config_module()
     source = source if source is not None else inspect.getsource(module)
     comments = trailing_comments(source)

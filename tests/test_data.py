@@ -295,8 +295,9 @@ def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
 
 @pytest.mark.parametrize("kind", ["brightness", "contrast"])
 def test_brightness_and_contrast_factors_stay_within_their_range(kind):
-    """Images built so that each image's factor can be read back: brightness scales a flat grey image, contrast
-    moves a two-tone image (all channels alike, so its grey level is its mean) toward or away from its mean."""
+    """Images built so that each image's factor can be read back: brightness scales a flat grey image,
+    contrast moves a two-tone image (all channels alike, so its grey level is its mean) toward or away from
+    its mean."""
     spread, n = 0.3, 2000
     image = torch.full((n, 3, 32, 32), 64, dtype=torch.uint8)
     if kind == "contrast":
@@ -312,8 +313,9 @@ def test_brightness_and_contrast_factors_stay_within_their_range(kind):
 
 
 def test_normalization_constants_and_archive_md5_are_the_official_ones(tmp_path):
-    # The CIFAR-10 training set's per-channel mean and std (tests/test_integration.py measures them on the real
-    # copy), and the MD5 of cifar-10-python.tar.gz published on https://www.cs.toronto.edu/~kriz/cifar.html.
+    # The CIFAR-10 training set's per-channel mean and std (tests/test_integration.py measures them on the
+    # real copy), and the MD5 of cifar-10-python.tar.gz published on
+    # https://www.cs.toronto.edu/~kriz/cifar.html.
     assert MEAN == (0.4914, 0.4822, 0.4465) and STD == (0.2470, 0.2435, 0.2616)
     assert MD5 == "c58f30108f718f92721af3b95e74349a"
     make_archive(tmp_path)  # not the official archive: refused by default

@@ -1,5 +1,6 @@
-"""Every command on CIFAR-100 and on a folder dataset: checkpoints carry classes, mean, std and image size, and
-evaluate, predict, export and report use them without extra flags; checkpoints from before keep working."""
+"""Every command on CIFAR-100 and on a folder dataset: checkpoints carry classes, mean, std and image size,
+and evaluate, predict, export and report use them without extra flags; checkpoints from before keep
+working."""
 
 import json
 import re
@@ -64,7 +65,8 @@ def test_evaluate_and_predict_use_the_checkpoints_dataset(folder_run, tmp_path, 
 
 
 def test_predict_shrinks_and_normalizes_as_the_run_was_trained(folder_run):
-    """The probabilities predict reports are the model's on the loader's input, not on 32x32 CIFAR-normalized."""
+    """The probabilities predict reports are the model's on the loader's input, not on 32x32
+    CIFAR-normalized."""
     from cifarcnn.use.predict import predict_files
 
     run_dir, pictures = folder_run
@@ -209,8 +211,8 @@ def test_a_100_class_confusion_matrix_renders_without_cell_numbers(tmp_path):
 
 
 def test_predict_on_the_command_line_uses_the_runs_size_mean_and_std(folder_run, tmp_path):
-    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalized with the
-    run's mean and std (a predict using CIFAR's 32x32 or mean/std gives other ones)."""
+    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalized
+    with the run's mean and std (a predict using CIFAR's 32x32 or mean/std gives other ones)."""
     run_dir, pictures = folder_run
     checkpoint = load_checkpoint(run_dir / "best.pt")
     info = checkpoint_dataset(checkpoint)

@@ -339,8 +339,8 @@ def test_the_split_check_counts_sides_changed_new_gone_and_copies(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
 def test_hash_split_is_stratified_within_the_stated_tolerance(fraction):
-    """Classes of 1 to 1,000 images under 30 seeds: each class's held-out count within the tolerance docs/datasets.md
-    states, and never a class without a training image."""
+    """Classes of 1 to 1,000 images under 30 seeds: each class's held-out count within the tolerance
+    docs/datasets.md states, and never a class without a training image."""
     sizes = [1, 2, 3, 5, 10, 24, 50, 100, 300, 1000]
     labels = np.repeat(np.arange(len(sizes)), sizes)
     keys = [f"train/c{c}/img_{i}.png" for c, n in enumerate(sizes) for i in range(n)]

@@ -103,7 +103,8 @@ def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(export
 
 
 def perturbed_export(monkeypatch):
-    """Make `export` write a model whose classifier bias differs from the checkpoint's, so its check must fail."""
+    """Make `export` write a model whose classifier bias differs from the checkpoint's, so its check must
+    fail."""
     import cifarcnn.use.export
 
     real = cifarcnn.use.export.to_onnx_bytes

@@ -1,4 +1,5 @@
-"""`cifarcnn predict`: batches of real files, error records for bad ones, outputs, accuracy from folder labels."""
+"""`cifarcnn predict`: batches of real files, error records for bad ones, outputs, accuracy from folder
+labels."""
 
 import csv
 import json
@@ -35,8 +36,8 @@ def png_test_set(cifar_root, tmp_path_factory):
 
 
 def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
-    """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's own
-    precision, as evaluate computes them."""
+    """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's
+    own precision, as evaluate computes them."""
     checkpoint = load_checkpoint(run_dir / "best.pt")
     settings = settings_for({"precision": checkpoint["config"]["precision"], "tta": tta}, torch.device("cpu"))
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
@@ -46,7 +47,8 @@ def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
 
 
 def assert_records_match(records: list[dict], data, probabilities: torch.Tensor) -> None:
-    """Each file's label and top-1 class and probability are those of the same test image's `probabilities`."""
+    """Each file's label and top-1 class and probability are those of the same test image's
+    `probabilities`."""
     assert len(records) == len(data.test_labels)
     for record in records:
         n = int(record["path"].rsplit("/", 1)[1].split(".")[0])

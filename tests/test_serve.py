@@ -1,4 +1,5 @@
-"""`cifarcnn serve`: the same answers as `cifarcnn predict`, batching, bad input, the token, stopping, the page."""
+"""`cifarcnn serve`: the same answers as `cifarcnn predict`, batching, bad input, the token, stopping, the
+page."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Typed configuration: dataclasses, YAML files, the packaged presets and `key=value` overrides, validated in one
-place."""
+"""Typed configuration: dataclasses, YAML files, the packaged presets and `key=value` overrides, validated in
+one place."""
 
 from __future__ import annotations
 

@@ -18,8 +18,8 @@ KEEP_FREED_MEMORY = "CIFARCNN_KEEP_FREED_MEMORY"  # 1 (the default) or 0: leave 
 
 
 def select_device(name: str | None = None) -> torch.device:
-    """The requested device, else cuda, then mps, then cpu; with cuDNN's autotuner on for CUDA (results on a GPU
-    are not bit-for-bit reproducible anyway, and fixed batch shapes make the tuning pay off at once)."""
+    """The requested device, else cuda, then mps, then cpu; with cuDNN's autotuner on for CUDA (results on a
+    GPU are not bit-for-bit reproducible anyway, and fixed batch shapes make the tuning pay off at once)."""
     device = _pick(name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -1,4 +1,5 @@
-"""PNG figures: labelled image grids, the confusion-matrix heatmap and training curves (matplotlib, headless)."""
+"""PNG figures: labelled image grids, the confusion-matrix heatmap and training curves (matplotlib,
+headless)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its count; bey
 
 
 def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
-    """Rows are true classes, columns predicted. Up to ANNOTATED_CLASSES classes each cell is annotated with its
-    count; with more the figure stops growing, the labels shrink and a square-root colour scale keeps the rarer
-    confusions visible next to the diagonal."""
+    """Rows are true classes, columns predicted. Up to ANNOTATED_CLASSES classes each cell is annotated with
+    its count; with more the figure stops growing, the labels shrink and a square-root colour scale keeps the
+    rarer confusions visible next to the diagonal."""
     k = len(classes)
     annotated = k <= ANNOTATED_CLASSES
     side = 0.75 * k if annotated else 14.0

@@ -20,8 +20,8 @@ class DataError(UserError):
 
 @dataclass
 class Dataset:
-    """What every dataset ends as: uint8 images (N, 3, S, S) and int64 labels, its class names, the per-channel
-    mean and std its images are normalized with, and a name for titles and checkpoints."""
+    """What every dataset ends as: uint8 images (N, 3, S, S) and int64 labels, its class names, the
+    per-channel mean and std its images are normalized with, and a name for titles and checkpoints."""
 
     train_images: torch.Tensor  # (N, 3, S, S) uint8
     train_labels: torch.Tensor  # (N,) int64

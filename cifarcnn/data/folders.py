@@ -1,13 +1,14 @@
-"""Folder datasets: labelled image files in DIR/train/<class>/... and DIR/test/<class>/... (any depth below a class
-folder, the formats `predict` reads), turned into the same uint8 Dataset as CIFAR.
+"""Folder datasets: labelled image files in DIR/train/<class>/... and DIR/test/<class>/... (any depth below a
+class folder, the formats `predict` reads), turned into the same uint8 Dataset as CIFAR.
 
-Each file goes through predict's preprocessing (`images.load_image`) to `data.image_size`, once: files are decoded
-in parallel into a cache (DIR/.cifarcnn-cache/images-SIZE.npz, or the user's cache folder when DIR is read-only)
-keyed by their paths, sizes and modification times, so a later run decodes only new or changed files. Unreadable
-files are listed and left out, and tried again on the next run. Without test/, `data.test_fraction` of each class is
-held out as the test set by a keyed hash of each file's path (splits.py), so files added, removed or renamed never
-move another image to the other side. Mean and std come from the training images. The memory the dataset needs is
-estimated, and checked against the device's, before anything is decoded.
+Each file goes through predict's preprocessing (`images.load_image`) to `data.image_size`, once: files are
+decoded in parallel into a cache (DIR/.cifarcnn-cache/images-SIZE.npz, or the user's cache folder when DIR is
+read-only) keyed by their paths, sizes and modification times, so a later run decodes only new or changed
+files. Unreadable files are listed and left out, and tried again on the next run. Without test/,
+`data.test_fraction` of each class is held out as the test set by a keyed hash of each file's path
+(splits.py), so files added, removed or renamed never move another image to the other side. Mean and std come
+from the training images. The memory the dataset needs is estimated, and checked against the device's, before
+anything is decoded.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from .splits import hash_held_out
 CACHE_DIR = ".cifarcnn-cache"
 CACHE_VERSION = 1
 MAX_LISTED = 20  # unreadable files listed by name; any more are counted
-# Bytes per pixel of a training image while it is used: 1 as the stored uint8 image, about 10 more for one epoch's
-# gathered, augmented and normalized float32 copies.
+# Bytes per pixel of a training image while it is used: 1 as the stored uint8 image, about 10 more for one
+# epoch's gathered, augmented and normalized float32 copies.
 TRAIN_BYTES_PER_PIXEL = 11
 
 
@@ -118,9 +119,9 @@ def _available_bytes(device: torch.device | None) -> int | None:
 
 
 def memory_needed(num_images: int, num_train: int, size: int, device: torch.device | None) -> int:
-    """Bytes the dataset needs on `device`: the uint8 images plus an epoch's float copies of the training images;
-    in host memory while decoding (device None), about three uint8 copies (decoded, cached, rearranged). On the CPU
-    both happen in the same memory, so the larger counts."""
+    """Bytes the dataset needs on `device`: the uint8 images plus an epoch's float copies of the training
+    images; in host memory while decoding (device None), about three uint8 copies (decoded, cached,
+    rearranged). On the CPU both happen in the same memory, so the larger counts."""
     pixels = 3 * size * size
     decoding = 3 * pixels * num_images
     if device is None:
@@ -151,13 +152,15 @@ def check_memory(num_images: int, num_train: int, size: int, device: torch.devic
 # --------------------------------------------------------------------------- decoding and the cache
 
 def _cache_dirs(root: Path) -> list[Path]:
-    """Where the cache may live: inside the dataset folder, else (read-only folder) in the user's cache folder."""
+    """Where the cache may live: inside the dataset folder, else (read-only folder) in the user's cache
+    folder."""
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarcnn" / "folders"
     return [root / CACHE_DIR, user / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"]
 
 
 def relative_paths(files: list[Path], root: Path) -> list[str]:
-    """Each file's path relative to the dataset root, with / between folders: its key in the cache and the split."""
+    """Each file's path relative to the dataset root, with / between folders: its key in the cache and the
+    split."""
     prefix = len(str(root)) + 1  # every file was found by walking the root
     return [str(path)[prefix:].replace(os.sep, "/") for path in files]
 
@@ -214,9 +217,9 @@ def _write_cache(root: Path, size: int, keys: list[tuple[str, int, int]], images
 
 def decode_files(files: list[Path], root: Path, size: int, workers: int | None = None
                  ) -> tuple[np.ndarray, list[str]]:
-    """(len(files), size, size, 3) uint8 images and, per file, why it could not be read ('' when it could): from
-    the cache where a file's path, size and modification time match, the rest decoded in parallel with a progress
-    bar. The cache is rewritten when anything changed."""
+    """(len(files), size, size, 3) uint8 images and, per file, why it could not be read ('' when it could):
+    from the cache where a file's path, size and modification time match, the rest decoded in parallel with a
+    progress bar. The cache is rewritten when anything changed."""
     keys = _file_keys(files, root)
     cached = _read_cache(root, size)
     if cached is None:
@@ -261,8 +264,8 @@ def decode_files(files: list[Path], root: Path, size: int, workers: int | None =
 # --------------------------------------------------------------------------- the dataset
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S) images,
-    exactly, from each channel's histogram of the 256 pixel values."""
+    """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S)
+    images, exactly, from each channel's histogram of the 256 pixel values."""
     values = torch.arange(256, dtype=torch.float64) / 255
     mean, std = [], []
     for c in range(3):
@@ -295,7 +298,8 @@ def _as_tensors(images: np.ndarray, labels: list[int]) -> tuple[torch.Tensor, to
 
 
 def _classes(scan: Scan, readable: np.ndarray) -> list[str]:
-    """The class folders with at least one readable training image, sorted by name; a reason to stop otherwise."""
+    """The class folders with at least one readable training image, sorted by name; a reason to stop
+    otherwise."""
     found = sorted({name for (_, name), ok in zip(scan.train, readable) if ok})
     lost = sorted({name for _, name in scan.train} - set(found))
     if lost:
@@ -324,7 +328,8 @@ def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[
 
 
 def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
-    """The folder dataset `cfg.path` at `cfg.image_size`; `device` (the training device) is checked for room."""
+    """The folder dataset `cfg.path` at `cfg.image_size`; `device` (the training device) is checked for
+    room."""
     started = time.perf_counter()
     root = Path(cfg.path).expanduser().resolve()
     scan = scan_folder(root)

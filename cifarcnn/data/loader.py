@@ -19,8 +19,8 @@ from .splits import hash_held_out
 
 
 def val_count(val_size: int | float | str, n: int) -> int:
-    """How many of `n` training images `data.val_size` holds out for validation: auto is a tenth (5,000 of CIFAR's
-    50,000), a fraction that share (rounded), a number itself."""
+    """How many of `n` training images `data.val_size` holds out for validation: auto is a tenth (5,000 of
+    CIFAR's 50,000), a fraction that share (rounded), a number itself."""
     if val_size == "auto":
         return n // 10
     if isinstance(val_size, float):
@@ -30,8 +30,9 @@ def val_count(val_size: int | float | str, n: int) -> int:
 
 def validation_mask(data: Dataset, cfg: DataConfig) -> torch.Tensor | None:
     """Which training images are validation images (None: no validation set). CIFAR: a seeded random choice of
-    `val_count` images. A folder dataset: each image by its keyed path hash (`splits.hash_held_out`), the fraction
-    being val_size's (auto: 0.1; a number N: N / the training images), so files coming and going move no image."""
+    `val_count` images. A folder dataset: each image by its keyed path hash (`splits.hash_held_out`), the
+    fraction being val_size's (auto: 0.1; a number N: N / the training images), so files coming and going move
+    no image."""
     n = len(data.train_images)
     count = val_count(cfg.val_size, n)
     if not count:
@@ -111,8 +112,8 @@ def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator
 
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Floats in [0, 1] with one `size` x `size` square per image, at a random position wholly inside it, set to
-    the dataset's mean colour, which normalization maps to zero (as the published method zeroes normalized
+    """Floats in [0, 1] with one `size` x `size` square per image, at a random position wholly inside it, set
+    to the dataset's mean colour, which normalization maps to zero (as the published method zeroes normalized
     pixels)."""
     n, c, h, w = x.shape
     size = min(size, h, w)
@@ -143,19 +144,19 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 
 
 class Loader:
-    """Shuffled, normalized batches from uint8 images kept on `device`; augmented when `augment` is set, normalized
-    with the dataset's `mean` and `std` (default CIFAR-10's).
+    """Shuffled, normalized batches from uint8 images kept on `device`; augmented when `augment` is set,
+    normalized with the dataset's `mean` and `std` (default CIFAR-10's).
 
     Each epoch's images are gathered, augmented and normalized at its start in a few vectorized ops, and its
     batches are slices of that one tensor: no work per batch beyond a view, so a GPU never waits on launches.
 
-    `epoch(e, start_step)` is a pure function of (seed, e): the same batches, augmented the same way, whether an
-    epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every other epoch,
-    starting from a random half of the images.
+    `epoch(e, start_step)` is a pure function of (seed, e): the same batches, augmented the same way, whether
+    an epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every other
+    epoch, starting from a random half of the images.
 
     Under torchrun (`world_size` > 1) `batch_size` is the global batch: every rank walks the same permutation
-    and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are disjoint
-    and together cover each batch exactly once.
+    and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are
+    disjoint and together cover each batch exactly once.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
@@ -174,7 +175,8 @@ class Loader:
         self.memory_format = memory_format
         self._generator = torch.Generator(device=self.device)
         self._first_flips = torch.rand(len(images), device=self.device, generator=self._keyed(-2)) < 0.5
-        # Which positions of an epoch's order are this rank's, and where each of its batches starts among them.
+        # Which positions of an epoch's order are this rank's, and where each of its batches starts among
+        # them.
         position = torch.arange(len(images))
         mine = position % batch_size % world_size == rank
         self._positions = position[mine].to(self.device)

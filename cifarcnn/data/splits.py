@@ -1,14 +1,14 @@
 """Which side of a folder dataset's split (training, validation or test) each image is on, what a checkpoint
 records of the split, and how the split changed since a checkpoint was trained.
 
-A folder image's side follows from its own path relative to the dataset root, never from its position in a list:
-a blake2b hash keyed with `data.split_seed` (personalized per split, "test" or "val") maps the path to a number u
-in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files therefore
-never moves an image to another side. The one exception keeps every class trainable: when every image of a class
-would be held out, the one with the largest u stays on the training side.
+A folder image's side follows from its own path relative to the dataset root, never from its position in a
+list: a blake2b hash keyed with `data.split_seed` (personalized per split, "test" or "val") maps the path to a
+number u in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files
+therefore never moves an image to another side. The one exception keeps every class trainable: when every
+image of a class would be held out, the one with the largest u stays on the training side.
 
-Each class is split by its own images' hashes, so its held-out count is that of independent coin flips (within the
-tolerance docs/datasets.md states).
+Each class is split by its own images' hashes, so its held-out count is that of independent coin flips (within
+the tolerance docs/datasets.md states).
 
 CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and
 digests.
@@ -31,7 +31,8 @@ SCHEME = "blake2b-path-v1"
 
 
 def _unit(key: str, seed: int, side: bytes) -> float:
-    """u in [0, 1) for `key` (a path relative to the dataset root), keyed by the split seed, one hash per side."""
+    """u in [0, 1) for `key` (a path relative to the dataset root), keyed by the split seed, one hash per
+    side."""
     digest = hashlib.blake2b(key.encode(), digest_size=8, key=str(seed).encode(), person=side).digest()
     return int.from_bytes(digest, "big") / 2**64
 
@@ -83,8 +84,9 @@ def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
 
 def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor, val_mask: torch.Tensor | None,
                  test_keys: tuple[str, ...] | None, test_images: torch.Tensor) -> dict:
-    """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the images'
-    keys; for a folder dataset also each image's path and pixel identity (to tell later what moved)."""
+    """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the
+    images' keys; for a folder dataset also each image's path and pixel identity (to tell later what
+    moved)."""
     mask = val_mask.numpy() if val_mask is not None else np.zeros(len(train_images), dtype=bool)
     if train_keys is None:  # CIFAR: the keys are positions in the official files
         positions = np.arange(len(train_images), dtype=np.int64)

@@ -196,7 +196,8 @@ def _test_caption(metrics: dict) -> str:
 
 
 def _origin(run_dir: Path) -> str:
-    """For a fine-tuned run (`init_from`), the model it started from: path, weights digest, what was loaded."""
+    """For a fine-tuned run (`init_from`), the model it started from: path, weights digest, what was
+    loaded."""
     path = next((run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).exists()), None)
     if path is None:
         return ""
@@ -271,8 +272,9 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
 
 def _current_split(run_dir: Path, metrics: dict, evaluate_if_missing: bool, data_dir: str | Path | None,
                    device: str | None) -> dict:
-    """For a folder dataset whose checkpoint records its split: how many images changed sides since training, as
-    the dataset is now. Test results measured on another split than today's are measured again (or refused)."""
+    """For a folder dataset whose checkpoint records its split: how many images changed sides since training,
+    as the dataset is now. Test results measured on another split than today's are measured again (or
+    refused)."""
     checkpoint_path = run_dir / "best.pt"
     if not checkpoint_path.exists():
         return metrics

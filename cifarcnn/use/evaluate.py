@@ -1,4 +1,5 @@
-"""Test-set evaluation of a checkpoint: accuracy, per-class table, confusion matrix, misclassified examples."""
+"""Test-set evaluation of a checkpoint: accuracy, per-class table, confusion matrix, misclassified
+examples."""
 
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def _print_results(matrix: np.ndarray, per_class: np.ndarray, classes: list[str]
 
 def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: str | None = None,
              out_dir: str | Path | None = None, batch_size: int = 1000, num_misclassified: int = 40) -> dict:
-    """Evaluate a run's best checkpoint (or a given .pt file) on the test images of the dataset it was trained on;
-    write PNGs and JSON."""
+    """Evaluate a run's best checkpoint (or a given .pt file) on the test images of the dataset it was trained
+    on; write PNGs and JSON."""
     path = resolve_checkpoint(target)
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path)

@@ -1,4 +1,5 @@
-"""`cifarcnn predict`: classify image files with a trained checkpoint, in batches, and report or save the results."""
+"""`cifarcnn predict`: classify image files with a trained checkpoint, in batches, and report or save the
+results."""
 
 from __future__ import annotations
 
@@ -44,8 +45,9 @@ class FileResult:
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to classify images, as `predict` (and `serve`) run it: on `device`, in eval mode, with
-    the TTA level and precision `evaluate` would use (unless overridden) and its dataset's size, mean and std."""
+    """A checkpoint ready to classify images, as `predict` (and `serve`) run it: on `device`, in eval mode,
+    with the TTA level and precision `evaluate` would use (unless overridden) and its dataset's size, mean and
+    std."""
 
     path: Path
     checkpoint: dict
@@ -80,8 +82,8 @@ def load_model(target: str | Path, device: str | None = None, tta: int | None = 
 def classify(model: nn.Module, images: np.ndarray, classes: Sequence[str], *, device: torch.device, top_k: int,
              settings: Settings, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
              ) -> list[list[tuple[str, float]]]:
-    """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward pass
-    (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
+    """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward
+    pass (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
     x = to_model_input(images, device, mean, std).contiguous(memory_format=torch.channels_last)
     probabilities = infer(model, x, settings).softmax(1)
     # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
@@ -104,9 +106,9 @@ def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str
                   settings: Settings, batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False,
                   image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
                   std: tuple[float, ...] = STD) -> list[FileResult]:
-    """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
-    could not be read. Images are shrunk to `image_size` and normalized with `mean` and `std`, as the model was
-    trained (default: CIFAR-10)."""
+    """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why
+    it could not be read. Images are shrunk to `image_size` and normalized with `mean` and `std`, as the model
+    was trained (default: CIFAR-10)."""
     model.eval()
     results = [FileResult(path) for path in files]
     pending: list[int] = []
@@ -268,9 +270,9 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
 
 
 def mark_trained_on(results: Sequence[FileResult], checkpoint: dict) -> int:
-    """Mark the files the model trained on (the checkpoint's recorded training side, by path relative to its dataset
-    folder or by pixels, and for a fine-tuned run its source model's, by pixels); returns how many. 0 for
-    checkpoints without such a record (CIFAR, older runs)."""
+    """Mark the files the model trained on (the checkpoint's recorded training side, by path relative to its
+    dataset folder or by pixels, and for a fine-tuned run its source model's, by pixels); returns how many. 0
+    for checkpoints without such a record (CIFAR, older runs)."""
     record = checkpoint.get("split") or {}
     if record.get("scheme") != SCHEME:
         return 0
@@ -287,7 +289,8 @@ def mark_trained_on(results: Sequence[FileResult], checkpoint: dict) -> int:
 
 
 def _report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> dict | None:
-    """Print the accuracy over the files in class folders and its per-class table; returns it (None: no such file)."""
+    """Print the accuracy over the files in class folders and its per-class table; returns it (None: no such
+    file)."""
     scores = accuracy_by_class(results, classes)
     if scores is None:
         print(f"--labels-from-folders: no readable file lies in a folder named after a class "

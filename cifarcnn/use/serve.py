@@ -286,8 +286,8 @@ class Guard:
 
 
 async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | None]:
-    """The uploaded images as (name, bytes) and the form's top_k, from a multipart form (field FIELD, repeated)
-    or from the raw body (one image)."""
+    """The uploaded images as (name, bytes) and the form's top_k, from a multipart form (field FIELD,
+    repeated) or from the raw body (one image)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=1000, max_fields=100)
@@ -455,8 +455,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Server, socket.socket, FastAPI]:
-    """A uvicorn server for the model behind the Guard, its listening socket (`server.run(sockets=[sock])`) and
-    the app."""
+    """A uvicorn server for the model behind the Guard, its listening socket (`server.run(sockets=[sock])`)
+    and the app."""
     app = create_app(loaded, options)
     sock = listen(options.host, options.port)
     config = uvicorn.Config(Guard(app, options), log_level="info",
@@ -465,13 +465,14 @@ def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Ser
 
 
 def serve(target: str | Path, options: ServeOptions, *, device: str | None = None, tta: int | None = None) -> int:
-    """The `serve` command: load the checkpoint, listen, answer until SIGINT or SIGTERM; returns the exit code."""
+    """The `serve` command: load the checkpoint, listen, answer until SIGINT or SIGTERM; returns the exit
+    code."""
     options = ServeOptions(**{**options.__dict__, "token": options.token or os.environ.get(TOKEN_ENV) or None})
     check_options(options)
     loaded = load_model(target, device, tta)
     if loaded.device.type == "cpu":
-        # The forward pass shares the CPU with the event loop and the decoders; with every core in torch's pool
-        # they contend (docs/serve.md).
+        # The forward pass shares the CPU with the event loop and the decoders; with every core in torch's
+        # pool they contend (docs/serve.md).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     server, sock, _ = make_server(loaded, options)
     host, port = sock.getsockname()[:2]
