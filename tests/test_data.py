@@ -156,7 +156,8 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
                  id="symlink-absolute-out"),
     pytest.param(lambda outside: _member("cifar-10-batches-py/link", tarfile.SYMTYPE, "../../outside"),
                  id="symlink-relative-out"),
-    pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE, str(outside / "victim")),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE,
+                                         str(outside / "victim")),
                  id="hardlink-absolute-out"),
     pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE, "../../outside/victim"),
                  id="hardlink-relative-out"),
@@ -289,8 +290,9 @@ def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
     plain = batch.float() / 255
     changed = (out - plain).abs().flatten(1).amax(1) > 1e-6
     assert 0 < changed.sum()
-    if not cfg.brightness and not cfg.contrast:  # geometry only moves pixels: values are a subset of originals
-        assert set(torch.unique(out * 255).round().tolist()) <= set(torch.unique(batch.float()).tolist()) | {0.0}
+    if not cfg.brightness and not cfg.contrast:  # geometry only moves pixels: a subset of the values
+        assert (set(torch.unique(out * 255).round().tolist())
+                <= set(torch.unique(batch.float()).tolist()) | {0.0})
 
 
 @pytest.mark.parametrize("kind", ["brightness", "contrast"])
@@ -307,9 +309,11 @@ def test_brightness_and_contrast_factors_stay_within_their_range(kind):
     x = image.float() / 255
     centre = x.mean((1, 2, 3), keepdim=True) if kind == "contrast" else torch.zeros(n, 1, 1, 1)
     factors = (out - centre)[:, 0, 0, 0] / (x - centre)[:, 0, 0, 0]
-    assert torch.allclose(out, centre + factors[:, None, None, None] * (x - centre), atol=1e-5)  # one per image
+    # one factor per image
+    assert torch.allclose(out, centre + factors[:, None, None, None] * (x - centre), atol=1e-5)
     assert factors.min() >= 1 - spread - 1e-5 and factors.max() <= 1 + spread + 1e-5
-    assert factors.min() < 1 - 0.95 * spread and factors.max() > 1 + 0.95 * spread  # and the whole range is used
+    # and the whole range is used
+    assert factors.min() < 1 - 0.95 * spread and factors.max() > 1 + 0.95 * spread
 
 
 def test_normalization_constants_and_archive_md5_are_the_official_ones(tmp_path):
@@ -436,13 +440,15 @@ def test_cutout_sets_one_square_per_image_to_the_mean_colour():
 
 def test_cutout_comes_after_flip_and_crop_and_leaves_their_randomness_alone():
     batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
-    geometry = {"flip": "random", "crop_padding": 4, "padding_mode": "reflect", "brightness": 0, "contrast": 0}
+    geometry = {"flip": "random", "crop_padding": 4, "padding_mode": "reflect", "brightness": 0,
+                "contrast": 0}
     without = augment(batch, AugmentConfig(**geometry), torch.Generator().manual_seed(4))
     with_cutout = augment(batch, AugmentConfig(cutout=8, **geometry), torch.Generator().manual_seed(4))
     differs = (with_cutout != without).any(1).flatten(1).sum(1)
     assert (differs == 64).all()  # the same flips and crops, then one 8x8 square each
     whole = augment(batch, AugmentConfig(cutout=40, **no_augment()), torch.Generator().manual_seed(0))
-    assert torch.allclose(whole, torch.tensor(MEAN)[None, :, None, None].expand_as(whole))  # clamped to the image
+    # clamped to the image
+    assert torch.allclose(whole, torch.tensor(MEAN)[None, :, None, None].expand_as(whole))
 
 
 def test_cutout_reaches_training_batches_only(cifar_root):

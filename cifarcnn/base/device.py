@@ -52,7 +52,8 @@ def _pick(name: str | None) -> torch.device:
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+            raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps"
+                             ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():

@@ -26,15 +26,16 @@ TTA_LEVELS = {0: "none", 1: "mirror", 2: "mirror + 1-pixel shifts"}
 # x alone and level 2 x and its two 1-pixel shifts.
 TTA_LEVELS_NO_MIRROR = {0: "none", 1: "none: the training did not mirror", 2: "1-pixel shifts, no mirror"}
 TTA_RECIPE = (
-    "tta 1: average the logits of x and of x mirrored (reversed along the width axis). tta 2: pad x by 1 pixel on "
-    "each side by reflection (numpy.pad mode 'reflect'), take the 32x32 windows of the padded image at rows and "
-    "columns 0..31 and 2..33, and average the logits with weights 1/4 for x and its mirror and 1/8 for each window "
-    "and each window's mirror"
+    "tta 1: average the logits of x and of x mirrored (reversed along the width axis). tta 2: pad x by 1 "
+    "pixel on each side by reflection (numpy.pad mode 'reflect'), take the 32x32 windows of the padded image "
+    "at rows and columns 0..31 and 2..33, and average the logits with weights 1/4 for x and its mirror and "
+    "1/8 for each window and each window's mirror"
 )
 TTA_RECIPE_NO_MIRROR = (
-    "this model was trained without mirrored images, so no view is mirrored. tta 1: x alone. tta 2: pad x by 1 pixel "
-    "on each side by reflection (numpy.pad mode 'reflect'), take the windows of the padded image at rows and columns "
-    "0..S-1 and 2..S+1, and average the logits with weights 1/2 for x and 1/4 for each window"
+    "this model was trained without mirrored images, so no view is mirrored. tta 1: x alone. tta 2: pad x by "
+    "1 pixel on each side by reflection (numpy.pad mode 'reflect'), take the windows of the padded image at "
+    "rows and columns 0..S-1 and 2..S+1, and average the logits with weights 1/2 for x and 1/4 for each "
+    "window"
 )
 
 
@@ -126,8 +127,8 @@ def predict_logits(model: nn.Module, loader: Batches, settings: Settings, desc: 
     order, on the loader's device."""
     model.eval()
     logits, labels = [], []
-    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
-                     dynamic_ncols=True):
+    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False,
+                     disable=bar_disabled(desc is not None), dynamic_ncols=True):
         logits.append(infer(model, x, settings))
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)

@@ -45,5 +45,6 @@ def normalize_(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float
     return x.sub_(x.new_tensor(mean)[None, :, None, None]).div_(x.new_tensor(std)[None, :, None, None])
 
 
-def denormalize(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+def denormalize(x: torch.Tensor, mean: tuple[float, ...] = MEAN,
+                std: tuple[float, ...] = STD) -> torch.Tensor:
     return (x * x.new_tensor(std)[None, :, None, None] + x.new_tensor(mean)[None, :, None, None]).clamp(0, 1)

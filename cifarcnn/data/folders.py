@@ -54,16 +54,17 @@ class Scan:
 def scan_folder(root: Path) -> Scan:
     """Find the class folders and their image files; what is left out goes to `notes`."""
     if not root.is_dir():
-        raise ConfigError(f"config key 'data.path': {root} is not a folder (it should hold train/<class>/ and "
-                          f"optionally test/<class>/)")
+        raise ConfigError(f"config key 'data.path': {root} is not a folder (it should hold train/<class>/ "
+                          f"and optionally test/<class>/)")
     notes: list[str] = []
     train_root, test_root = root / "train", root / "test"
     if train_root.is_dir():
-        extras = sorted(p.name for p in root.iterdir() if p.name not in ("train", "test") and p.name[0] != ".")
+        extras = sorted(p.name for p in root.iterdir()
+                        if p.name not in ("train", "test") and p.name[0] != ".")
         if extras:
-            notes.append(f"left out {len(extras)} entr{'y' if len(extras) == 1 else 'ies'} at the top level of "
-                         f"{root} ({', '.join(extras[:5])}{', ...' if len(extras) > 5 else ''}): only train/ and "
-                         f"test/ are read")
+            notes.append(f"left out {len(extras)} entr{'y' if len(extras) == 1 else 'ies'} at the top level "
+                         f"of {root} ({', '.join(extras[:5])}{', ...' if len(extras) > 5 else ''}): only "
+                         f"train/ and test/ are read")
     elif test_root.is_dir():
         raise DataError(f"{root} has a test/ folder but no train/ folder: put the training images in "
                         f"{train_root}/<class>/")
@@ -143,9 +144,11 @@ def check_memory(num_images: int, num_train: int, size: int, device: torch.devic
         smaller = [s for s in (256, 192, 128, 96, 64, 48, 32, 16)
                    if s < size and memory_needed(num_images, num_train, s, target) <= available]
         advice = (f"lower data.image_size (data.image_size={smaller[0]} needs about "
-                  f"{_bytes(memory_needed(num_images, num_train, smaller[0], target))}), or " if smaller else "")
-        raise DataError(f"the folder dataset's {num_images:,} images at {size}x{size} need about {_bytes(need)} "
-                        f"{where}, but only {_bytes(available)} is free: {advice}train on fewer images"
+                  f"{_bytes(memory_needed(num_images, num_train, smaller[0], target))}), or "
+                  if smaller else "")
+        raise DataError(f"the folder dataset's {num_images:,} images at {size}x{size} need about "
+                        f"{_bytes(need)} {where}, but only {_bytes(available)} is free: {advice}train on "
+                        f"fewer images"
                         + (" or on a device with more memory (--device)" if target is not None else ""))
 
 
@@ -177,7 +180,8 @@ def _file_keys(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
     return keys
 
 
-def _read_cache(root: Path, size: int) -> tuple[dict[tuple[str, int, int], int], np.ndarray, list[str]] | None:
+def _read_cache(root: Path, size: int
+                ) -> tuple[dict[tuple[str, int, int], int], np.ndarray, list[str]] | None:
     """(key -> row, images, errors) from the first readable cache file for this image size, or None."""
     for folder in _cache_dirs(root):
         path = folder / f"images-{size}.npz"
@@ -194,7 +198,8 @@ def _read_cache(root: Path, size: int) -> tuple[dict[tuple[str, int, int], int],
                     continue
                 return rows, images, saved["errors"].tolist()
         except Exception as e:  # a truncated or foreign file: decode again and overwrite it
-            print(f"note: ignoring the unreadable cache {path} ({type(e).__name__}); decoding again", file=sys.stderr)
+            print(f"note: ignoring the unreadable cache {path} ({type(e).__name__}); decoding again",
+                  file=sys.stderr)
     return None
 
 
@@ -273,7 +278,8 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         m = float((counts * values).sum() / counts.sum())
         variance = float((counts * values.square()).sum() / counts.sum()) - m * m
         mean.append(round(m, 4))
-        std.append(max(round(max(variance, 0.0) ** 0.5, 4), 1e-4))  # a one-colour channel must not divide by 0
+        # a one-colour channel must not divide by 0
+        std.append(max(round(max(variance, 0.0) ** 0.5, 4), 1e-4))
     return tuple(mean), tuple(std)
 
 
@@ -281,11 +287,13 @@ def _listed_errors(files: list[Path], errors: list[str]) -> list[str]:
     bad = [(path, reason) for path, reason in zip(files, errors) if reason]
     if not bad:
         return []
-    lines = [f"left out {len(bad)} unreadable file(s):"] + [f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED]]
+    lines = ([f"left out {len(bad)} unreadable file(s):"]
+             + [f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED]])
     return lines + ([f"  ... and {len(bad) - MAX_LISTED} more"] if len(bad) > MAX_LISTED else [])
 
 
-def _select(pairs: list[tuple[Path, str]], readable: np.ndarray, index: dict[str, int]) -> tuple[list[int], list[int]]:
+def _select(pairs: list[tuple[Path, str]], readable: np.ndarray, index: dict[str, int]
+            ) -> tuple[list[int], list[int]]:
     """Positions of the readable files of known classes, and their labels."""
     keep = [i for i, (_, name) in enumerate(pairs) if readable[i] and name in index]
     return keep, [index[pairs[i][1]] for i in keep]
@@ -303,11 +311,12 @@ def _classes(scan: Scan, readable: np.ndarray) -> list[str]:
     found = sorted({name for (_, name), ok in zip(scan.train, readable) if ok})
     lost = sorted({name for _, name in scan.train} - set(found))
     if lost:
-        scan.notes.append(f"left out class(es) {', '.join(lost)}: none of their training images could be read")
+        scan.notes.append(f"left out class(es) {', '.join(lost)}: none of their training images could be "
+                          f"read")
     if len(found) < 2:
         raise DataError(f"{scan.root}: a folder dataset needs at least 2 class folders with readable images, "
-                        f"found {len(found)}{' (' + found[0] + ')' if found else ''}: put each class's images in "
-                        f"{scan.root}/train/<class>/")
+                        f"found {len(found)}{' (' + found[0] + ')' if found else ''}: put each class's "
+                        f"images in {scan.root}/train/<class>/")
     return found
 
 
@@ -318,7 +327,8 @@ def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[
     offset = len(scan.train)
     unknown = sorted({name for _, name in scan.test} - set(index))
     if unknown:
-        scan.notes.append(f"left out test/ class folder(s) that are not training classes: {', '.join(unknown)}")
+        scan.notes.append(f"left out test/ class folder(s) that are not training classes: "
+                          f"{', '.join(unknown)}")
     keep, labels = _select(scan.test, readable[offset:], index)
     if not keep:
         scan.notes.append(f"{scan.root}/test holds no readable image of a training class: holding out "
@@ -357,11 +367,11 @@ def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
     mean, std = channel_stats(train_x)
     for line in scan.notes + _listed_errors(files, errors):
         print(line if line.startswith("  ") else f"note: {line}", file=sys.stderr)
-    print(f"folder dataset {root}: {len(classes)} classes, {len(train_x):,} training and {len(test[0]):,} test "
-          f"images at {cfg.image_size}x{cfg.image_size}, mean {mean} std {std} "
+    print(f"folder dataset {root}: {len(classes)} classes, {len(train_x):,} training and {len(test[0]):,} "
+          f"test images at {cfg.image_size}x{cfg.image_size}, mean {mean} std {std} "
           f"({time.perf_counter() - started:.1f}s)", flush=True)
-    return Dataset(train_x, train_y, test[0], test[1], classes=tuple(classes), name=root.name, mean=mean, std=std,
-                   train_ids=train_ids, test_ids=test[2])
+    return Dataset(train_x, train_y, test[0], test[1], classes=tuple(classes), name=root.name, mean=mean,
+                   std=std, train_ids=train_ids, test_ids=test[2])
 
 
 def _note_small_classes(scan: Scan, classes: list[str], train_y: torch.Tensor, test_y: torch.Tensor) -> None:

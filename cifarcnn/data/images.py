@@ -122,8 +122,8 @@ def _decode(source: str | Path | bytes, size: int, max_pixels: int | None) -> Im
         opened = Image.open(source)
     with opened as image:
         if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageReadError(f"image too large to decode safely ({image.width}x{image.height} pixels; the "
-                                 f"limit is {max_pixels:,})")
+            raise ImageReadError(f"image too large to decode safely ({image.width}x{image.height} pixels; "
+                                 f"the limit is {max_pixels:,})")
         image.seek(0)  # GIF/WebP animations: the first frame
         if image.format == "JPEG":
             image.draft("RGB", (size * 2, size * 2))  # let the JPEG decoder downscale big photos for free
@@ -162,7 +162,8 @@ def load_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | N
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | None = None) -> np.ndarray | str:
+def read_image(source: str | Path | bytes, size: int = SIZE,
+               max_pixels: int | None = None) -> np.ndarray | str:
     """`load_image`, or the reason the file (or upload) could not be read as a string (never raises for a bad
     one)."""
     try:

@@ -39,13 +39,15 @@ def validation_mask(data: Dataset, cfg: DataConfig) -> torch.Tensor | None:
         return None
     if not 0 < count < n:
         raise ConfigError(f"config key 'data.val_size' is {cfg.val_size}, but it must be between 1 and the "
-                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
+                          f"{n} training images minus one (or 0: no validation set), e.g. "
+                          f"data.val_size={n // 10}")
     if data.train_ids is None:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
         mask = torch.zeros(n, dtype=torch.bool)
         mask[perm[:count]] = True
         return mask
-    fraction = cfg.val_size if isinstance(cfg.val_size, float) else 0.1 if cfg.val_size == "auto" else count / n
+    fraction = (cfg.val_size if isinstance(cfg.val_size, float)
+                else 0.1 if cfg.val_size == "auto" else count / n)
     held = hash_held_out(data.train_ids, data.train_labels.numpy(), fraction, cfg.split_seed, b"val")
     return torch.from_numpy(held) if held.any() else None
 
@@ -56,7 +58,8 @@ def training_split(data: Dataset, cfg: DataConfig
     mask = validation_mask(data, cfg)
     if mask is None:
         return (data.train_images, data.train_labels), None
-    return (data.train_images[~mask], data.train_labels[~mask]), (data.train_images[mask], data.train_labels[mask])
+    return ((data.train_images[~mask], data.train_labels[~mask]),
+            (data.train_images[mask], data.train_labels[mask]))
 
 
 # --------------------------------------------------------------------------- augmentation and batching
@@ -100,7 +103,8 @@ def _uniform_factors(n: int, spread: float, device: torch.device, generator: tor
     return 1 + spread * (2 * u - 1)
 
 
-def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
+def color_jitter_(x: torch.Tensor, brightness: float, contrast: float,
+                  generator: torch.Generator) -> torch.Tensor:
     """In place: brightness then contrast, factors uniform in [1-s, 1+s] per image, on floats in [0, 1]."""
     if brightness:
         x.mul_(_uniform_factors(len(x), brightness, x.device, generator)).clamp_(0, 1)
@@ -159,10 +163,10 @@ class Loader:
     disjoint and together cover each batch exactly once.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
-                 augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0,
-                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0, world_size: int = 1,
-                 mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 device: torch.device | str, augment: AugmentConfig | None = None, shuffle: bool = False,
+                 seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0,
+                 world_size: int = 1, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
         self.device = torch.device(device)
         self.mean, self.std = tuple(mean), tuple(std)
         self.rank, self.world_size = rank, world_size

@@ -50,8 +50,9 @@ def dataset_of_checkpoint(checkpoint: dict, data_dir: str | Path | None = None) 
     data = load_dataset(data_config(checkpoint["config"].get("data") or {}), data_dir)
     if list(data.classes) != list(checkpoint["classes"]):
         raise DataError(f"{data.name} now has {len(data.classes)} classes ({_few(data.classes)}), not the "
-                        f"{len(checkpoint['classes'])} this model was trained on ({_few(checkpoint['classes'])}): the "
-                        f"dataset changed since training, or --data-dir points at another one")
+                        f"{len(checkpoint['classes'])} this model was trained on "
+                        f"({_few(checkpoint['classes'])}): the dataset changed since training, or --data-dir "
+                        f"points at another one")
     return data
 
 

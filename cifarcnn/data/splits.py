@@ -61,8 +61,8 @@ def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
     them: the same picture under another name is recognized."""
     array = images.numpy() if isinstance(images, torch.Tensor) else images
     array = np.ascontiguousarray(array)
-    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)
-                     for row in array], dtype=np.int64)
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big",
+                                    signed=True) for row in array], dtype=np.int64)
 
 
 def _digest(ids: np.ndarray) -> str:
@@ -82,18 +82,21 @@ def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
     return side
 
 
-def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor, val_mask: torch.Tensor | None,
-                 test_keys: tuple[str, ...] | None, test_images: torch.Tensor) -> dict:
+def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor,
+                 val_mask: torch.Tensor | None, test_keys: tuple[str, ...] | None,
+                 test_images: torch.Tensor) -> dict:
     """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the
     images' keys; for a folder dataset also each image's path and pixel identity (to tell later what
     moved)."""
     mask = val_mask.numpy() if val_mask is not None else np.zeros(len(train_images), dtype=bool)
     if train_keys is None:  # CIFAR: the keys are positions in the official files
         positions = np.arange(len(train_images), dtype=np.int64)
-        return {"scheme": "cifar", "train": _side(positions[~mask], None), "val": _side(positions[mask], None),
+        return {"scheme": "cifar", "train": _side(positions[~mask], None),
+                "val": _side(positions[mask], None),
                 "test": _side(np.arange(len(test_images), dtype=np.int64), None)}
     ids, pixels = path_ids(train_keys), pixel_ids(train_images)
-    return {"scheme": SCHEME, "train": _side(ids[~mask], pixels[~mask]), "val": _side(ids[mask], pixels[mask]),
+    return {"scheme": SCHEME, "train": _side(ids[~mask], pixels[~mask]),
+            "val": _side(ids[mask], pixels[mask]),
             "test": _side(path_ids(test_keys or ()), pixel_ids(test_images))}
 
 
@@ -123,8 +126,8 @@ class SplitChange:
             parts.append(f"{self.moved} of the {self.test_images} test images changed sides since training "
                          f"({self.was_train} were training images, {self.was_val} validation images)")
         if self.copies:
-            parts.append(f"{self.copies} of the {self.test_images} test images have the pixels of a training image "
-                         f"(the same picture under another name, at the decoded size)")
+            parts.append(f"{self.copies} of the {self.test_images} test images have the pixels of a training "
+                         f"image (the same picture under another name, at the decoded size)")
         if self.by_source:
             parts.append(f"{self.by_source} of the {self.test_images} test images are images the source "
                          f"model (init_from) trained on")
@@ -156,14 +159,15 @@ def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
     by_source = np.isin(pixels, source["pixels"].numpy()) if source else np.zeros_like(copies)
     by_source &= ~(was_train | copies)
     trained = was_train | copies | by_source
-    seen = was_train | by_path("val") | by_path("test") | by_pixels("train") | by_pixels("val") | by_pixels("test")
+    seen = (was_train | by_path("val") | by_path("test") | by_pixels("train") | by_pixels("val")
+            | by_pixels("test"))
     now_ids = np.concatenate([ids, path_ids(data.train_ids)])
     now_pixels = np.concatenate([pixels, pixel_ids(data.train_images)])
     then = record["train"]
     gone = ~np.isin(then["ids"].numpy(), now_ids) & ~np.isin(then["pixels"].numpy(), now_pixels)
-    return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()), int(copies.sum()),
-                       int((~seen).sum()), int(gone.sum()), _pairs_digest(ids[~trained], pixels[~trained]),
-                       int(by_source.sum()))
+    return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()),
+                       int(copies.sum()), int((~seen).sum()), int(gone.sum()),
+                       _pairs_digest(ids[~trained], pixels[~trained]), int(by_source.sum()))
 
 
 def untrained_test(data: Dataset, change: SplitChange | None) -> tuple[torch.Tensor, torch.Tensor]:

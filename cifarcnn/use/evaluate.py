@@ -28,7 +28,8 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classe
 def top_confusions(matrix: np.ndarray | list, classes: list[str], count: int) -> list[tuple[int, str, str]]:
     """The `count` most frequent mistakes as (images, true class, predicted class), most frequent first."""
     k = len(classes)
-    pairs = [(int(matrix[i][j]), classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and matrix[i][j]]
+    pairs = [(int(matrix[i][j]), classes[i], classes[j])
+             for i in range(k) for j in range(k) if i != j and matrix[i][j]]
     return sorted(pairs, key=lambda p: -p[0])[:count]
 
 
@@ -88,14 +89,15 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     # The most confident mistakes are the most informative ones to look at.
     shown = wrong[confidence[wrong].argsort(descending=True)][:num_misclassified].cpu()
     images = test_images[shown].float() / 255
-    titles = [f"true {classes[labels[i]]}\npred {classes[predictions[i]]} {confidence[i]:.0%}" for i in shown.tolist()]
+    titles = [f"true {classes[labels[i]]}\npred {classes[predictions[i]]} {confidence[i]:.0%}"
+              for i in shown.tolist()]
     save_image_grid(images, titles, out_dir / "misclassified.png",
                     title=f"{len(shown)} most confident of {len(wrong)} misclassified test images")
     results = {
         "checkpoint": str(path), "epoch": checkpoint.get("epoch"), "test_accuracy": accuracy,
-        "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta, "precision": settings.precision,
-        "precision_reason": settings.precision_reason, "num_images": int(matrix.sum()),
-        "num_misclassified": len(wrong),
+        "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta,
+        "precision": settings.precision, "precision_reason": settings.precision_reason,
+        "num_images": int(matrix.sum()), "num_misclassified": len(wrong),
         "per_class_accuracy": {name: float(acc) if total else None
                                for name, acc, total in zip(classes, per_class, matrix.sum(1))},
         "confusion_matrix": matrix.tolist(), "classes": classes, "dataset": info["dataset"],
@@ -118,8 +120,8 @@ def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:
     change = compare_split(checkpoint.get("split"), data)
     if change is None:
         if data.test_ids is not None:
-            print(f"split: {data.name}: this checkpoint does not record its split (trained before cifarcnn recorded "
-                  f"it), so whether test images changed sides since cannot be told")
+            print(f"split: {data.name}: this checkpoint does not record its split (trained before cifarcnn "
+                  f"recorded it), so whether test images changed sides since cannot be told")
         return None
     print(change.describe())
     return change
@@ -133,8 +135,8 @@ def _print_header(path: Path, checkpoint: dict, settings: Settings, accuracy: fl
     print(f"inference: {settings.describe()}")
     trained = int(change.trained_on.sum()) if change is not None else 0
     if trained:
-        print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train on "
-              f"(LEFT OUT: {trained} test image(s) the model trained on: moved to the test side, or copies of "
-              f"training images)\n")
+        print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train "
+              f"on (LEFT OUT: {trained} test image(s) the model trained on: moved to the test side, or "
+              f"copies of training images)\n")
     else:
         print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")
