@@ -1,6 +1,5 @@
 """Command line: `cifarcnn train | evaluate | bench | predict | serve | export | report | show-batch | check |
-presets`;
-config overrides as key=value."""
+presets`; config overrides as key=value."""
 
 from __future__ import annotations
 
@@ -18,7 +17,8 @@ PRESET_HELP = "a packaged recipe (list: cifarcnn presets), e.g. fast; seed is th
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """--config FILE, else --preset NAME, else ./config.yaml when the current folder has one, else the seed preset."""
+    """--config FILE, else --preset NAME, else ./config.yaml when the current folder has one, else the seed
+    preset."""
     if args.config is not None and args.preset is not None:
         raise UsageError("give either --config or --preset, not both")
     if args.config is not None:
@@ -59,8 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(run_dir, args.overrides)
     else:
         if launched_by_torchrun() and not args.name:
-            raise UsageError("under torchrun, give --name: every process, and an elastic restart, must use the "
-                             "same run folder")
+            raise UsageError("under torchrun, give --name: every process, and an elastic restart, must use "
+                             "the same run folder")
         cfg = config_from_args(args)
         run_dir = default_run_dir(args.runs_dir, args.name)
         if restart_count() and (run_dir / "last.pt").exists():  # torchrun restarted the job after a failure
@@ -99,8 +99,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .use.serve import ServeOptions, serve
 
-    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                           token=args.token, max_body_mb=args.max_body_mb, max_uploads=args.max_uploads)
+    options = ServeOptions(host=args.host, port=args.port, max_batch=args.max_batch,
+                           max_wait_ms=args.max_wait_ms, token=args.token, max_body_mb=args.max_body_mb,
+                           max_uploads=args.max_uploads)
     return serve(args.target, options, device=args.device, tta=args.tta)
 
 
@@ -122,15 +123,15 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
     from .base.device import select_device
     from .base.plots import save_image_grid
     from .data.dataset import denormalize
-    from .data.datasets import load_dataset
     from .data.loader import Loader, training_split
+    from .data.sources import load_dataset
 
     cfg = config_from_args(args)
     device = select_device(args.device)
     data = load_dataset(cfg.data, args.data_dir, device=device)
     (train_x, train_y), _ = training_split(data, cfg.data)
-    loader = Loader(train_x, train_y, args.count, device=device, augment=cfg.augment, shuffle=True, seed=cfg.seed,
-                    mean=data.mean, std=data.std)
+    loader = Loader(train_x, train_y, args.count, device=device, augment=cfg.augment, shuffle=True,
+                    seed=cfg.seed, mean=data.mean, std=data.std)
     x, y = next(loader.epoch(0))
     save_image_grid(denormalize(x, data.mean, data.std), [data.classes[i] for i in y.tolist()], args.out,
                     title=f"augmented {data.name} training batch (epoch 1)")
@@ -141,7 +142,7 @@ def cmd_show_batch(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    from .data.datasets import dataset_shape
+    from .data.sources import dataset_shape
     from .models.registry import build_model, count_parameters
 
     cfg = config_from_args(args)
@@ -167,21 +168,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _with_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="CIFAR-10/100 folder (default: $CIFAR10_DIR or $CIFAR100_DIR, else ./data); "
-                                      "a folder dataset is data.path=DIR")
+    p.add_argument("--data-dir", help="CIFAR-10/100 folder (default: $CIFAR10_DIR or $CIFAR100_DIR, else "
+                                      "./data); a folder dataset is data.path=DIR")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the fastest available)")
 
 
 def _config_command(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    """A subcommand that reads a config: KEY=VALUE overrides, --config, --preset, and the presets in its help."""
+    """A subcommand that reads a config: KEY=VALUE overrides, --config, --preset, and the presets in its
+    help."""
     epilog = (f"presets (--preset NAME):\n{textwrap.indent(presets_table() or '(none installed)', '  ')}\n\n"
-              "config: --config FILE, else --preset NAME, else ./config.yaml when the current folder has one,\n"
-              "else the seed preset; KEY=VALUE overrides apply on top")
+              "config: --config FILE, else --preset NAME, else ./config.yaml when the current folder has "
+              "one,\nelse the seed preset; KEY=VALUE overrides apply on top")
     p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. epochs=2 optimizer.lr=0.01")
-    p.add_argument("--config", type=Path, help="YAML config file (default: ./config.yaml if present, else seed)")
+    p.add_argument("--config", type=Path,
+                   help="YAML config file (default: ./config.yaml if present, else seed)")
     p.add_argument("--preset", help=PRESET_HELP)
     return p
 
@@ -195,7 +198,8 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test", action="store_true", help="after the last epoch, also measure test accuracy")
     p.set_defaults(func=cmd_train)
 
-    p = _config_command(sub, "bench", "training throughput (full pipeline vs compute only) and evaluation speed")
+    p = _config_command(sub, "bench",
+                        "training throughput (full pipeline vs compute only) and evaluation speed")
     _with_data(p)
     p.add_argument("--steps", type=int, default=30, help="timed steps per round (default: 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
@@ -212,9 +216,11 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="classify image files (PNG, JPEG, BMP, GIF, WebP) with a trained model")
+    p = sub.add_parser("predict",
+                       help="classify image files (PNG, JPEG, BMP, GIF, WebP) with a trained model")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (searched recursively) or globs")
     p.add_argument("--top-k", type=int, default=1, help="classes to report per image (default: 1)")
     p.add_argument("--output", type=Path, help="also write one record per file to a .csv or .json file")
     p.add_argument("--labels-from-folders", action="store_true",
@@ -225,17 +231,19 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", type=int, metavar="LEVEL",
                    help="test-time augmentation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts (default: the "
                         "checkpoint's tta, as evaluate uses)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-file table, only errors and the summary")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no per-file table, only errors and the summary")
     p.set_defaults(func=cmd_predict)
 
     _add_serve_command(sub)
 
-    p = sub.add_parser("export", help="export a trained model to ONNX (checked with ONNX Runtime when installed)")
+    p = sub.add_parser("export",
+                       help="export a trained model to ONNX (checked with ONNX Runtime when installed)")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", default="onnx", choices=("onnx",), help="export format (default: onnx)")
     p.add_argument("--output", type=Path, help="output file (default: the checkpoint's name with .onnx)")
-    p.add_argument("--data-dir", help="CIFAR-10/100 folder for the check (default: $CIFAR10_DIR or $CIFAR100_DIR, "
-                                      "else ./data)")
+    p.add_argument("--data-dir", help="CIFAR-10/100 folder for the check (default: $CIFAR10_DIR or "
+                                      "$CIFAR100_DIR, else ./data)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing ONNX Runtime with PyTorch on the test set")
     p.set_defaults(func=cmd_export)
@@ -250,8 +258,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a trained model over HTTP: a JSON API (/v1/predict) and a page at / "
-                                     "(needs the serve extra: pip install 'cifarcnn[serve]')")
+    p = sub.add_parser("serve", help="serve a trained model over HTTP: a JSON API (/v1/predict) and a page "
+                                     "at / (needs the serve extra: pip install 'cifarcnn[serve]')")
     p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; any other needs a token)")
@@ -286,8 +294,9 @@ def _add_inspection_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `cifarcnn` argument parser: --version and every subcommand."""
-    parser = argparse.ArgumentParser(prog="cifarcnn", description="Train, evaluate and inspect CNN image classifiers "
-                                                                  "on CIFAR-10, CIFAR-100 or your own image folders.")
+    parser = argparse.ArgumentParser(
+        prog="cifarcnn", description="Train, evaluate and inspect CNN image classifiers on CIFAR-10, "
+                                     "CIFAR-100 or your own image folders.")
     parser.add_argument("--version", action="version", version=f"cifarcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training_commands(sub)

@@ -1,15 +1,16 @@
 """Write the CIFAR-10 training and test images as a folder dataset, DIR/train/<class>/<n>.jpg and
-DIR/test/<class>/<n>.jpg, for training with `data.dataset=folder data.path=DIR` and comparing with the native files.
+DIR/test/<class>/<n>.jpg, for training with `data.dataset=folder data.path=DIR` and comparing with the native
+files.
 
 usage: .venv/bin/python scripts/cifar_as_folder.py DIR [--data-dir DIR] [--format jpg|png] [--quality 95]
        [--grey] [--size S] [--black-below V] [--train-count N] [--no-test]
 
-JPEG re-encoding changes pixels (quality 95 by default); --format png keeps them identical to the source files.
-The other options make a folder like a user's: --grey writes grey-scale pictures (ITU-R 601-2 luma, Pillow's
-"L" mode), --size shrinks them to SxS, --black-below sets every pixel under V to 0 (a plain black background),
---train-count keeps the first N training images, --no-test writes no test/ folder (the loader then holds out
-data.test_fraction of the images). The issue-19 reproduction: --grey --size 8 --black-below 110
---train-count 3000 --no-test --format png.
+JPEG re-encoding changes pixels (quality 95 by default); --format png keeps them identical to the source
+files. The other options make a folder like a user's: --grey writes grey-scale pictures (ITU-R 601-2 luma,
+Pillow's "L" mode), --size shrinks them to SxS, --black-below sets every pixel under V to 0 (a plain black
+background), --train-count keeps the first N training images, --no-test writes no test/ folder (the loader
+then holds out data.test_fraction of the images). The folder benchmarks/own_folder.sh trains on:
+--grey --size 8 --black-below 110 --train-count 3000 --no-test --format png.
 """
 
 from __future__ import annotations

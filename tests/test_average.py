@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cifarcnn.base.config import make_config
+from cifarcnn.base.config import DataConfig, make_config
 from cifarcnn.base.inference import settings_for
 from cifarcnn.data.cifar import load_cifar10
-from cifarcnn.data.loader import Loader, split_train_val
+from cifarcnn.data.loader import Loader, training_split
 from cifarcnn.training.averages import WeightAverage
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.training.distributed import Dist
@@ -82,7 +82,7 @@ def val_metrics(cifar_root, state_dict, checkpoint):
     """(loss, accuracy) of `state_dict` on the run's validation split, as the trainer evaluates it."""
     model = model_from_checkpoint({**checkpoint, "model_state": state_dict}).to(memory_format=torch.channels_last)
     data = load_cifar10(cifar_root)
-    _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     loader = Loader(val_x, val_y, 50, device="cpu", memory_format=torch.channels_last)
     loss, acc, _ = evaluate_split(model, loader, Dist(), None, settings_for({"tta": 0}, torch.device("cpu")))
     return loss, acc

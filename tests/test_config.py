@@ -93,15 +93,19 @@ def test_config_comes_from_config_then_preset_then_the_current_folder_then_seed(
     # --config other.yaml 3; only ./config.yaml sets model: fastnet.
     edited_seed_preset("epochs: 50", "epochs: 11")
     monkeypatch.chdir(tmp_path)
-    assert resolved() == load_preset("seed") and resolved().epochs == 11  # no ./config.yaml: the packaged seed
-    local = preset_text("seed").replace("epochs: 11", "epochs: 7").replace("model: simple_cnn", "model: fastnet")
+    # no ./config.yaml: the packaged seed
+    assert resolved() == load_preset("seed") and resolved().epochs == 11
+    local = preset_text("seed").replace("epochs: 11", "epochs: 7").replace("model: simple_cnn",
+                                                                           "model: fastnet")
     (tmp_path / "config.yaml").write_text(local)
     assert (resolved().epochs, resolved().model) == (7, "fastnet")  # ./config.yaml
     assert main(["check"]) == 0 and "model:      fastnet" in capsys.readouterr().out
     (tmp_path / "other.yaml").write_text("epochs: 3\n")
     # --config wins over ./config.yaml, and nothing of ./config.yaml leaks in
-    assert (resolved("--config", "other.yaml").epochs, resolved("--config", "other.yaml").model) == (3, "simple_cnn")
-    assert main(["check", "--config", "other.yaml"]) == 0 and "model:      simple_cnn" in capsys.readouterr().out
+    assert (resolved("--config", "other.yaml").epochs,
+            resolved("--config", "other.yaml").model) == (3, "simple_cnn")
+    assert (main(["check", "--config", "other.yaml"]) == 0
+            and "model:      simple_cnn" in capsys.readouterr().out)
     assert resolved("--preset", "seed").epochs == 11  # the packaged seed, not ./config.yaml
     assert resolved("--preset", "fast") == load_preset("fast")
     assert resolved("--preset", "seed", "epochs=2").epochs == 2
@@ -192,9 +196,11 @@ def test_cli_config_errors_exit_2_with_one_line_and_write_nothing(override, tmp_
     assert not (tmp_path / "runs").exists()
 
 
-def test_val_size_at_least_the_training_set_is_refused_before_anything_is_written(cifar_root, tmp_path, capsys):
+def test_val_size_at_least_the_training_set_is_refused_before_anything_is_written(cifar_root, tmp_path,
+                                                                                   capsys):
     # 600 synthetic training images: a val_size the config allows, but the data cannot.
-    code = main(["train", "data.val_size=600", "--data-dir", str(cifar_root), "--runs-dir", str(tmp_path / "runs")])
+    code = main(["train", "data.val_size=600", "--data-dir", str(cifar_root), "--runs-dir",
+                 str(tmp_path / "runs")])
     assert code == 2
     assert "data.val_size" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
@@ -203,7 +209,8 @@ def test_val_size_at_least_the_training_set_is_refused_before_anything_is_writte
 @pytest.mark.parametrize("command", ["train", "bench", "show-batch", "check"])
 def test_overrides_stand_anywhere_among_the_options(command):
     args = parse_args([command, "seed=1", "--preset", "quick", "epochs=2", "--data-dir", "d", "seed=3"]
-                      if command != "check" else [command, "seed=1", "--preset", "quick", "epochs=2", "seed=3"])
+                      if command != "check"
+                      else [command, "seed=1", "--preset", "quick", "epochs=2", "seed=3"])
     assert args.overrides == ["seed=1", "epochs=2", "seed=3"]  # typed order: the later seed wins
     cfg = config_from_args(args)
     assert (cfg.seed, cfg.epochs) == (3, 2)

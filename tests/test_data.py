@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifarcnn.base.config import AugmentConfig
+from cifarcnn.base.config import AugmentConfig, DataConfig
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.data.cifar import MD5, download_file, load_cifar10, locate_cifar10, read_batch, resolve_data_root
-from cifarcnn.data.dataset import MEAN, STD, DataError, normalize_
-from cifarcnn.data.loader import Loader, augment, split_train_val
+from cifarcnn.data.dataset import MEAN, STD, DataError, Dataset, normalize_
+from cifarcnn.data.loader import Loader, augment, training_split
 
 from .conftest import NUM_TEST, PER_TRAIN_BATCH, write_cifar
 
@@ -155,7 +156,8 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
                  id="symlink-absolute-out"),
     pytest.param(lambda outside: _member("cifar-10-batches-py/link", tarfile.SYMTYPE, "../../outside"),
                  id="symlink-relative-out"),
-    pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE, str(outside / "victim")),
+    pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE,
+                                         str(outside / "victim")),
                  id="hardlink-absolute-out"),
     pytest.param(lambda outside: _member("cifar-10-batches-py/hard", tarfile.LNKTYPE, "../../outside/victim"),
                  id="hardlink-relative-out"),
@@ -222,25 +224,26 @@ def test_a_batch_file_cannot_run_code(cifar_copy, tmp_path, monkeypatch):
 def test_split_sizes_disjoint_and_reproducible(cifar_root):
     data = load_cifar10(cifar_root)
     ids = torch.arange(len(data.train_labels))  # split the indices to see which images went where
-    (train_a, _), (val_a, _) = split_train_val(ids, data.train_labels, 100, seed=3)
-    (train_b, _), (val_b, _) = split_train_val(ids, data.train_labels, 100, seed=3)
-    (_, _), (val_c, _) = split_train_val(ids, data.train_labels, 100, seed=4)
+    data = dataclasses.replace(data, train_images=ids)
+    (train_a, _), (val_a, _) = training_split(data, DataConfig(val_size=100, split_seed=3))
+    (train_b, _), (val_b, _) = training_split(data, DataConfig(val_size=100, split_seed=3))
+    (_, _), (val_c, _) = training_split(data, DataConfig(val_size=100, split_seed=4))
     assert len(train_a) == 500 and len(val_a) == 100
     assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
     assert not torch.equal(val_a, val_c)
     assert set(train_a.tolist()).isdisjoint(val_a.tolist())
     assert set(train_a.tolist()) | set(val_a.tolist()) == set(ids.tolist())
     with pytest.raises(ConfigError, match="data.val_size"):
-        split_train_val(ids, data.train_labels, 600, seed=0)
+        training_split(data, DataConfig(val_size=600))
 
 
 def test_default_split_is_45k_5k():
     ids = torch.arange(50_000)
-    (train, _), (val, _) = split_train_val(ids, ids, 5000, seed=0)
+    (train, _), (val, _) = training_split(Dataset(ids, ids, ids[:0], ids[:0], ("a",)), DataConfig())
     assert len(train) == 45_000 and len(val) == 5000
 
 
-def test_loader_shapes_dtypes_and_normalisation(cifar_root):
+def test_loader_shapes_dtypes_and_normalization(cifar_root):
     data = load_cifar10(cifar_root)
     loader = Loader(data.test_images, data.test_labels, 64, device="cpu")
     batches = list(loader)
@@ -287,14 +290,16 @@ def test_each_augmentation_alone_changes_images_and_keeps_them_valid(cfg):
     plain = batch.float() / 255
     changed = (out - plain).abs().flatten(1).amax(1) > 1e-6
     assert 0 < changed.sum()
-    if not cfg.brightness and not cfg.contrast:  # geometry only moves pixels: values are a subset of originals
-        assert set(torch.unique(out * 255).round().tolist()) <= set(torch.unique(batch.float()).tolist()) | {0.0}
+    if not cfg.brightness and not cfg.contrast:  # geometry only moves pixels: a subset of the values
+        assert (set(torch.unique(out * 255).round().tolist())
+                <= set(torch.unique(batch.float()).tolist()) | {0.0})
 
 
 @pytest.mark.parametrize("kind", ["brightness", "contrast"])
 def test_brightness_and_contrast_factors_stay_within_their_range(kind):
-    """Images built so that each image's factor can be read back: brightness scales a flat grey image, contrast
-    moves a two-tone image (all channels alike, so its grey level is its mean) toward or away from its mean."""
+    """Images built so that each image's factor can be read back: brightness scales a flat grey image,
+    contrast moves a two-tone image (all channels alike, so its grey level is its mean) toward or away from
+    its mean."""
     spread, n = 0.3, 2000
     image = torch.full((n, 3, 32, 32), 64, dtype=torch.uint8)
     if kind == "contrast":
@@ -304,14 +309,17 @@ def test_brightness_and_contrast_factors_stay_within_their_range(kind):
     x = image.float() / 255
     centre = x.mean((1, 2, 3), keepdim=True) if kind == "contrast" else torch.zeros(n, 1, 1, 1)
     factors = (out - centre)[:, 0, 0, 0] / (x - centre)[:, 0, 0, 0]
-    assert torch.allclose(out, centre + factors[:, None, None, None] * (x - centre), atol=1e-5)  # one per image
+    # one factor per image
+    assert torch.allclose(out, centre + factors[:, None, None, None] * (x - centre), atol=1e-5)
     assert factors.min() >= 1 - spread - 1e-5 and factors.max() <= 1 + spread + 1e-5
-    assert factors.min() < 1 - 0.95 * spread and factors.max() > 1 + 0.95 * spread  # and the whole range is used
+    # and the whole range is used
+    assert factors.min() < 1 - 0.95 * spread and factors.max() > 1 + 0.95 * spread
 
 
-def test_normalisation_constants_and_archive_md5_are_the_official_ones(tmp_path):
-    # The CIFAR-10 training set's per-channel mean and std (tests/test_integration.py measures them on the real
-    # copy), and the MD5 of cifar-10-python.tar.gz published on https://www.cs.toronto.edu/~kriz/cifar.html.
+def test_normalization_constants_and_archive_md5_are_the_official_ones(tmp_path):
+    # The CIFAR-10 training set's per-channel mean and std (tests/test_integration.py measures them on the
+    # real copy), and the MD5 of cifar-10-python.tar.gz published on
+    # https://www.cs.toronto.edu/~kriz/cifar.html.
     assert MEAN == (0.4914, 0.4822, 0.4465) and STD == (0.2470, 0.2435, 0.2616)
     assert MD5 == "c58f30108f718f92721af3b95e74349a"
     make_archive(tmp_path)  # not the official archive: refused by default
@@ -349,7 +357,7 @@ def test_a_flipped_crop_is_the_mirror_of_a_padded_window(mode):
 def test_training_batches_are_augmented_validation_and_test_never(cifar_root):
     """The workflow this replaces switched training augmentation off by sharing a dataset with validation."""
     data = load_cifar10(cifar_root)
-    (train_x, train_y), (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    (train_x, train_y), (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     train = Loader(train_x, train_y, 500, device="cpu", augment=AugmentConfig(), shuffle=True, seed=0)
     val = Loader(val_x, val_y, 100, device="cpu")
     test = Loader(data.test_images, data.test_labels, 200, device="cpu")
@@ -426,19 +434,21 @@ def test_cutout_sets_one_square_per_image_to_the_mean_colour():
         assert torch.allclose(image[:, square], mean.expand(3, 144))
         corners.add((top, left))
     assert len(corners) > 30  # each image has its own square
-    normalised = normalize_(out.clone())
-    assert normalised.abs().flatten(1).lt(1e-6).sum(1).min() >= 3 * 144  # the mean colour normalises to zero
+    normalized = normalize_(out.clone())
+    assert normalized.abs().flatten(1).lt(1e-6).sum(1).min() >= 3 * 144  # the mean colour normalizes to zero
 
 
 def test_cutout_comes_after_flip_and_crop_and_leaves_their_randomness_alone():
     batch = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
-    geometry = {"flip": "random", "crop_padding": 4, "padding_mode": "reflect", "brightness": 0, "contrast": 0}
+    geometry = {"flip": "random", "crop_padding": 4, "padding_mode": "reflect", "brightness": 0,
+                "contrast": 0}
     without = augment(batch, AugmentConfig(**geometry), torch.Generator().manual_seed(4))
     with_cutout = augment(batch, AugmentConfig(cutout=8, **geometry), torch.Generator().manual_seed(4))
     differs = (with_cutout != without).any(1).flatten(1).sum(1)
     assert (differs == 64).all()  # the same flips and crops, then one 8x8 square each
     whole = augment(batch, AugmentConfig(cutout=40, **no_augment()), torch.Generator().manual_seed(0))
-    assert torch.allclose(whole, torch.tensor(MEAN)[None, :, None, None].expand_as(whole))  # clamped to the image
+    # clamped to the image
+    assert torch.allclose(whole, torch.tensor(MEAN)[None, :, None, None].expand_as(whole))
 
 
 def test_cutout_reaches_training_batches_only(cifar_root):
@@ -449,5 +459,5 @@ def test_cutout_reaches_training_batches_only(cifar_root):
     x_train, _ = next(iter(train))
     x_test, _ = next(iter(test))
     zero_pixels = (x_train.abs() < 1e-6).all(1).flatten(1).sum(1)
-    assert (zero_pixels >= 144).all()  # every training image has its 12x12 square at the mean (0 normalised)
+    assert (zero_pixels >= 144).all()  # every training image has its 12x12 square at the mean (0 normalized)
     assert torch.equal(x_test, normalize_(data.test_images.float() / 255))

@@ -1,5 +1,6 @@
-"""Every command on CIFAR-100 and on a folder dataset: checkpoints carry classes, mean, std and image size, and
-evaluate, predict, export and report use them without extra flags; checkpoints from before keep working."""
+"""Every command on CIFAR-100 and on a folder dataset: checkpoints carry classes, mean, std and image size,
+and evaluate, predict, export and report use them without extra flags; checkpoints from before keep
+working."""
 
 import json
 import re
@@ -16,9 +17,9 @@ from cifarcnn.base.plots import save_confusion_matrix
 from cifarcnn.cli import main
 from cifarcnn.data import splits
 from cifarcnn.data.dataset import MEAN, STD
-from cifarcnn.data.datasets import checkpoint_dataset, load_dataset
 from cifarcnn.data.images import load_image, walk_images
 from cifarcnn.data.loader import Loader, validation_mask
+from cifarcnn.data.sources import checkpoint_dataset, load_dataset
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 from .conftest import FOLDER_CLASSES, write_image_folder
@@ -33,8 +34,8 @@ def folder_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("folder-run")
     pictures = write_image_folder(base / "pictures")
     runs = base / "runs"
-    assert main(["train", *FOLDER_RECIPE, "data.dataset=folder", f"data.path={pictures}", "--runs-dir", str(runs),
-                 "--name", "r", "--device", "cpu", "--test"]) == 0
+    assert main(["train", *FOLDER_RECIPE, "data.dataset=folder", f"data.path={pictures}", "--runs-dir",
+                 str(runs), "--name", "r", "--device", "cpu", "--test"]) == 0
     return runs / "r", pictures
 
 
@@ -53,18 +54,20 @@ def test_evaluate_and_predict_use_the_checkpoints_dataset(folder_run, tmp_path, 
     run_dir, pictures = folder_run
     assert main(["evaluate", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
     evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
-    assert evaluated["num_images"] == 24 and evaluated["dataset"] == "pictures" and evaluated["image_size"] == 16
+    assert (evaluated["num_images"] == 24 and evaluated["dataset"] == "pictures"
+            and evaluated["image_size"] == 16)
     out = tmp_path / "predictions.json"
-    assert main(["predict", str(run_dir), str(pictures / "test"), "--labels-from-folders", "--output", str(out),
-                 "--device", "cpu", "-q"]) == 0
+    assert main(["predict", str(run_dir), str(pictures / "test"), "--labels-from-folders", "--output",
+                 str(out), "--device", "cpu", "-q"]) == 0
     predicted = json.loads(out.read_text())
     assert predicted["accuracy"]["accuracy"] == pytest.approx(evaluated["test_accuracy"], abs=1e-12)
     for name, acc in evaluated["per_class_accuracy"].items():
         assert predicted["accuracy"]["per_class"][name]["accuracy"] == pytest.approx(acc)
 
 
-def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
-    """The probabilities predict reports are the model's on the loader's input, not on 32x32 CIFAR-normalised."""
+def test_predict_shrinks_and_normalizes_as_the_run_was_trained(folder_run):
+    """The probabilities predict reports are the model's on the loader's input, not on 32x32
+    CIFAR-normalized."""
     from cifarcnn.use.predict import predict_files
 
     run_dir, pictures = folder_run
@@ -72,7 +75,8 @@ def test_predict_shrinks_and_normalises_as_the_run_was_trained(folder_run):
     info = checkpoint_dataset(checkpoint)
     model = model_from_checkpoint(checkpoint).eval()
     data = load_dataset(data_config(checkpoint["config"]["data"]))
-    loader = Loader(data.test_images[:8], data.test_labels[:8], 8, device="cpu", mean=info["mean"], std=info["std"])
+    loader = Loader(data.test_images[:8], data.test_labels[:8], 8, device="cpu", mean=info["mean"],
+                    std=info["std"])
     logits, _ = predict_logits(model, loader, Settings())
     files, _ = walk_images(pictures / "test" / "cat")  # the dataset's first 8 test images, in its order
     results = predict_files(model, files, FOLDER_CLASSES, device=torch.device("cpu"), settings=Settings(),
@@ -114,7 +118,8 @@ def test_report_names_the_dataset(folder_run, tmp_path):
 def test_bench_and_show_batch_on_a_folder_dataset(folder_run, tmp_path, capsys):
     _, pictures = folder_run
     data = ["data.dataset=folder", f"data.path={pictures}", "data.image_size=16", "data.val_size=12"]
-    assert main(["show-batch", *data, "--count", "8", "--out", str(tmp_path / "b.png"), "--device", "cpu"]) == 0
+    assert main(["show-batch", *data, "--count", "8", "--out", str(tmp_path / "b.png"), "--device",
+                 "cpu"]) == 0
     assert Image.open(tmp_path / "b.png").size[0] > 100
     assert main(["bench", *data, "batch_size=16", "eval_batch_size=24", "--steps", "2", "--warmup", "1",
                  "--rounds", "1", "--out", str(tmp_path / "bench.json"), "--device", "cpu"]) == 0
@@ -128,9 +133,9 @@ def test_a_folder_run_with_problem_files_goes_on(tmp_path, capsys):
     (root / "train" / "readme.txt").write_text("a file at the top level of train/")
     (root / "train" / "lonely").mkdir()
     shutil.copy(root / "train" / "cat" / "0.png", root / "train" / "lonely" / "0.png")
-    assert main(["train", "epochs=1", "batch_size=8", "data.val_size=4", "data.image_size=16", "data.dataset=folder",
-                 f"data.path={root}", "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--device", "cpu",
-                 "--test"]) == 0
+    assert main(["train", "epochs=1", "batch_size=8", "data.val_size=4", "data.image_size=16",
+                 "data.dataset=folder", f"data.path={root}", "--runs-dir", str(tmp_path / "runs"), "--name",
+                 "r", "--device", "cpu", "--test"]) == 0
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "empty holds no image files" in captured.err
     assert "readme.txt" in captured.err and "single training image: lonely" in captured.err
@@ -145,9 +150,9 @@ def test_a_folder_run_with_problem_files_goes_on(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def cifar100_run(cifar100_root, tmp_path_factory):
     runs = tmp_path_factory.mktemp("cifar100-runs")
-    assert main(["train", "epochs=1", "batch_size=100", "eval_batch_size=100", "data.val_size=100", "log_every=3",
-                 "data.dataset=cifar100", "--data-dir", str(cifar100_root), "--runs-dir", str(runs), "--name", "r",
-                 "--device", "cpu"]) == 0
+    assert main(["train", "epochs=1", "batch_size=100", "eval_batch_size=100", "data.val_size=100",
+                 "log_every=3", "data.dataset=cifar100", "--data-dir", str(cifar100_root), "--runs-dir",
+                 str(runs), "--name", "r", "--device", "cpu"]) == 0
     return runs / "r"
 
 
@@ -175,8 +180,8 @@ def test_cifar100_evaluate_predict_and_report(cifar100_run, cifar100_root, tmp_p
 
 def test_cifar100_coarse_labels_train_20_classes(cifar100_root, tmp_path):
     assert main(["train", "epochs=1", "batch_size=200", "data.val_size=100", "data.dataset=cifar100",
-                 "data.labels=coarse", "--data-dir", str(cifar100_root), "--runs-dir", str(tmp_path), "--name", "c",
-                 "--device", "cpu"]) == 0
+                 "data.labels=coarse", "--data-dir", str(cifar100_root), "--runs-dir", str(tmp_path),
+                 "--name", "c", "--device", "cpu"]) == 0
     checkpoint = load_checkpoint(tmp_path / "c" / "best.pt")
     assert checkpoint["num_classes"] == 20 and checkpoint["classes"][0] == "coarse00"
     assert tuple(checkpoint["mean"]) == (0.5071, 0.4865, 0.4409)
@@ -209,8 +214,8 @@ def test_a_100_class_confusion_matrix_renders_without_cell_numbers(tmp_path):
 
 
 def test_predict_on_the_command_line_uses_the_runs_size_mean_and_std(folder_run, tmp_path):
-    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalised with the
-    run's mean and std (a predict using CIFAR's 32x32 or mean/std gives other ones)."""
+    """`cifarcnn predict` on a folder-trained run gives the model's probabilities on 16x16 images normalized
+    with the run's mean and std (a predict using CIFAR's 32x32 or mean/std gives other ones)."""
     run_dir, pictures = folder_run
     checkpoint = load_checkpoint(run_dir / "best.pt")
     info = checkpoint_dataset(checkpoint)
@@ -236,11 +241,11 @@ def test_a_run_without_mirroring_never_uses_mirrored_views(tmp_path, capsys):
 
     pictures = write_image_folder(tmp_path / "pictures", per_class=8, test_per_class=4)
     assert main(["train", "epochs=1", "batch_size=8", "data.image_size=16", "data.dataset=folder", "tta=2",
-                 "augment.flip=none", "precision=fp32", f"data.path={pictures}", "--runs-dir", str(tmp_path / "runs"),
-                 "--name", "r", "--device", "cpu"]) == 0
+                 "augment.flip=none", "precision=fp32", f"data.path={pictures}", "--runs-dir",
+                 str(tmp_path / "runs"), "--name", "r", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "mirroring: augment.flip=none (no training image mirrored); test-time views: tta 2 (1-pixel shifts, " \
-           "no mirror)" in out
+    assert "mirroring: augment.flip=none (no training image mirrored); test-time views: tta 2 (1-pixel " \
+           "shifts, no mirror)" in out
     checkpoint = load_checkpoint(tmp_path / "runs" / "r" / "best.pt")
     assert checkpoint["tta_mirror"] is False
     assert main(["evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu", "--out", str(tmp_path / "e")]) \
@@ -290,7 +295,8 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
 
     # a duplicate in the folder from the start: the same picture as a training image, on the test side
     source = next(f"train/fox/{i}.png" for i in (0, 8, 12, 16)  # PNG files at the class folder's top
-                  if not held(f"train/fox/{i}.png", 0.2, b"test") and not held(f"train/fox/{i}.png", 0.5, b"val"))
+                  if not held(f"train/fox/{i}.png", 0.2, b"test")
+                  and not held(f"train/fox/{i}.png", 0.5, b"val"))
     shutil.copy(root / source, root / test_side_name("train/fox/dup"))
     run = tmp_path / "runs" / "r"
     assert train_on_folder(root, tmp_path / "runs") == 0
@@ -300,7 +306,8 @@ def test_the_split_does_not_move_and_evaluate_says_what_changed(tmp_path, capsys
     out = capsys.readouterr().out  # train says so before it starts
     assert f"split: 1 of the {split['test']['count']} test images have the pixels of a training image" in out
     assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "e0")]) == 0
-    out = capsys.readouterr().out  # nothing moved: the duplicate is left out as a copy, not reported as a move
+    # nothing moved: the duplicate is left out as a copy, not reported as a move
+    out = capsys.readouterr().out
     assert "changed sides" not in out
     assert f"1 of the {split['test']['count']} test images have the pixels of a training image" in out
     assert "LEFT OUT: 1" in out

@@ -20,11 +20,18 @@ from cifarcnn.cli import main
 from cifarcnn.data import folders, splits
 from cifarcnn.data.cifar import CIFAR100_FILES, CIFAR100_MEAN, CIFAR100_STD, locate_cifar
 from cifarcnn.data.dataset import MEAN, STD, DataError
-from cifarcnn.data.datasets import load_dataset
 from cifarcnn.data.images import find_images, load_image
 from cifarcnn.data.loader import Loader, validation_mask
+from cifarcnn.data.sources import load_dataset
 
 from .conftest import CIFAR100_TEST, CIFAR100_TRAIN, COARSE_OF_FINE, FOLDER_CLASSES, write_cifar100, write_image_folder
+
+TOLERANCE_SIGMAS = 4  # the tolerance docs/datasets.md states for a class's held-out count
+
+
+def within_tolerance(count: int, n: int, fraction: float) -> bool:
+    """Whether a class of `n` images with `count` held out is within the stated tolerance of `fraction`."""
+    return abs(count - n * fraction) <= TOLERANCE_SIGMAS * (n * fraction * (1 - fraction)) ** 0.5 + 1
 
 
 def data_cfg(*overrides):
@@ -53,7 +60,8 @@ def test_a_folder_dataset_without_a_path_exits_2_naming_the_key(tmp_path, capsys
     assert main(["train", "data.dataset=folder", "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'data.path'" in err[0]
-    assert main(["train", "data.dataset=folder", "data.path=missing", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert main(["train", "data.dataset=folder", "data.path=missing", "--runs-dir",
+                 str(tmp_path / "runs")]) == 2
     assert "'data.path'" in capsys.readouterr().err and not (tmp_path / "runs").exists()
 
 
@@ -77,7 +85,8 @@ def test_cifar100_data_root_is_data_dir_then_cifar100_dir(cifar100_root, monkeyp
     monkeypatch.setenv("CIFAR100_DIR", str(cifar100_root))
     assert len(load_dataset(data_cfg("data.dataset=cifar100")).classes) == 100
     # the batches folder itself works as the root too
-    assert len(load_dataset(data_cfg("data.dataset=cifar100"), cifar100_root / "cifar-100-python").classes) == 100
+    assert len(load_dataset(data_cfg("data.dataset=cifar100"),
+                            cifar100_root / "cifar-100-python").classes) == 100
 
 
 def cifar100_archive(root):
@@ -171,7 +180,8 @@ def test_folder_dataset_classes_splits_and_preprocessing(image_folder, tmp_path)
     assert data.train_labels.tolist() == [0] * 24 + [1] * 24 + [2] * 24
     # every file (any depth, any format) through predict's preprocessing, in predict's file order
     def as_predict_reads(split, size):
-        return np.stack([load_image(f, size) for c in FOLDER_CLASSES for f in find_images([root / split / c])[0]])
+        return np.stack([load_image(f, size)
+                         for c in FOLDER_CLASSES for f in find_images([root / split / c])[0]])
 
     assert np.array_equal(data.train_images.permute(0, 2, 3, 1).numpy(), as_predict_reads("train", 32))
     small = load_dataset(folder_cfg(root, "data.image_size=16"))
@@ -193,8 +203,8 @@ def test_mean_and_std_come_from_the_training_images(image_folder, tmp_path):
     assert torch.allclose(batch, (data.test_images.float() / 255 - mean) / std, atol=1e-6)
 
 
-def test_the_second_load_reads_the_cache_and_a_changed_file_is_decoded_again(image_folder, tmp_path, monkeypatch,
-                                                                              capsys):
+def test_the_second_load_reads_the_cache_and_a_changed_file_is_decoded_again(image_folder, tmp_path,
+                                                                              monkeypatch, capsys):
     root = tmp_path / "pics"
     shutil.copytree(image_folder, root)
     first = load_dataset(folder_cfg(root))
@@ -205,13 +215,15 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_is_decoded_again(ima
     monkeypatch.setattr(folders, "read_image", lambda path, size: decoded.append(path) or real(path, size))
     second = load_dataset(folder_cfg(root))
     assert decoded == [] and "decoding" not in capsys.readouterr().out
-    assert torch.equal(first.train_images, second.train_images) and torch.equal(first.test_images, second.test_images)
+    assert (torch.equal(first.train_images, second.train_images)
+            and torch.equal(first.test_images, second.test_images))
     changed = root / "train" / "fox" / "0.png"
     Image.new("RGB", (32, 32), (255, 255, 255)).save(changed)
     os.utime(changed, ns=(1, 1))  # a new modification time, whatever the clock's resolution
     third = load_dataset(folder_cfg(root))
     assert decoded == [changed]
-    assert bool((third.train_images[48] == 255).all()) and torch.equal(third.train_images[:48], first.train_images[:48])
+    assert (bool((third.train_images[48] == 255).all())
+            and torch.equal(third.train_images[:48], first.train_images[:48]))
     load_dataset(folder_cfg(root, "data.image_size=16"))  # another size: its own cache file, all decoded
     assert len(decoded) == 1 + 96 and (root / ".cifarcnn-cache" / "images-16.npz").is_file()
 
@@ -219,7 +231,8 @@ def test_the_second_load_reads_the_cache_and_a_changed_file_is_decoded_again(ima
 def test_a_read_only_dataset_folder_caches_in_the_user_cache(image_folder, tmp_path, monkeypatch, capsys):
     root = tmp_path / "pics"
     shutil.copytree(image_folder, root)
-    (root / ".cifarcnn-cache").write_text("a file where the cache folder would go: nothing can be written there")
+    (root / ".cifarcnn-cache").write_text("a file where the cache folder would go: nothing can be written "
+                                          "there")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     load_dataset(folder_cfg(root))
     cached = list((tmp_path / "user-cache" / "cifarcnn" / "folders").glob("pics-*/images-32.npz"))
@@ -250,7 +263,7 @@ def test_without_test_folder_each_image_is_held_out_by_its_path_hash(tmp_path, c
     for c in range(3):  # stratified within the stated tolerance, each class keeping training images
         n = 20
         held = int((data.test_labels == c).sum())
-        assert splits.within_tolerance(held, n, 0.25) and held < n
+        assert within_tolerance(held, n, 0.25) and held < n
     every = torch.cat([data.train_images, data.test_images]).flatten(1)
     assert len(torch.unique(every, dim=0)) == 60  # disjoint: each image once
     other = load_dataset(folder_cfg(root, "data.test_fraction=0.25", "data.split_seed=1"))
@@ -332,8 +345,8 @@ def test_the_split_check_counts_sides_changed_new_gone_and_copies(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
 def test_hash_split_is_stratified_within_the_stated_tolerance(fraction):
-    """Classes of 1 to 1,000 images under 30 seeds: each class's held-out count within the tolerance docs/datasets.md
-    states, and never a class without a training image."""
+    """Classes of 1 to 1,000 images under 30 seeds: each class's held-out count within the tolerance
+    docs/datasets.md states, and never a class without a training image."""
     sizes = [1, 2, 3, 5, 10, 24, 50, 100, 300, 1000]
     labels = np.repeat(np.arange(len(sizes)), sizes)
     keys = [f"train/c{c}/img_{i}.png" for c, n in enumerate(sizes) for i in range(n)]
@@ -341,7 +354,7 @@ def test_hash_split_is_stratified_within_the_stated_tolerance(fraction):
         held = splits.hash_held_out(keys, labels, fraction, seed, b"test")
         for c, n in enumerate(sizes):
             count = int(held[labels == c].sum())
-            assert count < n and splits.within_tolerance(count, n, fraction), (seed, n, count)
+            assert count < n and within_tolerance(count, n, fraction), (seed, n, count)
 
 
 def test_a_file_that_failed_to_decode_is_tried_again(tmp_path, monkeypatch, capsys):
@@ -373,7 +386,8 @@ def test_the_cache_with_added_removed_and_renamed_files(tmp_path, monkeypatch):
     assert "train/dog/2.bmp" not in second.train_ids + second.test_ids
     old = dict(zip(first.train_ids + first.test_ids, torch.cat([first.train_images, first.test_images])))
     new = dict(zip(second.train_ids + second.test_ids, torch.cat([second.train_images, second.test_images])))
-    assert torch.equal(new["train/fox/renamed.jpg"], old["train/fox/1.jpg"])  # the same pixels under its new name
+    # the same pixels under its new name
+    assert torch.equal(new["train/fox/renamed.jpg"], old["train/fox/1.jpg"])
     assert bool((new["train/cat/added.png"] == 255).all())
     assert all(torch.equal(new[k], old[k]) for k in set(old) & set(new))
     with np.load(root / ".cifarcnn-cache" / "images-32.npz") as saved:  # the cache forgets the removed file
@@ -397,8 +411,9 @@ def test_left_out_files_are_listed_and_the_rest_is_loaded(tmp_path, capsys):
     assert "outside any class folder (notes.txt, stray.png)" in err
     assert "single training image: lonely" in err and "without test images" in err and "lonely" in err
     counts = torch.bincount(data.train_labels, minlength=4).tolist()  # by path hash: about 8 of 10 per class
-    assert counts[3] == 1 and all(splits.within_tolerance(10 - n, 10, 0.2) and n >= 1 for n in counts[:3])
-    assert [a + b for a, b in zip(counts, torch.bincount(data.test_labels, minlength=4).tolist())] == [10, 10, 10, 1]
+    assert counts[3] == 1 and all(within_tolerance(10 - n, 10, 0.2) and n >= 1 for n in counts[:3])
+    assert [a + b for a, b in zip(counts, torch.bincount(data.test_labels, minlength=4).tolist())
+            ] == [10, 10, 10, 1]
 
 
 def test_class_folders_directly_under_the_path_and_top_level_files(tmp_path, capsys):

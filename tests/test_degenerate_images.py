@@ -4,7 +4,7 @@ colour-and-position directions), a class of identical images, and 2 classes of 1
 bounded outputs of the saved model, and a falling loss where the preset's is expected to fall. (FastNet's
 whitening used to scale the missing directions' rounding noise by 1/sqrt(eps), and FastBatchNorm, eps 1e-12,
 turned it and near-constant features into unit-variance ones with gradients 1e3-1e6x too large.) Every
-whitening filter sees variance on such images as the pipeline normalises them."""
+whitening filter sees variance on such images as the pipeline normalizes them."""
 
 import math
 import shutil
@@ -17,8 +17,8 @@ from PIL import Image
 from cifarcnn.base.config import load_preset
 from cifarcnn.cli import main
 from cifarcnn.data.dataset import normalize_
-from cifarcnn.data.datasets import dataset_of_checkpoint
 from cifarcnn.data.folders import load_folder
+from cifarcnn.data.sources import dataset_of_checkpoint
 from cifarcnn.models.fastnet import FastBatchNorm
 from cifarcnn.training.build import make_model
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -26,7 +26,7 @@ from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
 # epochs: a step or more past the end of each preset's warm-up (1 step per epoch: 32 training images)
 PRESETS = {"quick": 3, "fast": 4, "best": 5, "seed": 2, "resnet18": 2}
 PRECISIONS = ["fp32", "bf16"]
-# a constant blue channel: 0 normalises to 0; 128 to (128 / 255 - 0.502) / 1e-4 = -0.39 with the dataset's
+# a constant blue channel: 0 normalizes to 0; 128 to (128 / 255 - 0.502) / 1e-4 = -0.39 with the dataset's
 # mean (rounded to 4 places) and std (floored at 1e-4)
 CONSTANT_BLUE = {"blue0": 0, "blue128": 128}
 
@@ -80,7 +80,7 @@ def largest(x: torch.Tensor) -> float:
 
 def largest_outputs(model: torch.nn.Module, checkpoint: dict) -> tuple[float, float]:
     """The largest |output| of any layer, and of the logits, of the checkpoint's model in eval mode (as
-    evaluate and predict run it) on its training images, normalised as the pipeline does."""
+    evaluate and predict run it) on its training images, normalized as the pipeline does."""
     data = dataset_of_checkpoint(checkpoint)
     images = normalize_(data.train_images.float() / 255, data.mean, data.std)
     model, outputs = model.eval(), []
@@ -125,8 +125,8 @@ def test_trains_past_warm_up_on_degenerate_images(pictures, kind, count, preset,
 @pytest.mark.parametrize("preset", ["quick", "fast", "best"])
 @pytest.mark.parametrize("kind", ["grey_black", "blue0", "blue128"])
 def test_every_whitening_filter_sees_variance(kind, preset, pictures):
-    """No whitening channel is left with (near-)zero variance, which the BatchNorm after it cannot normalise,
-    on the training images as the pipeline normalises them: with the folder dataset's mean (rounded) and std
+    """No whitening channel is left with (near-)zero variance, which the BatchNorm after it cannot normalize,
+    on the training images as the pipeline normalizes them: with the folder dataset's mean (rounded) and std
     (floored), a constant channel need not become 0, and the patches' second moment then has a direction of
     constant value (a pair of whitening filters with no variance) unless the mean is accounted for."""
     cfg = load_preset(preset, ["data.dataset=folder", f"data.path={pictures(kind, 24)}"])

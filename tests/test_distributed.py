@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarcnn.base.config import make_config
+from cifarcnn.base.config import DataConfig, make_config
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.base.inference import settings_for
 from cifarcnn.data.cifar import load_cifar10
-from cifarcnn.data.loader import Loader, split_train_val
+from cifarcnn.data.loader import Loader, training_split
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
 from cifarcnn.training.distributed import Dist, setup
 from cifarcnn.training.train import evaluate_split, train
@@ -86,7 +86,7 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     checkpoint = load_checkpoint(run_dir / "last.pt")
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
     data = load_cifar10(cifar_root)
-    _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
     settings = settings_for({"tta": 0}, torch.device("cpu"))  # precision auto, as the run chose
     val_loss, val_acc, _ = evaluate_split(model, loader, Dist(), "val", settings)
@@ -115,7 +115,7 @@ def test_each_rank_trains_and_validates_on_its_own_shard(cifar_root, tmp_path):
     assert code == 0, output
     seen = [torch.load(tmp_path / "seen" / f"rank{rank}.pt") for rank in (0, 1)]
     data = load_cifar10(cifar_root)
-    (train_x, _), (val_x, _) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    (train_x, _), (val_x, _) = training_split(data, DataConfig(val_size=100))
     for key, images in (("train epoch 1", train_x), ("epoch 1/1 val", val_x)):
         assert [len(s[key]) for s in seen] == [len(images) // 2] * 2, key
         got, want = image_counts(torch.cat([s[key] for s in seen])), image_counts(images)
@@ -180,7 +180,7 @@ def test_the_quick_preset_trains_under_torchrun_and_validates_its_weight_average
     # (by the loss: on this easy synthetic set both models classify every validation image right).
     checkpoint = load_checkpoint(tmp_path / "quick" / "last.pt")
     data = load_cifar10(cifar_root)
-    _, (val_x, val_y) = split_train_val(data.train_images, data.train_labels, 100, 0)
+    _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
     settings = settings_for({"tta": 2}, torch.device("cpu"))  # precision auto, as the run chose
     losses = []

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def reference():
     """scripts/config_reference.py, loaded as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
+    spec = importlib.util.spec_from_file_location("config_reference",
+                                                  ROOT / "scripts" / "config_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -61,7 +61,7 @@ def test_metadata_documents_classes_and_preprocessing(exported):
     assert "32x32" in meta["preprocessing"] and "/ 255" in meta["preprocessing"]
     assert meta["architecture"] == "simple_cnn"
     assert "bare network" in meta["test_time_augmentation"] and "tta 0" in meta["test_time_augmentation"]
-    assert "normalised" in model.doc_string
+    assert "normalized" in model.doc_string
     onnx.checker.check_model(model)
 
 
@@ -91,8 +91,8 @@ def readme_tta(session, x: np.ndarray, level: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("level", [1, 2])
-def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(exported, trained_run_dir, cifar_root,
-                                                                           level):
+def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(exported, trained_run_dir,
+                                                                           cifar_root, level):
     out, _ = exported
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     model = model_from_checkpoint(load_checkpoint(trained_run_dir / "best.pt")).eval()
@@ -103,7 +103,8 @@ def test_the_readme_recipe_gives_cifarcnns_tta_logits_from_the_onnx_model(export
 
 
 def perturbed_export(monkeypatch):
-    """Make `export` write a model whose classifier bias differs from the checkpoint's, so its check must fail."""
+    """Make `export` write a model whose classifier bias differs from the checkpoint's, so its check must
+    fail."""
     import cifarcnn.use.export
 
     real = cifarcnn.use.export.to_onnx_bytes
@@ -119,7 +120,8 @@ def perturbed_export(monkeypatch):
     monkeypatch.setattr(cifarcnn.use.export, "to_onnx_bytes", to_onnx_bytes)
 
 
-def test_a_failing_check_exits_1_and_writes_nothing(trained_run_dir, cifar_root, tmp_path, capsys, monkeypatch):
+def test_a_failing_check_exits_1_and_writes_nothing(trained_run_dir, cifar_root, tmp_path, capsys,
+                                                    monkeypatch):
     perturbed_export(monkeypatch)
     target = tmp_path / "m.onnx"
     assert main(["export", str(trained_run_dir), "--output", str(target), "--data-dir", str(cifar_root)]) == 1
@@ -140,7 +142,8 @@ def test_no_check_writes_the_model_unchecked(trained_run_dir, cifar_root, tmp_pa
 
 def test_missing_extra_is_one_clear_error(trained_run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
-    assert main(["export", str(trained_run_dir), "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 1
+    assert main(["export", str(trained_run_dir), "--format", "onnx", "--output",
+                 str(tmp_path / "m.onnx")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'cifarcnn[export]'" in err[0] and "onnxscript" in err[0]
     assert not (tmp_path / "m.onnx").exists()

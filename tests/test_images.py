@@ -1,4 +1,5 @@
-"""Image files to model input: formats, modes, orientation, crop/resize, normalisation, bad files, file discovery."""
+"""Image files to model input: formats, modes, orientation, crop/resize, normalization, bad files, file
+discovery."""
 
 import numpy as np
 import pytest

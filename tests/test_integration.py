@@ -22,7 +22,7 @@ def test_one_epoch_of_the_default_recipe_beats_35_percent(tmp_path):
     assert (tmp_path / "run" / "best.pt").exists()
 
 
-def test_the_normalisation_constants_are_the_training_sets_mean_and_std():
+def test_the_normalization_constants_are_the_training_sets_mean_and_std():
     pixels = load_cifar10().train_images.double().div_(255).transpose(0, 1).reshape(3, -1)
     mean, std = pixels.mean(1), pixels.std(1, correction=0)
     assert torch.allclose(mean, torch.tensor(MEAN, dtype=torch.float64), atol=5e-4)

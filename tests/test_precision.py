@@ -61,8 +61,8 @@ def test_the_classifier_head_gives_fp32_logits_under_bf16_autocast():
 
 
 def test_the_run_records_and_prints_its_precision(tmp_path, cifar_root, small_overrides, capsys):
-    train(make_config({}, [*small_overrides, "epochs=1", "precision=bf16"]), tmp_path / "r", data_dir=cifar_root,
-          device="cpu")
+    train(make_config({}, [*small_overrides, "epochs=1", "precision=bf16"]), tmp_path / "r",
+          data_dir=cifar_root, device="cpu")
     assert "precision: bf16 (set in the config (precision))" in capsys.readouterr().out
     session = json.loads((tmp_path / "r" / "environment.json").read_text())["sessions"][0]
     assert session["precision"] == "bf16" and session["precision_reason"] == "set in the config (precision)"

@@ -1,4 +1,5 @@
-"""`cifarcnn predict`: batches of real files, error records for bad ones, outputs, accuracy from folder labels."""
+"""`cifarcnn predict`: batches of real files, error records for bad ones, outputs, accuracy from folder
+labels."""
 
 import csv
 import json
@@ -35,8 +36,8 @@ def png_test_set(cifar_root, tmp_path_factory):
 
 
 def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
-    """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's own
-    precision, as evaluate computes them."""
+    """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's
+    own precision, as evaluate computes them."""
     checkpoint = load_checkpoint(run_dir / "best.pt")
     settings = settings_for({"precision": checkpoint["config"]["precision"], "tta": tta}, torch.device("cpu"))
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
@@ -46,7 +47,8 @@ def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
 
 
 def assert_records_match(records: list[dict], data, probabilities: torch.Tensor) -> None:
-    """Each file's label and top-1 class and probability are those of the same test image's `probabilities`."""
+    """Each file's label and top-1 class and probability are those of the same test image's
+    `probabilities`."""
     assert len(records) == len(data.test_labels)
     for record in records:
         n = int(record["path"].rsplit("/", 1)[1].split(".")[0])
@@ -81,18 +83,18 @@ def test_folder_labels_give_the_same_accuracy_and_probabilities_as_evaluate(trai
 def tta_run_dir(cifar_root, tmp_path_factory):
     """The shared recipe trained with test-time augmentation level 2 (mirror + 1-pixel shifts)."""
     run_dir = tmp_path_factory.mktemp("tta-run") / "run"
-    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2",
-                           "tta=2"])
+    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100",
+                           "log_every=2", "tta=2"])
     train(cfg, run_dir, data_dir=cifar_root, device="cpu")
     return run_dir
 
 
-def test_a_tta_2_checkpoint_gives_exactly_evaluates_accuracy_and_per_class_counts(tta_run_dir, png_test_set,
-                                                                                  cifar_root, tmp_path, capsys):
+def test_a_tta_2_checkpoint_gives_exactly_evaluates_accuracy_and_per_class_counts(
+        tta_run_dir, png_test_set, cifar_root, tmp_path, capsys):
     root, data = png_test_set
     out = tmp_path / "results.json"
-    assert main(["predict", str(tta_run_dir), str(root), "--labels-from-folders", "--output", str(out), "--device",
-                 "cpu", "--batch-size", "64", "-q"]) == 0
+    assert main(["predict", str(tta_run_dir), str(root), "--labels-from-folders", "--output", str(out),
+                 "--device", "cpu", "--batch-size", "64", "-q"]) == 0
     printed = capsys.readouterr().out
     expected = evaluate(tta_run_dir, data_dir=cifar_root, device="cpu", out_dir=tmp_path / "eval")
     saved = json.loads(out.read_text())
@@ -112,8 +114,8 @@ def test_a_tta_2_checkpoint_gives_exactly_evaluates_accuracy_and_per_class_count
 def test_tta_override_gives_the_bare_networks_probabilities(tta_run_dir, png_test_set, tmp_path, capsys):
     root, data = png_test_set
     out = tmp_path / "results.json"
-    assert main(["predict", str(tta_run_dir), str(root), "--labels-from-folders", "--tta", "0", "--output", str(out),
-                 "--device", "cpu", "-q"]) == 0
+    assert main(["predict", str(tta_run_dir), str(root), "--labels-from-folders", "--tta", "0", "--output",
+                 str(out), "--device", "cpu", "-q"]) == 0
     assert "inference: tta 0 (none)" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["tta"] == 0
@@ -181,8 +183,8 @@ def test_bad_files_get_error_records_and_the_rest_are_still_predicted(trained_ru
         with open(out, newline="") as f:
             rows = {r["path"].rsplit("/", 1)[1]: r for r in csv.DictReader(f)}
         assert set(rows) == good | bad
-        assert list(next(iter(rows.values()))) == ["path", "class_1", "probability_1", "class_2", "probability_2",
-                                                   "error"]
+        assert list(next(iter(rows.values()))) == ["path", "class_1", "probability_1", "class_2",
+                                                   "probability_2", "error"]
         for name in good:
             assert rows[name]["error"] == "" and rows[name]["class_1"] in CLASSES
             assert float(rows[name]["probability_1"]) >= float(rows[name]["probability_2"]) > 0
@@ -192,8 +194,8 @@ def test_bad_files_get_error_records_and_the_rest_are_still_predicted(trained_ru
 
 def test_a_glob_and_single_files_and_quiet_mode(trained_run_dir, mixed_folder, capsys):
     folder, _, _ = mixed_folder
-    assert main(["predict", str(trained_run_dir / "best.pt"), str(folder / "*.png"), str(folder / "gray.jpg"), "-q",
-                 "--device", "cpu"]) == 1
+    assert main(["predict", str(trained_run_dir / "best.pt"), str(folder / "*.png"), str(folder / "gray.jpg"),
+                 "-q", "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     assert "predicted 3 of 5 files" in captured.out  # small, huge-rgba, gray; empty and truncated fail
     assert "small.png" not in captured.out  # no per-file table with -q

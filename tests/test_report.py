@@ -57,7 +57,8 @@ def test_the_page_shows_the_run(page, evaluated_run):
     for name in CLASSES:
         assert f"<td>{name}</td>" in table
     assert html.escape((evaluated_run / "config.yaml").read_text()) in text
-    seconds = [json.loads(line)["seconds"] for line in (evaluated_run / "metrics.jsonl").read_text().splitlines()]
+    seconds = [json.loads(line)["seconds"]
+               for line in (evaluated_run / "metrics.jsonl").read_text().splitlines()]
     assert "over 2 epoch(s)" in text and f"{sum(seconds) / 2:.1f} s per epoch" in text
     hardware = text.split('<section id="hardware">')[1]
     assert "training from epoch 1" in hardware and "CPU" in hardware and "torch 2." in hardware
@@ -66,7 +67,8 @@ def test_the_page_shows_the_run(page, evaluated_run):
 def test_training_records_the_hardware_of_each_session(cifar_root, tmp_path):
     base = ["batch_size=200", "data.val_size=100"]
     train(make_config({}, [*base, "epochs=1"]), tmp_path / "run", data_dir=cifar_root, device="cpu")
-    train(make_config({}, [*base, "epochs=2"]), tmp_path / "run", data_dir=cifar_root, device="cpu", resume=True)
+    train(make_config({}, [*base, "epochs=2"]), tmp_path / "run", data_dir=cifar_root, device="cpu",
+          resume=True)
     sessions = read_sessions(tmp_path / "run")
     assert [s["first_epoch"] for s in sessions] == [1, 2]
     assert all(s["device"] == "cpu" and s["torch"] and s["cpu_count"] for s in sessions)
@@ -106,7 +108,8 @@ window.addEventListener("load", () => {
     images: images.length,
     loaded: images.filter(i => i.complete && i.naturalWidth > 0).length,
     sections: [...document.querySelectorAll("section")].map(s => s.id),
-    visible: [...document.querySelectorAll("section")].filter(s => s.getBoundingClientRect().height > 40).length,
+    visible: [...document.querySelectorAll("section")]
+      .filter(s => s.getBoundingClientRect().height > 40).length,
     pageWidth: document.documentElement.scrollWidth,
     viewportWidth: window.innerWidth,
   };

@@ -1,4 +1,5 @@
-"""`cifarcnn serve`: the same answers as `cifarcnn predict`, batching, bad input, the token, stopping, the page."""
+"""`cifarcnn serve`: the same answers as `cifarcnn predict`, batching, bad input, the token, stopping, the
+page."""
 
 from __future__ import annotations
 
@@ -99,15 +100,18 @@ def test_answers_equal_predict_for_the_same_files(server, trained_run_dir, pngs,
     for png in pngs[:4]:  # and one raw body per request
         status, alone, _ = request(server.port, "POST", "/v1/predict?top_k=3", png.read_bytes())
         assert status == 200 and alone["results"][0]["name"] == "body"
-        assert [p["class"] for p in alone["results"][0]["predictions"]] == [p["class"] for p in answers[png.name]]
+        assert [p["class"] for p in alone["results"][0]["predictions"]] == \
+            [p["class"] for p in answers[png.name]]
         assert [printed(p["probability"]) for p in alone["results"][0]["predictions"]] == \
             [printed(p["probability"]) for p in expected[png.name]]
     assert set(answers) == set(expected)
     for name, predictions in answers.items():
         assert [p["class"] for p in predictions] == [p["class"] for p in expected[name]]
-        assert [printed(p["probability"]) for p in predictions] == [printed(p["probability"]) for p in expected[name]]
+        assert [printed(p["probability"]) for p in predictions] == \
+            [printed(p["probability"]) for p in expected[name]]
         top = predictions[0]
-        assert any(line.split()[:3] == [str(Path(pngs[0].parent) / name), top["class"], printed(top["probability"])]
+        assert any(line.split()[:3] == [str(Path(pngs[0].parent) / name), top["class"],
+                                        printed(top["probability"])]
                    for line in table.splitlines())
     identity = together["model"]
     assert identity["run"] == trained_run_dir.name and identity["checkpoint"] == "best.pt"
@@ -122,7 +126,8 @@ def test_model_endpoint_describes_the_checkpoint(server, trained_run_dir, loaded
     assert status == 200
     checkpoint = loaded.checkpoint
     assert model["classes"] == list(checkpoint["classes"]) and model["image_size"] == 32
-    assert model["mean"] == pytest.approx(checkpoint["mean"]) and model["std"] == pytest.approx(checkpoint["std"])
+    assert (model["mean"] == pytest.approx(checkpoint["mean"])
+            and model["std"] == pytest.approx(checkpoint["std"]))
     assert model["validation_accuracy"] == checkpoint["best_val_acc"]
     assert model["test_accuracy"] is None  # trained without --test, never evaluated
     assert model["preset"] == "seed" and model["tta"] == loaded.settings.tta
@@ -259,7 +264,8 @@ def test_when_the_worker_dies_its_batch_and_every_later_request_get_an_error():
 def test_concurrent_requests_share_forward_passes(loaded, pngs):
     with in_process(loaded, max_batch=16, max_wait_ms=400) as (app, port):
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda png: request(port, "POST", "/v1/predict", png.read_bytes()), pngs[:8]))
+            answers = list(pool.map(lambda png: request(port, "POST", "/v1/predict", png.read_bytes()),
+                                    pngs[:8]))
         sizes = list(app.state.batcher.batch_sizes)
         assert all(status == 200 for status, _, _ in answers)
         assert sum(sizes) == 8 and len(sizes) <= 2, sizes  # 8 requests, one or two forward passes
@@ -291,7 +297,8 @@ def test_decoding_runs_on_a_thread_pool_and_does_not_block_other_requests(loaded
 
 def test_an_unexpected_error_is_a_500_without_a_traceback_and_the_server_goes_on(loaded, pngs, monkeypatch):
     real = loaded.classify
-    monkeypatch.setattr(loaded, "classify", lambda *a: (_ for _ in ()).throw(RuntimeError("/secret/path boom")))
+    monkeypatch.setattr(loaded, "classify",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("/secret/path boom")))
     with in_process(loaded) as (_, port):
         status, answer, _ = request(port, "POST", "/v1/predict", pngs[0].read_bytes())
         assert status == 500 and answer == {"detail": "internal error (RuntimeError)"}
@@ -501,7 +508,8 @@ def chromium_and_driver() -> tuple[str, str]:
     browser = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
     if browser is None:
         if __import__("os").environ.get("CI"):
-            pytest.fail("CI is set but Chromium is not installed (.ci/run installs chromium and chromium-driver)")
+            pytest.fail("CI is set but Chromium is not installed (.ci/run installs chromium and "
+                        "chromium-driver)")
         pytest.skip("Chromium is not installed (apt-get install chromium chromium-driver)")
     driver = shutil.which("chromedriver")
     assert driver, "Chromium is installed but chromedriver is not: apt-get install chromium-driver"
@@ -645,11 +653,12 @@ def test_page_in_chromium_shows_a_failing_server(chromium, pngs, how, shown):
 
 def test_load_benchmark_runs_end_to_end(trained_run_dir, cifar_root, tmp_path):
     pngs_dir = tmp_path / "pngs"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "test_set_as_pngs.py"), str(pngs_dir), "--data-dir",
-                    str(cifar_root)], check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "test_set_as_pngs.py"), str(pngs_dir),
+                    "--data-dir", str(cifar_root)], check=True, capture_output=True, timeout=120)
     out = tmp_path / "load.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(trained_run_dir),
-                           str(pngs_dir), "--requests", "60", "--clients", "4", "--device", "cpu", "--out", str(out)],
+                           str(pngs_dir), "--requests", "60", "--clients", "4", "--device", "cpu", "--out",
+                           str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads(out.read_text())

@@ -1,5 +1,5 @@
-"""Typed configuration: dataclasses, YAML files, the packaged presets and `key=value` overrides, validated in one
-place."""
+"""Typed configuration: dataclasses, YAML files, the packaged presets and `key=value` overrides, validated in
+one place."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from .storage import atomic_write_text
 
 CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
 DATASETS = ("cifar10", "cifar100", "folder")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
            choices: tuple[str, ...] | None = None, special: str | None = None) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "special": special}
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices,
+            "special": special}
 
 
 def _field(default: Any, **limits: Any) -> Any:
@@ -31,35 +33,43 @@ def _field(default: Any, **limits: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = _field("cifar10", choices=DATASETS)  # cifar10, cifar100, or a folder of your own images (path)
+    dataset: str = _field(
+        "cifar10", choices=DATASETS)  # cifar10, cifar100, or a folder of your own images (path)
     path: str | None = None  # the folder of a folder dataset (DIR/train/<class>/..., DIR/test/<class>/...)
     labels: str = _field("fine", choices=("fine", "coarse"))  # cifar100: 100 fine classes or 20 superclasses
     image_size: int = _field(32, lo=16, hi=512)  # folder datasets: side of the square images decoded
-    test_fraction: float = _field(0.2, lo=0, hi=1, lo_open=True, hi_open=True)  # folder without test/: held out
+    test_fraction: float = _field(
+        0.2, lo=0, hi=1, lo_open=True, hi_open=True)  # folder without test/: held out
     val_size: int | float | str = _field("auto", special="val_size")  # auto: a tenth (CIFAR 5,000); 0: none
-    split_seed: int = _field(0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
+    split_seed: int = _field(
+        0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
 
 
 @dataclass
 class AugmentConfig:
-    flip: str = _field("random", choices=("random", "alternate", "none"))  # mirror left-right; none for digits, text
+    flip: str = _field(
+        "random", choices=("random", "alternate", "none"))  # mirror left-right; none for digits, text
     crop_padding: int = _field(4, lo=0, hi=16)  # random crops of the image padded by this many pixels; 0: off
     padding_mode: str = _field("zeros", choices=("zeros", "reflect"))  # what the crop padding holds
     brightness: float = _field(0.2, lo=0, hi=1)  # each image scaled by a factor in [1 - b, 1 + b]; 0: off
-    contrast: float = _field(0.2, lo=0, hi=1)  # each image pulled to or from its mean by [1 - c, 1 + c]; 0: off
+    contrast: float = _field(
+        0.2, lo=0, hi=1)  # each image pulled to or from its mean by [1 - c, 1 + c]; 0: off
     cutout: int = _field(0, lo=0, hi=32)  # side of the square set to the mean colour, one per image; 0: off
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = _field("adam", choices=("adam", "adamw", "sgd", "muon"))  # sgd, muon use momentum and nesterov
+    name: str = _field(
+        "adam", choices=("adam", "adamw", "sgd", "muon"))  # sgd, muon use momentum and nesterov
     lr: float = _field(1e-3, lo=0, lo_open=True)  # the peak learning rate the scheduler starts from
-    weight_decay: float = _field(1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
+    weight_decay: float = _field(
+        1e-4, lo=0)  # L2 for adam and sgd (added to the gradient), decoupled for adamw
     momentum: float = _field(0.9, lo=0, hi=1, hi_open=True)  # sgd and muon only
     nesterov: bool = False  # sgd and muon only
     bias_lr_scale: float = _field(
         1.0, lo=0, lo_open=True)  # BatchNorm's (muon: every 1-D parameter): lr x this, decay / this
-    muon_lr: float = _field(0.05, lo=0, lo_open=True)  # muon only: conv filters' peak rate (no decay: fixed norm)
+    muon_lr: float = _field(
+        0.05, lo=0, lo_open=True)  # muon only: conv filters' peak rate (no decay: fixed norm)
     muon_momentum: float = _field(0.6, lo=0, hi=1, hi_open=True)  # muon only: conv filters' momentum
     lookahead_steps: int = _field(0, lo=0)  # every N steps pull the weights to their running average; 0: off
 
@@ -82,15 +92,21 @@ class Config:
     eval_batch_size: int = _field(1000, lo=1)  # images per forward pass in validation and test (memory only)
     patience: int = _field(10, lo=0)  # early stopping on validation accuracy; 0 switches it off
     log_every: int = _field(10, lo=1)  # batches between progress-bar refreshes and per-step loss logs
-    label_smoothing: float = _field(0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes
-    tta: int = _field(0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
+    label_smoothing: float = _field(
+        0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes
+    tta: int = _field(
+        0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
     compile: bool = False  # torch.compile the model (warm-up is done before training starts)
-    precision: str = _field("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on CUDA and bf16 CPUs, else fp32
-    ema_decay: float = _field(0.0, lo=0, hi=1, hi_open=True)  # > 0: validate, test and save a weight average (EMA)
-    checkpoint_every_steps: int = _field(0, lo=0)  # also save last.pt every N optimizer steps mid-epoch; 0: off
+    precision: str = _field("auto", choices=PRECISIONS)  # auto: bf16 on CUDA and bf16 CPUs, else fp32
+    ema_decay: float = _field(
+        0.0, lo=0, hi=1, hi_open=True)  # > 0: validate, test and save a weight average (EMA)
+    checkpoint_every_steps: int = _field(
+        0, lo=0)  # also save last.pt every N optimizer steps mid-epoch; 0: off
     sync_batchnorm: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch
-    init_from: str | None = None  # start from a trained model: a run folder (its best.pt) or a checkpoint file
-    finetune: str = _field("all", choices=("all", "head"))  # with init_from: train every layer, or the classifier only
+    init_from: str | None = field(
+        default=None)  # start from a trained model: a run folder (its best.pt) or a checkpoint file
+    finetune: str = _field(
+        "all", choices=("all", "head"))  # with init_from: train every layer, or the classifier only
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -113,8 +129,8 @@ def _val_size(key: str, value: Any) -> int | float | str:
         return value
     if isinstance(value, float) and 0 < value < 1:
         return value
-    raise ConfigError(f"config key '{key}' must be auto (a tenth of the training images), a number of images >= 0 "
-                      f"or a fraction between 0 and 1, got {value!r}")
+    raise ConfigError(f"config key '{key}' must be auto (a tenth of the training images), a number of images "
+                      f">= 0 or a fraction between 0 and 1, got {value!r}")
 
 
 def _coerce(key: str, value: Any, tp: Any, limits: dict) -> Any:
@@ -158,7 +174,8 @@ def _coerce(key: str, value: Any, tp: Any, limits: dict) -> Any:
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+                          f"got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
@@ -181,7 +198,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. epochs=2 or optimizer.lr=0.01)")
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. epochs=2 or "
+                              f"optimizer.lr=0.01)")
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
@@ -191,7 +209,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(parents):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parents[:i + 1])}' is not a section")
+                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parents[:i + 1])}' is not a "
+                                  f"section")
             node[part] = child = dict(child)
             node = child
         node[leaf] = value
@@ -263,8 +282,8 @@ def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config
         raise ConfigError(f"config key 'model' must be one of {', '.join(sorted(MODELS))}; got {cfg.model!r}")
     _check_data(cfg.data)
     if cfg.finetune == "head" and not cfg.init_from:
-        raise ConfigError("config key 'finetune' is head, which trains only the classifier of a model loaded with "
-                          "init_from: set init_from=RUN_DIR (or a .pt file), or finetune=all")
+        raise ConfigError("config key 'finetune' is head, which trains only the classifier of a model loaded "
+                          "with init_from: set init_from=RUN_DIR (or a .pt file), or finetune=all")
     return cfg
 
 
@@ -279,16 +298,17 @@ def _check_data(data: DataConfig) -> None:
     """The data keys that depend on each other: a folder needs its path, the CIFAR sets have fixed sizes."""
     if data.dataset == "folder":
         if not data.path:
-            raise ConfigError("config key 'data.path' is required with data.dataset=folder: the folder holding "
-                              "train/<class>/ (and optionally test/<class>/), e.g. data.path=~/pictures")
+            raise ConfigError("config key 'data.path' is required with data.dataset=folder: the folder "
+                              "holding train/<class>/ (and optionally test/<class>/), e.g. "
+                              "data.path=~/pictures")
         return
     name = "CIFAR-10" if data.dataset == "cifar10" else "CIFAR-100"
     if isinstance(data.val_size, int) and data.val_size >= CIFAR_TRAIN_SIZE:
-        raise ConfigError(f"config key 'data.val_size' must be < {CIFAR_TRAIN_SIZE} ({name} has {CIFAR_TRAIN_SIZE:,} "
-                          f"training images), got {data.val_size}")
+        raise ConfigError(f"config key 'data.val_size' must be < {CIFAR_TRAIN_SIZE} ({name} has "
+                          f"{CIFAR_TRAIN_SIZE:,} training images), got {data.val_size}")
     if data.image_size != 32:
-        raise ConfigError(f"config key 'data.image_size' is {data.image_size}, but {name} images are 32x32; it "
-                          f"applies to data.dataset=folder only")
+        raise ConfigError(f"config key 'data.image_size' is {data.image_size}, but {name} images are 32x32; "
+                          f"it applies to data.dataset=folder only")
     if data.labels != "fine" and data.dataset != "cifar100":
         raise ConfigError(f"config key 'data.labels' applies to data.dataset=cifar100 only (got "
                           f"data.labels={data.labels} with data.dataset={data.dataset})")

@@ -1,9 +1,9 @@
-"""The one inference path: `evaluate`, `predict`, the trainer's validation, `bench` and the ONNX export's check all
-turn a batch of normalised images into logits here.
+"""The one inference path: `evaluate`, `predict`, the trainer's validation, `bench` and the ONNX export's
+check all turn a batch of normalized images into logits here.
 
-A checkpoint is run with its config's test-time augmentation (`tta`) and the precision its config resolves to on
-this machine (bf16 autocast or fp32, `precision.choose`). Each TTA view's logits are cast to fp32 before the views
-are averaged, so the average is the same whatever precision the views were computed in.
+A checkpoint is run with its config's test-time augmentation (`tta`) and the precision its config resolves to
+on this machine (bf16 autocast or fp32, `precision.choose`). Each TTA view's logits are cast to fp32 before
+the views are averaged, so the average is the same whatever precision the views were computed in.
 """
 
 from __future__ import annotations
@@ -22,26 +22,27 @@ from .precision import autocast, choose
 from .progress import bar_disabled
 
 TTA_LEVELS = {0: "none", 1: "mirror", 2: "mirror + 1-pixel shifts"}
-# A model trained without mirrored images (augment.flip=none) is never shown a mirrored view: level 1 is then x alone
-# and level 2 x and its two 1-pixel shifts.
+# A model trained without mirrored images (augment.flip=none) is never shown a mirrored view: level 1 is then
+# x alone and level 2 x and its two 1-pixel shifts.
 TTA_LEVELS_NO_MIRROR = {0: "none", 1: "none: the training did not mirror", 2: "1-pixel shifts, no mirror"}
 TTA_RECIPE = (
-    "tta 1: average the logits of x and of x mirrored (reversed along the width axis). tta 2: pad x by 1 pixel on "
-    "each side by reflection (numpy.pad mode 'reflect'), take the 32x32 windows of the padded image at rows and "
-    "columns 0..31 and 2..33, and average the logits with weights 1/4 for x and its mirror and 1/8 for each window "
-    "and each window's mirror"
+    "tta 1: average the logits of x and of x mirrored (reversed along the width axis). tta 2: pad x by 1 "
+    "pixel on each side by reflection (numpy.pad mode 'reflect'), take the 32x32 windows of the padded image "
+    "at rows and columns 0..31 and 2..33, and average the logits with weights 1/4 for x and its mirror and "
+    "1/8 for each window and each window's mirror"
 )
 TTA_RECIPE_NO_MIRROR = (
-    "this model was trained without mirrored images, so no view is mirrored. tta 1: x alone. tta 2: pad x by 1 pixel "
-    "on each side by reflection (numpy.pad mode 'reflect'), take the windows of the padded image at rows and columns "
-    "0..S-1 and 2..S+1, and average the logits with weights 1/2 for x and 1/4 for each window"
+    "this model was trained without mirrored images, so no view is mirrored. tta 1: x alone. tta 2: pad x by "
+    "1 pixel on each side by reflection (numpy.pad mode 'reflect'), take the windows of the padded image at "
+    "rows and columns 0..S-1 and 2..S+1, and average the logits with weights 1/2 for x and 1/4 for each "
+    "window"
 )
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How a checkpoint is run: its TTA level, whether its views include mirrors (only when the training mirrored
-    images), and precision ("fp32" or "bf16", and why)."""
+    """How a checkpoint is run: its TTA level, whether its views include mirrors (only when the training
+    mirrored images), and precision ("fp32" or "bf16", and why)."""
 
     tta: int = 0
     precision: str = "fp32"
@@ -64,9 +65,9 @@ def trained_with_mirrors(config: dict) -> bool:
 
 def settings_for(config: dict, device: torch.device, tta: int | None = None, *, mirror: bool | None = None
                  ) -> Settings:
-    """The settings for a checkpoint's `config` on `device`; `tta` overrides the config's level. `mirror`: whether
-    TTA may use mirrored views; None follows the config's augment.flip (a checkpoint passes what it recorded:
-    `checkpoint_settings`)."""
+    """The settings for a checkpoint's `config` on `device`; `tta` overrides the config's level. `mirror`:
+    whether TTA may use mirrored views; None follows the config's augment.flip (a checkpoint passes what it
+    recorded: `checkpoint_settings`)."""
     if tta is None:
         tta = int(config.get("tta", 0))
     elif tta not in TTA_LEVELS:
@@ -77,16 +78,17 @@ def settings_for(config: dict, device: torch.device, tta: int | None = None, *, 
 
 
 def checkpoint_settings(checkpoint: dict, device: torch.device, tta: int | None = None) -> Settings:
-    """`settings_for` a checkpoint: mirrored TTA views as it recorded (`tta_mirror`); checkpoints from before it was
-    recorded keep their mirrored views, as they always ran."""
+    """`settings_for` a checkpoint: mirrored TTA views as it recorded (`tta_mirror`); checkpoints from before
+    it was recorded keep their mirrored views, as they always ran."""
     return settings_for(checkpoint["config"], device, tta, mirror=bool(checkpoint.get("tta_mirror", True)))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = True) -> torch.Tensor:
-    """Float32 logits averaged over test-time views of `x` (N, C, H, W). Level 0: `x` alone. Level 1: `x` and its
-    mirror, 1/2 each. Level 2: `x` and its mirror 1/4 each, and 1/8 each for `x` shifted one pixel down and right,
-    `x` shifted one pixel up and left (the border reflected, as F.pad's "reflect"), and the mirrors of both.
-    Without `mirror` no mirrored view is taken: level 1 is `x` alone, level 2 `x` 1/2 and each shift 1/4."""
+    """Float32 logits averaged over test-time views of `x` (N, C, H, W). Level 0: `x` alone. Level 1: `x` and
+    its mirror, 1/2 each. Level 2: `x` and its mirror 1/4 each, and 1/8 each for `x` shifted one pixel down
+    and right, `x` shifted one pixel up and left (the border reflected, as F.pad's "reflect"), and the mirrors
+    of both. Without `mirror` no mirrored view is taken: level 1 is `x` alone, level 2 `x` 1/2 and each shift
+    1/4."""
     logits = model(x).float()
     if level >= 1 and mirror:
         logits = (logits + model(x.flip(3)).float()) / 2
@@ -103,14 +105,15 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = Tru
 
 @torch.inference_mode()
 def infer(model: nn.Module, x: torch.Tensor, settings: Settings) -> torch.Tensor:
-    """Float32 logits of `model` (in eval mode) for a batch of normalised images, with the settings' TTA views
+    """Float32 logits of `model` (in eval mode) for a batch of normalized images, with the settings' TTA views
     (mirrored ones only with `settings.mirror`), under bf16 autocast when its precision is "bf16"."""
     with autocast(x.device, settings.precision):
         return tta_logits(model, x, settings.tta, settings.mirror)
 
 
 class Batches(Protocol):
-    """What `predict_logits` reads: a sized iterable of (normalised images, labels), such as `data.loader.Loader`."""
+    """What `predict_logits` reads: a sized iterable of (normalized images, labels), such as
+    `data.loader.Loader`."""
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -120,12 +123,12 @@ class Batches(Protocol):
 @torch.inference_mode()
 def predict_logits(model: nn.Module, loader: Batches, settings: Settings, desc: str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logits (`inference.infer`, batch by batch) and labels for every image the loader yields, in order,
-    on the loader's device."""
+    """Float32 logits (`inference.infer`, batch by batch) and labels for every image the loader yields, in
+    order, on the loader's device."""
     model.eval()
     logits, labels = [], []
-    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False, disable=bar_disabled(desc is not None),
-                     dynamic_ncols=True):
+    for x, y in tqdm(loader, total=len(loader), desc=desc, leave=False,
+                     disable=bar_disabled(desc is not None), dynamic_ncols=True):
         logits.append(infer(model, x, settings))
         labels.append(y)
     return torch.cat(logits), torch.cat(labels)

@@ -1,4 +1,5 @@
-"""PNG figures: labelled image grids, the confusion-matrix heatmap and training curves (matplotlib, headless)."""
+"""PNG figures: labelled image grids, the confusion-matrix heatmap and training curves (matplotlib,
+headless)."""
 
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def save_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, col
     _save(fig, path)
 
 
-ANNOTATED_CLASSES = 20  # up to this many classes each cell shows its count; beyond, the image would not fit them
+# up to this many classes each cell shows its count; beyond, the image would not fit them
+ANNOTATED_CLASSES = 20
 
 
 def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
-    """Rows are true classes, columns predicted. Up to ANNOTATED_CLASSES classes each cell is annotated with its
-    count; with more the figure stops growing, the labels shrink and a square-root colour scale keeps the rarer
-    confusions visible next to the diagonal."""
+    """Rows are true classes, columns predicted. Up to ANNOTATED_CLASSES classes each cell is annotated with
+    its count; with more the figure stops growing, the labels shrink and a square-root colour scale keeps the
+    rarer confusions visible next to the diagonal."""
     k = len(classes)
     annotated = k <= ANNOTATED_CLASSES
     side = 0.75 * k if annotated else 14.0
@@ -94,7 +96,8 @@ def training_curve_pngs(history: Sequence[dict]) -> list[tuple[str, bytes]]:
     for title, series, percent in panels:
         fig, ax = plt.subplots(figsize=(4.6, 3.0))
         for label, key in series:
-            points = [(e, row.get(key)) for e, row in zip(epochs, history) if isinstance(row.get(key), (int, float))]
+            points = [(e, row.get(key)) for e, row in zip(epochs, history)
+                      if isinstance(row.get(key), (int, float))]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, [y * 100 for y in ys] if percent else ys, marker="o", markersize=3, label=label)

@@ -1,10 +1,9 @@
 """Which arithmetic a run uses, chosen per machine: bf16 autocast or fp32.
 
 `precision: auto` picks bf16 autocast on CUDA, and on a CPU that has bf16 instructions (AMX tiles or AVX-512
-BF16), where torch's bf16 convolutions and matmuls run about 2-5x faster than fp32 (measured on both CPU kinds
-of this project: docs/speed.md); elsewhere fp32 (a CPU without them only emulates bf16). The rule depends only
-on the machine, not on a timing, so the same run on the same machine always makes the same choice; training,
-evaluation and prediction all follow it. `fp32` or `bf16` force one.
+BF16); elsewhere fp32 (a CPU without them only emulates bf16; docs/speed.md compares the two). The rule
+depends only on the machine, not on a timing, so the same run on the same machine always makes the same
+choice; training, evaluation and prediction all follow it. `fp32` or `bf16` force one.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +45,6 @@ def choose(setting: str, device: torch.device) -> Choice:
 
 
 def autocast(device: torch.device, precision: str, cache: bool = True) -> torch.autocast:
-    """bf16 autocast when `precision` is "bf16", else a disabled one. (`cache=False` inside CUDA graph capture,
-    where autocast's weight-cast cache is not allowed.)"""
+    """bf16 autocast when `precision` is "bf16", else a disabled one. (`cache=False` inside CUDA graph
+    capture, where autocast's weight-cast cache is not allowed.)"""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=cache)

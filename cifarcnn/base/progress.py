@@ -25,9 +25,9 @@ def bar_disabled(wanted: bool = True) -> bool | None:
 
 
 class Progress:
-    """Iterate over `items` (`total` of them, the first `initial` already done) with progress shown: on a terminal
-    a tqdm bar refreshed every `refresh_every` items; in a log a line at a `show` call, if the last line is at
-    least PLAIN_LINE_SECONDS old (so short loops print none: their summary line says enough)."""
+    """Iterate over `items` (`total` of them, the first `initial` already done) with progress shown: on a
+    terminal a tqdm bar refreshed every `refresh_every` items; in a log a line at a `show` call, if the last
+    line is at least PLAIN_LINE_SECONDS old (so short loops print none: their summary line says enough)."""
 
     def __init__(self, items: Iterable, *, total: int, desc: str, initial: int = 0, refresh_every: int = 1,
                  enabled: bool = True):
@@ -43,7 +43,8 @@ class Progress:
         return iter(self._bar)
 
     def show(self, done: int, **fields: str) -> None:
-        """Report `done` items with `fields` (e.g. loss, acc): the bar's postfix, or a plain line when one is due."""
+        """Report `done` items with `fields` (e.g. loss, acc): the bar's postfix, or a plain line when one is
+        due."""
         if not self.enabled:
             return
         if not self._plain:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the target folder, fsync, then rename, so a crash never leaves half a file."""
+"""Atomic file writes: a temp file in the target folder, fsync, then rename, so a crash never leaves half a
+file."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ class StorageError(UserError):
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(f)` on a temp file beside `path`, then move it over `path` in one step. An OSError becomes a
-    StorageError naming the file; the previous file, if any, is untouched."""
+    """Call `write(f)` on a temp file beside `path`, then move it over `path` in one step. An OSError becomes
+    a StorageError naming the file; the previous file, if any, is untouched."""
     path = Path(path)
     try:
         _atomic_write(path, write)

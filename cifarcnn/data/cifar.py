@@ -52,8 +52,10 @@ class CifarFiles:
     meta_file: str
 
 
-CIFAR10_FILES = CifarFiles("CIFAR-10", "CIFAR10_DIR", URL, MD5, ARCHIVE, FOLDER, TRAIN_FILES, TEST_FILE, META_FILE)
-CIFAR100_FILES = CifarFiles("CIFAR-100", "CIFAR100_DIR", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+CIFAR10_FILES = CifarFiles("CIFAR-10", "CIFAR10_DIR", URL, MD5, ARCHIVE, FOLDER, TRAIN_FILES, TEST_FILE,
+                           META_FILE)
+CIFAR100_FILES = CifarFiles("CIFAR-100", "CIFAR100_DIR",
+                            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                             "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python.tar.gz", "cifar-100-python",
                             ("train",), "test", "meta")
 
@@ -66,8 +68,8 @@ def resolve_data_root(data_dir: str | Path | None = None, env: str = "CIFAR10_DI
 
 
 def _how_to_point_at_a_copy(root: Path, files: CifarFiles = CIFAR10_FILES) -> str:
-    return (f"put the {files.folder}/ folder or {files.archive} in {root}, or point --data-dir or {files.env} "
-            f"at the folder that holds them")
+    return (f"put the {files.folder}/ folder or {files.archive} in {root}, or point --data-dir or "
+            f"{files.env} at the folder that holds them")
 
 
 def locate_cifar(root: Path, files: CifarFiles, *, download: bool = True, url: str | None = None,
@@ -121,8 +123,9 @@ def download_file(url: str, dest: Path, md5: str, files: CifarFiles = CIFAR10_FI
                                 f"offline, {_how_to_point_at_a_copy(dest.parent, files)}") from None
             if not on_terminal():  # a log gets this line instead of the bar
                 print(f"downloading {url}", file=sys.stderr, flush=True)
-            with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
-                                unit_scale=True, desc=f"downloading {dest.name}", disable=bar_disabled()) as bar:
+            with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None,
+                                unit="B", unit_scale=True, desc=f"downloading {dest.name}",
+                                disable=bar_disabled()) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -191,14 +194,15 @@ class _BatchUnpickler(pickle.Unpickler):
 
 def _unpickle(path: Path, files: CifarFiles = CIFAR10_FILES) -> dict:
     if not path.exists():
-        raise DataError(f"{path}: file missing from the {files.title} folder; delete the folder to fetch it again, "
-                        f"or {_how_to_point_at_a_copy(path.parent.parent, files)}")
+        raise DataError(f"{path}: file missing from the {files.title} folder; delete the folder to fetch it "
+                        f"again, or {_how_to_point_at_a_copy(path.parent.parent, files)}")
     try:
         with open(path, "rb") as f:
             obj = _BatchUnpickler(f, encoding="latin1").load()
     except _ForbiddenObject as e:
-        raise DataError(f"{path}: refusing to load {e}: a {files.title} batch holds only arrays and lists, and "
-                        f"this file would run code; replace it with a copy from the official archive") from None
+        raise DataError(f"{path}: refusing to load {e}: a {files.title} batch holds only arrays and lists, "
+                        f"and this file would run code; replace it with a copy from the official archive"
+                        ) from None
     except Exception as e:  # truncation and corruption surface as many different exception types
         raise DataError(f"{path}: not a readable {files.title} batch file, it is truncated or corrupt "
                         f"({type(e).__name__}: {e})") from None
@@ -214,14 +218,16 @@ def read_batch(path: Path, label_key: str = "labels", num_classes: int = len(CLA
     batch = _unpickle(path, files)
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
+        desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else repr(type(data)))
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {desc}")
     if not isinstance(labels, list) or len(labels) != len(data):
         count = len(labels) if isinstance(labels, list) else "no"
         raise DataError(f"{path}: expected {len(data)} '{label_key}' to match the images, found {count}")
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
+        raise DataError(f"{path}: labels must be in 0..{num_classes - 1}, "
+                        f"found {labels.min()}..{labels.max()}")
     return data.reshape(-1, *IMAGE_SHAPE), labels
 
 
@@ -242,7 +248,8 @@ def load_cifar10(data_dir: str | Path | None = None, *, download: bool = True) -
     )
 
 
-def load_cifar100(data_dir: str | Path | None = None, *, labels: str = "fine", download: bool = True) -> Dataset:
+def load_cifar100(data_dir: str | Path | None = None, *, labels: str = "fine",
+                  download: bool = True) -> Dataset:
     """CIFAR-100 with its 100 fine labels, or (`labels="coarse"`) its 20 superclasses."""
     files = CIFAR100_FILES
     folder = locate_cifar(resolve_data_root(data_dir, files.env), files, download=download)

@@ -1,5 +1,5 @@
-"""What every image source ends as: a Dataset of uint8 tensors with its classes and normalisation, and the
-normalisation itself. CIFAR-10's mean and std are the defaults (checkpoints from before datasets were recorded
+"""What every image source ends as: a Dataset of uint8 tensors with its classes and normalization, and the
+normalization itself. CIFAR-10's mean and std are the defaults (checkpoints from before datasets were recorded
 are CIFAR-10 models)."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ class DataError(UserError):
 
 @dataclass
 class Dataset:
-    """What every dataset ends as: uint8 images (N, 3, S, S) and int64 labels, its class names, the per-channel
-    mean and std its images are normalised with, and a name for titles and checkpoints."""
+    """What every dataset ends as: uint8 images (N, 3, S, S) and int64 labels, its class names, the
+    per-channel mean and std its images are normalized with, and a name for titles and checkpoints."""
 
     train_images: torch.Tensor  # (N, 3, S, S) uint8
     train_labels: torch.Tensor  # (N,) int64
@@ -45,5 +45,6 @@ def normalize_(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float
     return x.sub_(x.new_tensor(mean)[None, :, None, None]).div_(x.new_tensor(std)[None, :, None, None])
 
 
-def denormalize(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
+def denormalize(x: torch.Tensor, mean: tuple[float, ...] = MEAN,
+                std: tuple[float, ...] = STD) -> torch.Tensor:
     return (x * x.new_tensor(std)[None, :, None, None] + x.new_tensor(mean)[None, :, None, None]).clamp(0, 1)

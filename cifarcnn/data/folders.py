@@ -1,13 +1,14 @@
-"""Folder datasets: labelled image files in DIR/train/<class>/... and DIR/test/<class>/... (any depth below a class
-folder, the formats `predict` reads), turned into the same uint8 Dataset as CIFAR.
+"""Folder datasets: labelled image files in DIR/train/<class>/... and DIR/test/<class>/... (any depth below a
+class folder, the formats `predict` reads), turned into the same uint8 Dataset as CIFAR.
 
-Each file goes through predict's preprocessing (`images.load_image`) to `data.image_size`, once: files are decoded
-in parallel into a cache (DIR/.cifarcnn-cache/images-SIZE.npz, or the user's cache folder when DIR is read-only)
-keyed by their paths, sizes and modification times, so a later run decodes only new or changed files. Unreadable
-files are listed and left out, and tried again on the next run. Without test/, `data.test_fraction` of each class is
-held out as the test set by a keyed hash of each file's path (splits.py), so files added, removed or renamed never
-move another image to the other side. Mean and std come from the training images. The memory the dataset needs is
-estimated, and checked against the device's, before anything is decoded.
+Each file goes through predict's preprocessing (`images.load_image`) to `data.image_size`, once: files are
+decoded in parallel into a cache (DIR/.cifarcnn-cache/images-SIZE.npz, or the user's cache folder when DIR is
+read-only) keyed by their paths, sizes and modification times, so a later run decodes only new or changed
+files. Unreadable files are listed and left out, and tried again on the next run. Without test/,
+`data.test_fraction` of each class is held out as the test set by a keyed hash of each file's path
+(splits.py), so files added, removed or renamed never move another image to the other side. Mean and std come
+from the training images. The memory the dataset needs is estimated, and checked against the device's, before
+anything is decoded.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from .splits import hash_held_out
 CACHE_DIR = ".cifarcnn-cache"
 CACHE_VERSION = 1
 MAX_LISTED = 20  # unreadable files listed by name; any more are counted
-# Bytes per pixel of a training image while it is used: 1 as the stored uint8 image, about 10 more for one epoch's
-# gathered, augmented and normalised float32 copies.
+# Bytes per pixel of a training image while it is used: 1 as the stored uint8 image, about 10 more for one
+# epoch's gathered, augmented and normalized float32 copies.
 TRAIN_BYTES_PER_PIXEL = 11
 
 
@@ -53,16 +54,17 @@ class Scan:
 def scan_folder(root: Path) -> Scan:
     """Find the class folders and their image files; what is left out goes to `notes`."""
     if not root.is_dir():
-        raise ConfigError(f"config key 'data.path': {root} is not a folder (it should hold train/<class>/ and "
-                          f"optionally test/<class>/)")
+        raise ConfigError(f"config key 'data.path': {root} is not a folder (it should hold train/<class>/ "
+                          f"and optionally test/<class>/)")
     notes: list[str] = []
     train_root, test_root = root / "train", root / "test"
     if train_root.is_dir():
-        extras = sorted(p.name for p in root.iterdir() if p.name not in ("train", "test") and p.name[0] != ".")
+        extras = sorted(p.name for p in root.iterdir()
+                        if p.name not in ("train", "test") and p.name[0] != ".")
         if extras:
-            notes.append(f"left out {len(extras)} entr{'y' if len(extras) == 1 else 'ies'} at the top level of "
-                         f"{root} ({', '.join(extras[:5])}{', ...' if len(extras) > 5 else ''}): only train/ and "
-                         f"test/ are read")
+            notes.append(f"left out {len(extras)} entr{'y' if len(extras) == 1 else 'ies'} at the top level "
+                         f"of {root} ({', '.join(extras[:5])}{', ...' if len(extras) > 5 else ''}): only "
+                         f"train/ and test/ are read")
     elif test_root.is_dir():
         raise DataError(f"{root} has a test/ folder but no train/ folder: put the training images in "
                         f"{train_root}/<class>/")
@@ -118,9 +120,9 @@ def _available_bytes(device: torch.device | None) -> int | None:
 
 
 def memory_needed(num_images: int, num_train: int, size: int, device: torch.device | None) -> int:
-    """Bytes the dataset needs on `device`: the uint8 images plus an epoch's float copies of the training images;
-    in host memory while decoding (device None), about three uint8 copies (decoded, cached, rearranged). On the CPU
-    both happen in the same memory, so the larger counts."""
+    """Bytes the dataset needs on `device`: the uint8 images plus an epoch's float copies of the training
+    images; in host memory while decoding (device None), about three uint8 copies (decoded, cached,
+    rearranged). On the CPU both happen in the same memory, so the larger counts."""
     pixels = 3 * size * size
     decoding = 3 * pixels * num_images
     if device is None:
@@ -142,22 +144,26 @@ def check_memory(num_images: int, num_train: int, size: int, device: torch.devic
         smaller = [s for s in (256, 192, 128, 96, 64, 48, 32, 16)
                    if s < size and memory_needed(num_images, num_train, s, target) <= available]
         advice = (f"lower data.image_size (data.image_size={smaller[0]} needs about "
-                  f"{_bytes(memory_needed(num_images, num_train, smaller[0], target))}), or " if smaller else "")
-        raise DataError(f"the folder dataset's {num_images:,} images at {size}x{size} need about {_bytes(need)} "
-                        f"{where}, but only {_bytes(available)} is free: {advice}train on fewer images"
+                  f"{_bytes(memory_needed(num_images, num_train, smaller[0], target))}), or "
+                  if smaller else "")
+        raise DataError(f"the folder dataset's {num_images:,} images at {size}x{size} need about "
+                        f"{_bytes(need)} {where}, but only {_bytes(available)} is free: {advice}train on "
+                        f"fewer images"
                         + (" or on a device with more memory (--device)" if target is not None else ""))
 
 
 # --------------------------------------------------------------------------- decoding and the cache
 
 def _cache_dirs(root: Path) -> list[Path]:
-    """Where the cache may live: inside the dataset folder, else (read-only folder) in the user's cache folder."""
+    """Where the cache may live: inside the dataset folder, else (read-only folder) in the user's cache
+    folder."""
     user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifarcnn" / "folders"
     return [root / CACHE_DIR, user / f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"]
 
 
 def relative_paths(files: list[Path], root: Path) -> list[str]:
-    """Each file's path relative to the dataset root, with / between folders: its key in the cache and the split."""
+    """Each file's path relative to the dataset root, with / between folders: its key in the cache and the
+    split."""
     prefix = len(str(root)) + 1  # every file was found by walking the root
     return [str(path)[prefix:].replace(os.sep, "/") for path in files]
 
@@ -174,7 +180,8 @@ def _file_keys(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
     return keys
 
 
-def _read_cache(root: Path, size: int) -> tuple[dict[tuple[str, int, int], int], np.ndarray, list[str]] | None:
+def _read_cache(root: Path, size: int
+                ) -> tuple[dict[tuple[str, int, int], int], np.ndarray, list[str]] | None:
     """(key -> row, images, errors) from the first readable cache file for this image size, or None."""
     for folder in _cache_dirs(root):
         path = folder / f"images-{size}.npz"
@@ -191,7 +198,8 @@ def _read_cache(root: Path, size: int) -> tuple[dict[tuple[str, int, int], int],
                     continue
                 return rows, images, saved["errors"].tolist()
         except Exception as e:  # a truncated or foreign file: decode again and overwrite it
-            print(f"note: ignoring the unreadable cache {path} ({type(e).__name__}); decoding again", file=sys.stderr)
+            print(f"note: ignoring the unreadable cache {path} ({type(e).__name__}); decoding again",
+                  file=sys.stderr)
     return None
 
 
@@ -214,9 +222,9 @@ def _write_cache(root: Path, size: int, keys: list[tuple[str, int, int]], images
 
 def decode_files(files: list[Path], root: Path, size: int, workers: int | None = None
                  ) -> tuple[np.ndarray, list[str]]:
-    """(len(files), size, size, 3) uint8 images and, per file, why it could not be read ('' when it could): from
-    the cache where a file's path, size and modification time match, the rest decoded in parallel with a progress
-    bar. The cache is rewritten when anything changed."""
+    """(len(files), size, size, 3) uint8 images and, per file, why it could not be read ('' when it could):
+    from the cache where a file's path, size and modification time match, the rest decoded in parallel with a
+    progress bar. The cache is rewritten when anything changed."""
     keys = _file_keys(files, root)
     cached = _read_cache(root, size)
     if cached is None:
@@ -261,8 +269,8 @@ def decode_files(files: list[Path], root: Path, size: int, workers: int | None =
 # --------------------------------------------------------------------------- the dataset
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S) images,
-    exactly, from each channel's histogram of the 256 pixel values."""
+    """Per-channel mean and std (over all pixels, in [0, 1], rounded to 4 places) of uint8 (N, 3, S, S)
+    images, exactly, from each channel's histogram of the 256 pixel values."""
     values = torch.arange(256, dtype=torch.float64) / 255
     mean, std = [], []
     for c in range(3):
@@ -270,7 +278,8 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         m = float((counts * values).sum() / counts.sum())
         variance = float((counts * values.square()).sum() / counts.sum()) - m * m
         mean.append(round(m, 4))
-        std.append(max(round(max(variance, 0.0) ** 0.5, 4), 1e-4))  # a one-colour channel must not divide by 0
+        # a one-colour channel must not divide by 0
+        std.append(max(round(max(variance, 0.0) ** 0.5, 4), 1e-4))
     return tuple(mean), tuple(std)
 
 
@@ -278,11 +287,13 @@ def _listed_errors(files: list[Path], errors: list[str]) -> list[str]:
     bad = [(path, reason) for path, reason in zip(files, errors) if reason]
     if not bad:
         return []
-    lines = [f"left out {len(bad)} unreadable file(s):"] + [f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED]]
+    lines = ([f"left out {len(bad)} unreadable file(s):"]
+             + [f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED]])
     return lines + ([f"  ... and {len(bad) - MAX_LISTED} more"] if len(bad) > MAX_LISTED else [])
 
 
-def _select(pairs: list[tuple[Path, str]], readable: np.ndarray, index: dict[str, int]) -> tuple[list[int], list[int]]:
+def _select(pairs: list[tuple[Path, str]], readable: np.ndarray, index: dict[str, int]
+            ) -> tuple[list[int], list[int]]:
     """Positions of the readable files of known classes, and their labels."""
     keep = [i for i, (_, name) in enumerate(pairs) if readable[i] and name in index]
     return keep, [index[pairs[i][1]] for i in keep]
@@ -295,15 +306,17 @@ def _as_tensors(images: np.ndarray, labels: list[int]) -> tuple[torch.Tensor, to
 
 
 def _classes(scan: Scan, readable: np.ndarray) -> list[str]:
-    """The class folders with at least one readable training image, sorted by name; a reason to stop otherwise."""
+    """The class folders with at least one readable training image, sorted by name; a reason to stop
+    otherwise."""
     found = sorted({name for (_, name), ok in zip(scan.train, readable) if ok})
     lost = sorted({name for _, name in scan.train} - set(found))
     if lost:
-        scan.notes.append(f"left out class(es) {', '.join(lost)}: none of their training images could be read")
+        scan.notes.append(f"left out class(es) {', '.join(lost)}: none of their training images could be "
+                          f"read")
     if len(found) < 2:
         raise DataError(f"{scan.root}: a folder dataset needs at least 2 class folders with readable images, "
-                        f"found {len(found)}{' (' + found[0] + ')' if found else ''}: put each class's images in "
-                        f"{scan.root}/train/<class>/")
+                        f"found {len(found)}{' (' + found[0] + ')' if found else ''}: put each class's "
+                        f"images in {scan.root}/train/<class>/")
     return found
 
 
@@ -314,7 +327,8 @@ def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[
     offset = len(scan.train)
     unknown = sorted({name for _, name in scan.test} - set(index))
     if unknown:
-        scan.notes.append(f"left out test/ class folder(s) that are not training classes: {', '.join(unknown)}")
+        scan.notes.append(f"left out test/ class folder(s) that are not training classes: "
+                          f"{', '.join(unknown)}")
     keep, labels = _select(scan.test, readable[offset:], index)
     if not keep:
         scan.notes.append(f"{scan.root}/test holds no readable image of a training class: holding out "
@@ -324,7 +338,8 @@ def _test_set(scan: Scan, images: np.ndarray, readable: np.ndarray, index: dict[
 
 
 def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
-    """The folder dataset `cfg.path` at `cfg.image_size`; `device` (the training device) is checked for room."""
+    """The folder dataset `cfg.path` at `cfg.image_size`; `device` (the training device) is checked for
+    room."""
     started = time.perf_counter()
     root = Path(cfg.path).expanduser().resolve()
     scan = scan_folder(root)
@@ -352,11 +367,11 @@ def load_folder(cfg: DataConfig, device: torch.device | None = None) -> Dataset:
     mean, std = channel_stats(train_x)
     for line in scan.notes + _listed_errors(files, errors):
         print(line if line.startswith("  ") else f"note: {line}", file=sys.stderr)
-    print(f"folder dataset {root}: {len(classes)} classes, {len(train_x):,} training and {len(test[0]):,} test "
-          f"images at {cfg.image_size}x{cfg.image_size}, mean {mean} std {std} "
+    print(f"folder dataset {root}: {len(classes)} classes, {len(train_x):,} training and {len(test[0]):,} "
+          f"test images at {cfg.image_size}x{cfg.image_size}, mean {mean} std {std} "
           f"({time.perf_counter() - started:.1f}s)", flush=True)
-    return Dataset(train_x, train_y, test[0], test[1], classes=tuple(classes), name=root.name, mean=mean, std=std,
-                   train_ids=train_ids, test_ids=test[2])
+    return Dataset(train_x, train_y, test[0], test[1], classes=tuple(classes), name=root.name, mean=mean,
+                   std=std, train_ids=train_ids, test_ids=test[2])
 
 
 def _note_small_classes(scan: Scan, classes: list[str], train_y: torch.Tensor, test_y: torch.Tensor) -> None:

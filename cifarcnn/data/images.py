@@ -1,9 +1,9 @@
 """Image files to model input: find them, decode any common format and mode, and shrink them to square RGB.
 
-Preprocessing (the same for every file, in `predict` and for folder datasets): decode the first frame, apply the
-EXIF orientation, flatten transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not
+Preprocessing (the same for every file, in `predict` and for folder datasets): decode the first frame, apply
+the EXIF orientation, flatten transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not
 clipped), crop the largest centred square, resize it to the model's image size (32x32 for CIFAR) with Pillow's
-antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalises with the dataset's mean/std
+antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalizes with the dataset's mean/std
 exactly as the training and test loaders do.
 """
 
@@ -33,8 +33,8 @@ class ImageReadError(Exception):
 
 
 def walk_images(folder: Path) -> tuple[list[Path], int]:
-    """The image files under `folder` (recursively, by extension, any letter case; hidden files and folders left
-    out), sorted folder by folder, and how many other files were skipped."""
+    """The image files under `folder` (recursively, by extension, any letter case; hidden files and folders
+    left out), sorted folder by folder, and how many other files were skipped."""
     found: list[Path] = []
     skipped = 0
     for root, dirs, names in os.walk(folder):
@@ -53,7 +53,8 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
     """Expand files, folders (recursively, image extensions only) and globs into a sorted, de-duplicated list.
 
     A file named directly is always taken, whatever its extension (a bad one becomes an error record later).
-    Returns (files, number of non-image files skipped inside folders). A path that names nothing is a UsageError.
+    Returns (files, number of non-image files skipped inside folders). A path that names nothing is a
+    UsageError.
     """
     found: list[Path] = []
     skipped = 0
@@ -95,7 +96,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparent pixels are composited over white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        # 16-bit data (and 32-bit ints holding it) spans 0..65535; keep the picture instead of clipping at 255.
+        # 16-bit data (and 32-bit ints holding it) spans 0..65535; keep the picture instead of clipping at
+        # 255.
         if image.mode.startswith("I;16") or values.max(initial=0) > 255:
             values = values / 257
         elif image.mode == "F" and values.max(initial=0) <= 1:
@@ -120,8 +122,8 @@ def _decode(source: str | Path | bytes, size: int, max_pixels: int | None) -> Im
         opened = Image.open(source)
     with opened as image:
         if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageReadError(f"image too large to decode safely ({image.width}x{image.height} pixels; the "
-                                 f"limit is {max_pixels:,})")
+            raise ImageReadError(f"image too large to decode safely ({image.width}x{image.height} pixels; "
+                                 f"the limit is {max_pixels:,})")
         image.seek(0)  # GIF/WebP animations: the first frame
         if image.format == "JPEG":
             image.draft("RGB", (size * 2, size * 2))  # let the JPEG decoder downscale big photos for free
@@ -131,8 +133,8 @@ def _decode(source: str | Path | bytes, size: int, max_pixels: int | None) -> Im
 
 
 def load_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | None = None) -> np.ndarray:
-    """Decode one file (a path, or its bytes) to a (size, size, 3) uint8 RGB array; raises ImageReadError with a
-    short reason. `max_pixels`: a larger image is refused before decoding (default: Pillow's bomb limit)."""
+    """Decode one file (a path, or its bytes) to a (size, size, 3) uint8 RGB array; raises ImageReadError with
+    a short reason. `max_pixels`: a larger image is refused before decoding (default: Pillow's bomb limit)."""
     try:
         image = _decode(source, size, max_pixels)
     except ImageReadError:
@@ -154,12 +156,14 @@ def load_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | N
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     box = (left, top, left + side, top + side)
-    # Pillow's filters widen with the scale factor, so this bicubic resize is antialiased; at 32x32 it is a copy.
+    # Pillow's filters widen with the scale factor, so this bicubic resize is antialiased; at 32x32 it is a
+    # copy.
     image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
     return np.asarray(image, dtype=np.uint8)
 
 
-def read_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | None = None) -> np.ndarray | str:
+def read_image(source: str | Path | bytes, size: int = SIZE,
+               max_pixels: int | None = None) -> np.ndarray | str:
     """`load_image`, or the reason the file (or upload) could not be read as a string (never raises for a bad
     one)."""
     try:
@@ -172,7 +176,7 @@ def read_image(source: str | Path | bytes, size: int = SIZE, max_pixels: int | N
 
 def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
                    mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalised with `mean` and `std` (the checkpoint's dataset's;
-    default CIFAR-10's), the same arithmetic as `data.Loader`."""
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalized with `mean` and `std` (the checkpoint's
+    dataset's; default CIFAR-10's), the same arithmetic as `data.Loader`."""
     x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).contiguous()
     return normalize_(x.float().div_(255), mean, std)

@@ -1,8 +1,8 @@
 """The train/validation split and the Loader serving batches, with its augmentation.
 
 The whole dataset lives as one uint8 tensor on the training device. Batches are picked, augmented
-(flip, padded crop, brightness/contrast jitter, cutout, independent parameters per image) and normalised there
-with a few vectorised ops, a whole epoch at a time. Randomness is keyed by (seed, epoch), so any batch of
+(flip, padded crop, brightness/contrast jitter, cutout, independent parameters per image) and normalized there
+with a few vectorized ops, a whole epoch at a time. Randomness is keyed by (seed, epoch), so any batch of
 any epoch can be reproduced without replaying the epochs before it.
 """
 
@@ -18,21 +18,9 @@ from .dataset import MEAN, STD, Dataset, normalize_
 from .splits import hash_held_out
 
 
-def split_train_val(images: torch.Tensor, labels: torch.Tensor, val_size: int, seed: int
-                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """A random (train, val) split of the training set, the same for the same seed."""
-    n = len(images)
-    if not 0 < val_size < n:
-        raise ConfigError(f"config key 'data.val_size' is {val_size}, but it must be between 1 and the "
-                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
-    return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
-
-
 def val_count(val_size: int | float | str, n: int) -> int:
-    """How many of `n` training images `data.val_size` holds out for validation: auto is a tenth (5,000 of CIFAR's
-    50,000), a fraction that share (rounded), a number itself."""
+    """How many of `n` training images `data.val_size` holds out for validation: auto is a tenth (5,000 of
+    CIFAR's 50,000), a fraction that share (rounded), a number itself."""
     if val_size == "auto":
         return n // 10
     if isinstance(val_size, float):
@@ -42,21 +30,24 @@ def val_count(val_size: int | float | str, n: int) -> int:
 
 def validation_mask(data: Dataset, cfg: DataConfig) -> torch.Tensor | None:
     """Which training images are validation images (None: no validation set). CIFAR: a seeded random choice of
-    `val_count` images. A folder dataset: each image by its keyed path hash (`splits.hash_held_out`), the fraction
-    being val_size's (auto: 0.1; a number N: N / the training images), so files coming and going move no image."""
+    `val_count` images. A folder dataset: each image by its keyed path hash (`splits.hash_held_out`), the
+    fraction being val_size's (auto: 0.1; a number N: N / the training images), so files coming and going move
+    no image."""
     n = len(data.train_images)
     count = val_count(cfg.val_size, n)
     if not count:
         return None
     if not 0 < count < n:
         raise ConfigError(f"config key 'data.val_size' is {cfg.val_size}, but it must be between 1 and the "
-                          f"{n} training images minus one (or 0: no validation set), e.g. data.val_size={n // 10}")
+                          f"{n} training images minus one (or 0: no validation set), e.g. "
+                          f"data.val_size={n // 10}")
     if data.train_ids is None:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
         mask = torch.zeros(n, dtype=torch.bool)
         mask[perm[:count]] = True
         return mask
-    fraction = cfg.val_size if isinstance(cfg.val_size, float) else 0.1 if cfg.val_size == "auto" else count / n
+    fraction = (cfg.val_size if isinstance(cfg.val_size, float)
+                else 0.1 if cfg.val_size == "auto" else count / n)
     held = hash_held_out(data.train_ids, data.train_labels.numpy(), fraction, cfg.split_seed, b"val")
     return torch.from_numpy(held) if held.any() else None
 
@@ -72,7 +63,8 @@ def split_by_mask(data: Dataset, mask: torch.Tensor | None
     """`training_split` for a `validation_mask` already computed."""
     if mask is None:
         return (data.train_images, data.train_labels), None
-    return (data.train_images[~mask], data.train_labels[~mask]), (data.train_images[mask], data.train_labels[mask])
+    return ((data.train_images[~mask], data.train_labels[~mask]),
+            (data.train_images[mask], data.train_labels[mask]))
 
 
 # --------------------------------------------------------------------------- augmentation and batching
@@ -116,7 +108,8 @@ def _uniform_factors(n: int, spread: float, device: torch.device, generator: tor
     return 1 + spread * (2 * u - 1)
 
 
-def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator: torch.Generator) -> torch.Tensor:
+def color_jitter_(x: torch.Tensor, brightness: float, contrast: float,
+                  generator: torch.Generator) -> torch.Tensor:
     """In place: brightness then contrast, factors uniform in [1-s, 1+s] per image, on floats in [0, 1]."""
     if brightness:
         x.mul_(_uniform_factors(len(x), brightness, x.device, generator)).clamp_(0, 1)
@@ -128,8 +121,8 @@ def color_jitter_(x: torch.Tensor, brightness: float, contrast: float, generator
 
 
 def cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Floats in [0, 1] with one `size` x `size` square per image, at a random position wholly inside it, set to
-    the dataset's mean colour, which normalisation maps to zero (as the published method zeroes normalised
+    """Floats in [0, 1] with one `size` x `size` square per image, at a random position wholly inside it, set
+    to the dataset's mean colour, which normalization maps to zero (as the published method zeroes normalized
     pixels)."""
     n, c, h, w = x.shape
     size = min(size, h, w)
@@ -160,25 +153,25 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 
 
 class Loader:
-    """Shuffled, normalised batches from uint8 images kept on `device`; augmented when `augment` is set, normalised
-    with the dataset's `mean` and `std` (default CIFAR-10's).
+    """Shuffled, normalized batches from uint8 images kept on `device`; augmented when `augment` is set,
+    normalized with the dataset's `mean` and `std` (default CIFAR-10's).
 
-    Each epoch's images are gathered, augmented and normalised at its start in a few vectorised ops, and its
+    Each epoch's images are gathered, augmented and normalized at its start in a few vectorized ops, and its
     batches are slices of that one tensor: no work per batch beyond a view, so a GPU never waits on launches.
 
-    `epoch(e, start_step)` is a pure function of (seed, e): the same batches, augmented the same way, whether an
-    epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every other epoch,
-    starting from a random half of the images.
+    `epoch(e, start_step)` is a pure function of (seed, e): the same batches, augmented the same way, whether
+    an epoch runs whole or resumes half way. With alternating flips, each image is mirrored in every other
+    epoch, starting from a random half of the images.
 
     Under torchrun (`world_size` > 1) `batch_size` is the global batch: every rank walks the same permutation
-    and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are disjoint
-    and together cover each batch exactly once.
+    and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are
+    disjoint and together cover each batch exactly once.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
-                 augment: AugmentConfig | None = None, shuffle: bool = False, seed: int = 0,
-                 memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0, world_size: int = 1,
-                 mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
+                 device: torch.device | str, augment: AugmentConfig | None = None, shuffle: bool = False,
+                 seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0,
+                 world_size: int = 1, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
         self.device = torch.device(device)
         self.mean, self.std = tuple(mean), tuple(std)
         self.rank, self.world_size = rank, world_size
@@ -191,7 +184,8 @@ class Loader:
         self.memory_format = memory_format
         self._generator = torch.Generator(device=self.device)
         self._first_flips = torch.rand(len(images), device=self.device, generator=self._keyed(-2)) < 0.5
-        # Which positions of an epoch's order are this rank's, and where each of its batches starts among them.
+        # Which positions of an epoch's order are this rank's, and where each of its batches starts among
+        # them.
         position = torch.arange(len(images))
         mine = position % batch_size % world_size == rank
         self._positions = position[mine].to(self.device)

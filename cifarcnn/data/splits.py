@@ -1,17 +1,17 @@
-"""Which side of a folder dataset's split (training, validation or test) each image is on, what a checkpoint records
-of the split, and how the split changed since a checkpoint was trained.
+"""Which side of a folder dataset's split (training, validation or test) each image is on, what a checkpoint
+records of the split, and how the split changed since a checkpoint was trained.
 
-A folder image's side follows from its own path relative to the dataset root, never from its position in a list:
-a blake2b hash keyed with `data.split_seed` (personalised per split, "test" or "val") maps the path to a number u
-in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files therefore never
-moves an image to another side. The one exception keeps every class trainable: when every image of a class would be
-held out, the one with the largest u stays on the training side.
+A folder image's side follows from its own path relative to the dataset root, never from its position in a
+list: a blake2b hash keyed with `data.split_seed` (personalized per split, "test" or "val") maps the path to a
+number u in [0, 1), and the image is held out when u < the fraction. Adding, removing or renaming other files
+therefore never moves an image to another side. The one exception keeps every class trainable: when every
+image of a class would be held out, the one with the largest u stays on the training side.
 
-Each class is split by its own images' hashes, so its held-out share is that of independent coin flips: for a class
-of n images and a fraction f, the held-out count lies within TOLERANCE_SIGMAS x sqrt(n f (1 - f)) + 1 of n f (the
-stated tolerance; outside it with a probability below 1 in 10,000 per class).
+Each class is split by its own images' hashes, so its held-out count is that of independent coin flips (within
+the tolerance docs/datasets.md states).
 
-CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and digests.
+CIFAR keeps its official train/test split and its seeded validation permutation; its record holds counts and
+digests.
 
 A test accuracy never counts a test image the model trained on (by its path or by its pixels):
 `train --test` and `evaluate` both take their test images from `untrained_test`, so they count the same.
@@ -27,12 +27,12 @@ import torch
 
 from .dataset import DataError, Dataset
 
-TOLERANCE_SIGMAS = 4
 SCHEME = "blake2b-path-v1"
 
 
 def _unit(key: str, seed: int, side: bytes) -> float:
-    """u in [0, 1) for `key` (a path relative to the dataset root), keyed by the split seed, one hash per side."""
+    """u in [0, 1) for `key` (a path relative to the dataset root), keyed by the split seed, one hash per
+    side."""
     digest = hashlib.blake2b(key.encode(), digest_size=8, key=str(seed).encode(), person=side).digest()
     return int.from_bytes(digest, "big") / 2**64
 
@@ -50,11 +50,6 @@ def hash_held_out(keys: list[str] | tuple[str, ...], labels: np.ndarray, fractio
     return held
 
 
-def within_tolerance(count: int, n: int, fraction: float) -> bool:
-    """Whether a class of `n` images with `count` held out is within the stated tolerance of `fraction`."""
-    return abs(count - n * fraction) <= TOLERANCE_SIGMAS * (n * fraction * (1 - fraction)) ** 0.5 + 1
-
-
 def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
     """An int64 identity per relative path."""
     return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, person=b"id").digest(), "big",
@@ -63,11 +58,11 @@ def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
 
 def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
     """An int64 identity per image from its decoded uint8 pixels, laid out (N, 3, S, S) as a Dataset holds
-    them: the same picture under another name is recognised."""
+    them: the same picture under another name is recognized."""
     array = images.numpy() if isinstance(images, torch.Tensor) else images
     array = np.ascontiguousarray(array)
-    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big", signed=True)
-                     for row in array], dtype=np.int64)
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big",
+                                    signed=True) for row in array], dtype=np.int64)
 
 
 def _digest(ids: np.ndarray) -> str:
@@ -87,17 +82,21 @@ def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
     return side
 
 
-def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor, val_mask: torch.Tensor | None,
-                 test_keys: tuple[str, ...] | None, test_images: torch.Tensor) -> dict:
-    """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the images'
-    keys; for a folder dataset also each image's path and pixel identity (to tell later what moved)."""
+def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor,
+                 val_mask: torch.Tensor | None, test_keys: tuple[str, ...] | None,
+                 test_images: torch.Tensor) -> dict:
+    """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the
+    images' keys; for a folder dataset also each image's path and pixel identity (to tell later what
+    moved)."""
     mask = val_mask.numpy() if val_mask is not None else np.zeros(len(train_images), dtype=bool)
     if train_keys is None:  # CIFAR: the keys are positions in the official files
         positions = np.arange(len(train_images), dtype=np.int64)
-        return {"scheme": "cifar", "train": _side(positions[~mask], None), "val": _side(positions[mask], None),
+        return {"scheme": "cifar", "train": _side(positions[~mask], None),
+                "val": _side(positions[mask], None),
                 "test": _side(np.arange(len(test_images), dtype=np.int64), None)}
     ids, pixels = path_ids(train_keys), pixel_ids(train_images)
-    return {"scheme": SCHEME, "train": _side(ids[~mask], pixels[~mask]), "val": _side(ids[mask], pixels[mask]),
+    return {"scheme": SCHEME, "train": _side(ids[~mask], pixels[~mask]),
+            "val": _side(ids[mask], pixels[mask]),
             "test": _side(path_ids(test_keys or ()), pixel_ids(test_images))}
 
 
@@ -127,8 +126,8 @@ class SplitChange:
             parts.append(f"{self.moved} of the {self.test_images} test images changed sides since training "
                          f"({self.was_train} were training images, {self.was_val} validation images)")
         if self.copies:
-            parts.append(f"{self.copies} of the {self.test_images} test images have the pixels of a training image "
-                         f"(the same picture under another name, at the decoded size)")
+            parts.append(f"{self.copies} of the {self.test_images} test images have the pixels of a training "
+                         f"image (the same picture under another name, at the decoded size)")
         if self.by_source:
             parts.append(f"{self.by_source} of the {self.test_images} test images are images the source "
                          f"model (init_from) trained on")
@@ -160,14 +159,15 @@ def compare_split(record: dict | None, data: Dataset) -> SplitChange | None:
     by_source = np.isin(pixels, source["pixels"].numpy()) if source else np.zeros_like(copies)
     by_source &= ~(was_train | copies)
     trained = was_train | copies | by_source
-    seen = was_train | by_path("val") | by_path("test") | by_pixels("train") | by_pixels("val") | by_pixels("test")
+    seen = (was_train | by_path("val") | by_path("test") | by_pixels("train") | by_pixels("val")
+            | by_pixels("test"))
     now_ids = np.concatenate([ids, path_ids(data.train_ids)])
     now_pixels = np.concatenate([pixels, pixel_ids(data.train_images)])
     then = record["train"]
     gone = ~np.isin(then["ids"].numpy(), now_ids) & ~np.isin(then["pixels"].numpy(), now_pixels)
-    return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()), int(copies.sum()),
-                       int((~seen).sum()), int(gone.sum()), _pairs_digest(ids[~trained], pixels[~trained]),
-                       int(by_source.sum()))
+    return SplitChange(len(ids), trained, int(was_train.sum()), int((was_val & ~copies).sum()),
+                       int(copies.sum()), int((~seen).sum()), int(gone.sum()),
+                       _pairs_digest(ids[~trained], pixels[~trained]), int(by_source.sum()))
 
 
 def untrained_test(data: Dataset, change: SplitChange | None) -> tuple[torch.Tensor, torch.Tensor]:

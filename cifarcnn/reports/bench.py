@@ -27,8 +27,8 @@ from ..base.device import select_device
 from ..base.errors import ConfigError
 from ..base.inference import predict_logits, settings_for
 from ..base.storage import atomic_write_json
-from ..data.datasets import load_dataset
 from ..data.loader import training_split
+from ..data.sources import load_dataset
 from ..training.build import CHANNELS_LAST, eval_loader, make_model, make_step, train_loader
 from ..training.step import sync, warm_up
 

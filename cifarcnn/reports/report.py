@@ -13,15 +13,15 @@ from ..base.errors import UsageError, UserError
 from ..base.plots import ANNOTATED_CLASSES, training_curve_pngs
 from ..base.storage import atomic_write_text
 from ..data.dataset import DataError
-from ..data.datasets import dataset_of_checkpoint
+from ..data.sources import dataset_of_checkpoint
 from ..data.splits import SCHEME, compare_split
 from ..training.checkpoint import load_checkpoint
 from ..training.environment import read_sessions
 from ..use.evaluate import confusion_count, evaluate, top_confusions
 
 SECTIONS = (("summary", "Summary"), ("curves", "Training curves"), ("per-class", "Per-class accuracy"),
-            ("confusion", "Confusion matrix"), ("misclassified", "Misclassified examples"), ("config", "Config"),
-            ("hardware", "Hardware and time"))
+            ("confusion", "Confusion matrix"), ("misclassified", "Misclassified examples"),
+            ("config", "Config"), ("hardware", "Hardware and time"))
 
 CSS = """
 :root { color-scheme: light; --ink: #1d2430; --muted: #5b6677; --line: #d9dee7; --accent: #2563eb; }
@@ -33,7 +33,8 @@ header h1 { font-size: 1.6rem; margin: 8px 0 4px; overflow-wrap: anywhere; }
 header p { margin: 0; color: var(--muted); }
 nav { display: flex; flex-wrap: wrap; gap: 6px 14px; margin: 12px 0 4px; font-size: 0.9rem; }
 nav a { color: var(--accent); text-decoration: none; }
-section { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; margin: 14px 0; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 10px; padding: 14px 16px; \
+margin: 14px 0; }
 h2 { font-size: 1.2rem; margin: 0 0 10px; }
 .cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 10px; }
 .card { border: 1px solid var(--line); border-radius: 8px; padding: 10px; }
@@ -111,8 +112,8 @@ def load_test_metrics(run_dir: Path, *, evaluate_if_missing: bool, data_dir: str
             evaluate(run_dir, data_dir=data_dir, device=device)
         except DataError as e:
             raise UserError(f"{run_dir} has not been evaluated yet and evaluating it failed: {e}. "
-                            f"Evaluate it with `{how}` (pointing --data-dir at the CIFAR files), then run report again"
-                            ) from None
+                            f"Evaluate it with `{how}` (pointing --data-dir at the CIFAR files), then run "
+                            f"report again") from None
     try:
         metrics = json.loads(path.read_text())
         metrics["test_accuracy"], metrics["classes"], metrics["confusion_matrix"]  # noqa: B018
@@ -123,7 +124,8 @@ def load_test_metrics(run_dir: Path, *, evaluate_if_missing: bool, data_dir: str
 
 def _figure(path: Path, alt: str, caption: str, narrow: bool = False) -> str:
     if not path.exists():
-        return f'<p class="note">{_e(path)} is missing; run <code>cifarcnn evaluate</code> again to draw it.</p>'
+        return (f'<p class="note">{_e(path)} is missing; run <code>cifarcnn evaluate</code> again to draw '
+                f'it.</p>')
     css_class = ' class="narrow"' if narrow else ""
     return (f'<figure{css_class}><img src="{_data_uri(path.read_bytes())}" alt="{_e(alt)}">'
             f"<figcaption>{_e(caption)}</figcaption></figure>")
@@ -145,11 +147,13 @@ def _per_class_table(metrics: dict) -> str:
         confused = max(wrong)[1] if wrong else "-"
         shown = f"{acc:.1%}" if totals[i] else "-"
         rows.append(f'<tr><td>{_e(name)}</td><td class="num">{shown}</td>'
-                    f'<td class="bar-cell"><div class="bar"><span style="width:{acc * 100:.1f}%"></span></div></td>'
-                    f'<td class="num">{matrix[i][i]}</td><td class="num">{totals[i]}</td><td>{_e(confused)}</td></tr>')
-    return ('<div class="scroll"><table id="per-class-table"><thead><tr><th>class</th><th class="num">accuracy</th>'
-            '<th class="bar-cell"></th><th class="num">correct</th><th class="num">total</th>'
-            "<th>most often predicted instead</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+                    f'<td class="bar-cell"><div class="bar"><span style="width:{acc * 100:.1f}%"></span>'
+                    f'</div></td><td class="num">{matrix[i][i]}</td><td class="num">{totals[i]}</td>'
+                    f'<td>{_e(confused)}</td></tr>')
+    return ('<div class="scroll"><table id="per-class-table"><thead><tr><th>class</th>'
+            '<th class="num">accuracy</th><th class="bar-cell"></th><th class="num">correct</th>'
+            '<th class="num">total</th><th>most often predicted instead</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table></div>")
 
 
 def _top_confusions(metrics: dict) -> str:
@@ -166,12 +170,12 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
     total = sum(seconds)
     parts = ["<dl>",
              f"<dt>training time</dt><dd>{_duration(total)} over {len(history)} epoch(s), "
-             f"{total / max(len(seconds), 1):.1f} s per epoch on average (sum of the per-epoch <code>seconds</code> "
-             f"in metrics.jsonl: training and validation, not checkpoint writes)</dd>"]
+             f"{total / max(len(seconds), 1):.1f} s per epoch on average (sum of the per-epoch "
+             f"<code>seconds</code> in metrics.jsonl: training and validation, not checkpoint writes)</dd>"]
     sessions = read_sessions(run_dir)
     if not sessions:
-        parts.append("<dt>hardware</dt><dd>not recorded: this run was trained by a cifarcnn version that did not "
-                     "write environment.json</dd>")
+        parts.append("<dt>hardware</dt><dd>not recorded: this run was trained by a cifarcnn version that did "
+                     "not write environment.json</dd>")
     for s in sessions:
         label = f"training from epoch {s.get('first_epoch', '?')}"
         device = str(s.get("device", "?"))
@@ -180,8 +184,8 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
             accelerator += f"{s['processes']} processes (torchrun); "
         detail = (f"{accelerator}CPU {_e(s.get('cpu', '?'))} "
                   f"({_e(s.get('cpu_count', '?'))} cores, {_e(s.get('torch_threads', '?'))} torch threads); "
-                  f"torch {_e(s.get('torch', '?'))}, Python {_e(s.get('python', '?'))}, {_e(s.get('platform', '?'))}; "
-                  f"started {_e(s.get('started', '?'))}")
+                  f"torch {_e(s.get('torch', '?'))}, Python {_e(s.get('python', '?'))}, "
+                  f"{_e(s.get('platform', '?'))}; started {_e(s.get('started', '?'))}")
         parts.append(f"<dt>{_e(label)}</dt><dd>{detail}</dd>")
     parts.append("</dl>")
     return "".join(parts)
@@ -190,13 +194,15 @@ def _hardware(run_dir: Path, history: list[dict]) -> str:
 def _test_caption(metrics: dict) -> str:
     left_out = (metrics.get("split") or {}).get("trained_on_left_out", 0)
     if left_out:
-        return (f"test accuracy on the {metrics.get('num_images', '?')} test images not trained on ({left_out} "
-                f"trained-on image(s) LEFT OUT: moved to the test side since training, or copies of training images)")
+        return (f"test accuracy on the {metrics.get('num_images', '?')} test images not trained on "
+                f"({left_out} trained-on image(s) LEFT OUT: moved to the test side since training, or copies "
+                f"of training images)")
     return f"test accuracy ({metrics.get('num_images', '?')} images)"
 
 
 def _origin(run_dir: Path) -> str:
-    """For a fine-tuned run (`init_from`), the model it started from: path, weights digest, what was loaded."""
+    """For a fine-tuned run (`init_from`), the model it started from: path, weights digest, what was
+    loaded."""
     path = next((run_dir / name for name in ("last.pt", "best.pt") if (run_dir / name).exists()), None)
     if path is None:
         return ""
@@ -208,8 +214,9 @@ def _origin(run_dir: Path) -> str:
         return ""
     new = ", ".join(origin.get("new") or []) or "none"
     return (f"<p>Fine-tuned (<code>finetune: {_e(origin.get('finetune', '?'))}</code>) from "
-            f"<code>{_e(origin.get('path', '?'))}</code>, weights sha256 <code>{_e(origin.get('sha256', '?'))}</code>: "
-            f"{_e(origin.get('loaded', '?'))} tensors loaded, new: {_e(new)}.</p>")
+            f"<code>{_e(origin.get('path', '?'))}</code>, weights sha256 "
+            f"<code>{_e(origin.get('sha256', '?'))}</code>: {_e(origin.get('loaded', '?'))} tensors loaded, "
+            f"new: {_e(new)}.</p>")
 
 
 def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: str) -> str:
@@ -221,8 +228,9 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
     notes = []
     if metrics.get("epoch") is not None and str(metrics.get("checkpoint", "")).endswith("best.pt") \
             and metrics["epoch"] != best["epoch"]:
-        notes.append(f"The test results are from epoch {metrics['epoch']}, but the best validation epoch is now "
-                     f"{best['epoch']}: run <code>cifarcnn evaluate {_e(run_dir)}</code> to refresh them.")
+        notes.append(f"The test results are from epoch {metrics['epoch']}, but the best validation epoch is "
+                     f"now {best['epoch']}: run <code>cifarcnn evaluate {_e(run_dir)}</code> to refresh "
+                     f"them.")
     if metrics.get("split"):
         notes.append(_e(metrics["split"]["description"]))
     total_seconds = sum(row.get("seconds", 0) for row in history)
@@ -243,23 +251,26 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
         "curves": ('<div class="curves">'
                    + "".join(f'<figure><img src="{_data_uri(png)}" alt="{_e(title)} per epoch"></figure>'
                              for title, png in training_curve_pngs(history))
-                   + "</div><p class=\"caption\">Per epoch, from metrics.jsonl: train and validation loss and "
-                   "accuracy, the learning rate at the start of the epoch, and the mean total gradient norm.</p>"),
+                   + "</div><p class=\"caption\">Per epoch, from metrics.jsonl: train and validation loss "
+                   "and accuracy, the learning rate at the start of the epoch, and the mean total gradient "
+                   "norm.</p>"),
         "per-class": _per_class_table(metrics),
         "confusion": (_figure(eval_dir / "confusion_matrix.png", "confusion matrix",
                               "Rows are true classes, columns predicted classes; cells count test images."
                               + ("" if len(metrics["classes"]) <= ANNOTATED_CLASSES else
-                                 f" With {len(metrics['classes'])} classes the cells carry no numbers and the colour "
-                                 "scale is a square root; the list below names the most frequent confusions."),
+                                 f" With {len(metrics['classes'])} classes the cells carry no numbers and "
+                                 "the colour scale is a square root; the list below names the most frequent "
+                                 "confusions."),
                               narrow=len(metrics["classes"]) <= ANNOTATED_CLASSES)
                       + _top_confusions(metrics)),
         "misclassified": _figure(eval_dir / "misclassified.png", "misclassified test images",
-                                 f"The most confident mistakes among the {metrics.get('num_misclassified', '?')} "
-                                 "misclassified test images."),
+                                 f"The most confident mistakes among the "
+                                 f"{metrics.get('num_misclassified', '?')} misclassified test images."),
         "config": f"<pre>{_e(config_text)}</pre>",
         "hardware": _hardware(run_dir, history),
     }
-    sections = "".join(f'<section id="{key}"><h2>{_e(title)}</h2>{body[key]}</section>' for key, title in SECTIONS)
+    sections = "".join(f'<section id="{key}"><h2>{_e(title)}</h2>{body[key]}</section>'
+                       for key, title in SECTIONS)
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -271,8 +282,9 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
 
 def _current_split(run_dir: Path, metrics: dict, evaluate_if_missing: bool, data_dir: str | Path | None,
                    device: str | None) -> dict:
-    """For a folder dataset whose checkpoint records its split: how many images changed sides since training, as
-    the dataset is now. Test results measured on another split than today's are measured again (or refused)."""
+    """For a folder dataset whose checkpoint records its split: how many images changed sides since training,
+    as the dataset is now. Test results measured on another split than today's are measured again (or
+    refused)."""
     checkpoint_path = run_dir / "best.pt"
     if not checkpoint_path.exists():
         return metrics
@@ -299,17 +311,21 @@ def report(run: str | Path, output: str | Path | None = None, *, data_dir: str |
     """The `report` command: write RUN/report.html (or `output`) and return its path."""
     run_dir = Path(run)
     if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: not a run folder (pass the folder `cifarcnn train` wrote, e.g. runs/NAME)")
+        raise UsageError(f"{run_dir}: not a run folder (pass the folder `cifarcnn train` wrote, e.g. "
+                         f"runs/NAME)")
     if not (run_dir / "metrics.jsonl").exists():
-        raise UsageError(f"{run_dir}: not a run folder (no metrics.jsonl); pass the folder `cifarcnn train` wrote")
+        raise UsageError(f"{run_dir}: not a run folder (no metrics.jsonl); pass the folder `cifarcnn train` "
+                         f"wrote")
     output = Path(output) if output else run_dir / "report.html"
     if not output.parent.is_dir():
         raise UsageError(f"--out {output}: folder {output.parent} does not exist")
     history = read_history(run_dir)
-    metrics = load_test_metrics(run_dir, evaluate_if_missing=evaluate_if_missing, data_dir=data_dir, device=device)
+    metrics = load_test_metrics(run_dir, evaluate_if_missing=evaluate_if_missing, data_dir=data_dir,
+                                device=device)
     metrics = _current_split(run_dir, metrics, evaluate_if_missing, data_dir, device)
     config_path = run_dir / "config.yaml"
-    config_text = config_path.read_text() if config_path.exists() else "(config.yaml missing from the run folder)"
+    config_text = (config_path.read_text() if config_path.exists()
+                   else "(config.yaml missing from the run folder)")
     atomic_write_text(output, build_html(run_dir, history, metrics, config_text))
     print(f"wrote {output}")
     return output

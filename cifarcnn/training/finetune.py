@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..base.config import Config
 from ..base.errors import ConfigError, UserError
 from ..data.dataset import Dataset
-from ..data.datasets import checkpoint_dataset
+from ..data.sources import checkpoint_dataset
 from ..data.splits import SCHEME
 from ..models.contract import ClassifierHead
 from .checkpoint import load_checkpoint, resolve_checkpoint

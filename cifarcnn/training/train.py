@@ -23,8 +23,8 @@ from ..base.errors import ConfigError, UserError
 from ..base.inference import Settings, predict_logits, settings_for
 from ..base.progress import Progress
 from ..data.dataset import Dataset
-from ..data.datasets import load_dataset
 from ..data.loader import Loader, split_by_mask, validation_mask
+from ..data.sources import load_dataset
 from ..data.splits import compare_split, split_record, untrained_test
 from .averages import Averages
 from .build import eval_loader, make_model, make_step, train_loader

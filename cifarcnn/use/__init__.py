@@ -1,2 +1,2 @@
-"""Using a trained model: evaluate, predict and export (and serving), all through the base's one inference path.
-Imports training (the checkpoint reader), data and the base."""
+"""Using a trained model: evaluate, predict and export (and serving), all through the base's one inference
+path. Imports training (the checkpoint reader), data and the base."""

@@ -1,11 +1,12 @@
-"""Dynamic batching for `cifarcnn serve`: images from requests that arrive together go through one forward pass.
+"""Dynamic batching for `cifarcnn serve`: images from requests that arrive together go through one forward
+pass.
 
 A worker thread (off the server's event loop) takes the first waiting image, then gathers more until it has
-`max_batch` images or the first one has waited `max_wait` seconds, runs them as one batch, and hands each request
-its own row of the result through its event loop. Every submitted image ends with its result or an error: a
-batch whose forward pass fails, or returns a number of rows other than its number of images, fails each of its
-requests; a request whose event loop has closed is skipped; if the worker itself stops (`stop`, or an error it
-cannot report to a batch), the images still queued and every later `submit` get an error at once.
+`max_batch` images or the first one has waited `max_wait` seconds, runs them as one batch, and hands each
+request its own row of the result through its event loop. Every submitted image ends with its result or an
+error: a batch whose forward pass fails, or returns a number of rows other than its number of images, fails
+each of its requests; a request whose event loop has closed is skipped; if the worker itself stops (`stop`, or
+an error it cannot report to a batch), the images still queued and every later `submit` get an error at once.
 """
 
 from __future__ import annotations

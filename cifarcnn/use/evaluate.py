@@ -1,4 +1,5 @@
-"""Test-set evaluation of a checkpoint: accuracy, per-class table, confusion matrix, misclassified examples."""
+"""Test-set evaluation of a checkpoint: accuracy, per-class table, confusion matrix, misclassified
+examples."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from ..base.inference import Settings, checkpoint_settings, predict_logits
 from ..base.plots import save_confusion_matrix, save_image_grid
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
-from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
 from ..data.loader import Loader
+from ..data.sources import checkpoint_dataset, dataset_of_checkpoint
 from ..data.splits import SplitChange, compare_split, untrained_test
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
@@ -27,7 +28,8 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classe
 def top_confusions(matrix: np.ndarray | list, classes: list[str], count: int) -> list[tuple[int, str, str]]:
     """The `count` most frequent mistakes as (images, true class, predicted class), most frequent first."""
     k = len(classes)
-    pairs = [(int(matrix[i][j]), classes[i], classes[j]) for i in range(k) for j in range(k) if i != j and matrix[i][j]]
+    pairs = [(int(matrix[i][j]), classes[i], classes[j])
+             for i in range(k) for j in range(k) if i != j and matrix[i][j]]
     return sorted(pairs, key=lambda p: -p[0])[:count]
 
 
@@ -36,11 +38,10 @@ def confusion_count(num_classes: int) -> int:
     return 5 if num_classes <= 20 else 15
 
 
-def _print_results(matrix: np.ndarray, classes: list[str]) -> None:
+def _print_results(matrix: np.ndarray, per_class: np.ndarray, classes: list[str]) -> None:
     """The per-class table, best class first (classes without test images last), then the most frequent
     confusions."""
     totals = matrix.sum(1)
-    per_class = matrix.diagonal() / np.maximum(totals, 1)
     width = max(12, max(map(len, classes)) + 2)
     print(f"{'class':<{width}}{'accuracy':>10}{'correct':>10}{'total':>8}")
     for i in sorted(range(len(classes)), key=lambda i: (not totals[i], -per_class[i])):
@@ -55,8 +56,8 @@ def _print_results(matrix: np.ndarray, classes: list[str]) -> None:
 
 def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: str | None = None,
              out_dir: str | Path | None = None, batch_size: int = 1000, num_misclassified: int = 40) -> dict:
-    """Evaluate a run's best checkpoint (or a given .pt file) on the test images of the dataset it was trained on;
-    write PNGs and JSON."""
+    """Evaluate a run's best checkpoint (or a given .pt file) on the test images of the dataset it was trained
+    on; write PNGs and JSON."""
     path = resolve_checkpoint(target)
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path)
@@ -80,7 +81,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     accuracy = float(matrix.diagonal().sum() / matrix.sum())
     _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"], change)
-    _print_results(matrix, classes)
+    _print_results(matrix, per_class, classes)
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{info['dataset']} test confusion matrix (accuracy {accuracy:.2%})")
@@ -88,14 +89,15 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     # The most confident mistakes are the most informative ones to look at.
     shown = wrong[confidence[wrong].argsort(descending=True)][:num_misclassified].cpu()
     images = test_images[shown].float() / 255
-    titles = [f"true {classes[labels[i]]}\npred {classes[predictions[i]]} {confidence[i]:.0%}" for i in shown.tolist()]
+    titles = [f"true {classes[labels[i]]}\npred {classes[predictions[i]]} {confidence[i]:.0%}"
+              for i in shown.tolist()]
     save_image_grid(images, titles, out_dir / "misclassified.png",
                     title=f"{len(shown)} most confident of {len(wrong)} misclassified test images")
     results = {
         "checkpoint": str(path), "epoch": checkpoint.get("epoch"), "test_accuracy": accuracy,
-        "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta, "precision": settings.precision,
-        "precision_reason": settings.precision_reason, "num_images": int(matrix.sum()),
-        "num_misclassified": len(wrong),
+        "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta,
+        "precision": settings.precision, "precision_reason": settings.precision_reason,
+        "num_images": int(matrix.sum()), "num_misclassified": len(wrong),
         "per_class_accuracy": {name: float(acc) if total else None
                                for name, acc, total in zip(classes, per_class, matrix.sum(1))},
         "confusion_matrix": matrix.tolist(), "classes": classes, "dataset": info["dataset"],
@@ -118,8 +120,8 @@ def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:
     change = compare_split(checkpoint.get("split"), data)
     if change is None:
         if data.test_ids is not None:
-            print(f"split: {data.name}: this checkpoint does not record its split (trained before cifarcnn recorded "
-                  f"it), so whether test images changed sides since cannot be told")
+            print(f"split: {data.name}: this checkpoint does not record its split (trained before cifarcnn "
+                  f"recorded it), so whether test images changed sides since cannot be told")
         return None
     print(change.describe())
     return change
@@ -133,8 +135,8 @@ def _print_header(path: Path, checkpoint: dict, settings: Settings, accuracy: fl
     print(f"inference: {settings.describe()}")
     trained = int(change.trained_on.sum()) if change is not None else 0
     if trained:
-        print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train on "
-              f"(LEFT OUT: {trained} test image(s) the model trained on: moved to the test side, or copies of "
-              f"training images)\n")
+        print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train "
+              f"on (LEFT OUT: {trained} test image(s) the model trained on: moved to the test side, or "
+              f"copies of training images)\n")
     else:
         print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")

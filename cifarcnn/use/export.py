@@ -19,7 +19,7 @@ from ..base.errors import UserError
 from ..base.inference import TTA_RECIPE, TTA_RECIPE_NO_MIRROR, Settings, infer, tta_views
 from ..base.storage import atomic_write
 from ..data.dataset import MEAN, STD, DataError, normalize_
-from ..data.datasets import checkpoint_dataset, dataset_of_checkpoint
+from ..data.sources import checkpoint_dataset, dataset_of_checkpoint
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
@@ -29,9 +29,9 @@ CHECK_BATCH = 256
 
 def preprocessing(size: int) -> str:
     """The steps from an image file to the input tensor, for images of `size` pixels."""
-    return ("RGB image -> first frame, EXIF orientation applied, transparency composited over white -> centre crop "
-            f"to the largest square -> antialiased bicubic resize to {size}x{size} -> float32 in [0, 1] "
-            f"(pixel / 255) -> (x - mean) / std per channel -> NCHW layout (batch, 3, {size}, {size})")
+    return ("RGB image -> first frame, EXIF orientation applied, transparency composited over white -> "
+            f"centre crop to the largest square -> antialiased bicubic resize to {size}x{size} -> float32 in "
+            f"[0, 1] (pixel / 255) -> (x - mean) / std per channel -> NCHW layout (batch, 3, {size}, {size})")
 
 
 class ExportError(UserError):
@@ -60,14 +60,14 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
         "std": json.dumps(list(info["std"])),
         "image_size": str(size),
         "dataset": info["dataset"],
-        "input": f"input: float32 (batch, 3, {size}, {size}), RGB, normalised: (pixel / 255 - mean) / std per "
-                 f"channel",
+        "input": f"input: float32 (batch, 3, {size}, {size}), RGB, normalized: (pixel / 255 - mean) / std "
+                 f"per channel",
         "output": "logits: float32 (batch, num_classes); softmax over axis 1 gives probabilities, index i is "
                   "classes[i]",
         "preprocessing": preprocessing(size),
-        "test_time_augmentation": f"this graph is the bare network, one view in fp32; cifarcnn evaluates this "
-                                  f"checkpoint with tta {tta} ({tta_views(tta, mirror)}). "
-                                  f"{TTA_RECIPE if mirror else TTA_RECIPE_NO_MIRROR}",
+        "test_time_augmentation":
+            f"this graph is the bare network, one view in fp32; cifarcnn evaluates this checkpoint with tta "
+            f"{tta} ({tta_views(tta, mirror)}). {TTA_RECIPE if mirror else TTA_RECIPE_NO_MIRROR}",
         "architecture": str(checkpoint["model"]),
         "num_classes": str(checkpoint["num_classes"]),
         "epoch": str(checkpoint.get("epoch")),
@@ -90,7 +90,8 @@ def to_onnx_bytes(model: nn.Module, meta: dict[str, str]) -> bytes:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, (example,), dynamo=True, input_names=["input"],
-                                        output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        output_names=["logits"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},),
                                         external_data=False, verbose=False)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -99,8 +100,8 @@ def to_onnx_bytes(model: nn.Module, meta: dict[str, str]) -> bytes:
     proto = program.model_proto
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = (f"{meta['dataset']} classifier ({meta['architecture']}). {meta['input']}. "
-                        f"Preprocessing: {meta['preprocessing']}. {meta['output']}. Class names, mean and std: "
-                        f"metadata_props.")
+                        f"Preprocessing: {meta['preprocessing']}. {meta['output']}. Class names, mean and "
+                        f"std: metadata_props.")
     return proto.SerializeToString()
 
 
@@ -114,7 +115,8 @@ def _session(onnx_bytes: bytes):
 
 @torch.inference_mode()
 def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor, batch_size: int = 1000,
-                 tolerance: float = TOLERANCE, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> dict:
+                 tolerance: float = TOLERANCE, mean: tuple[float, ...] = MEAN,
+                 std: tuple[float, ...] = STD) -> dict:
     """Compare ONNX Runtime with PyTorch: logits on one batch within `tolerance`, top-1 on every test image.
 
     A top-1 disagreement only counts where PyTorch's two best logits differ by more than `tolerance`;
@@ -142,9 +144,9 @@ def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor,
         agree += int(same.sum())
         disagree += int((~same & ~tie).sum())
         near_ties += int((~same & tie).sum())
-    return {"max_abs_diff": max_diff, "tolerance": tolerance, "check_batch": min(CHECK_BATCH, len(test_images)),
-            "top1_agree": agree, "top1_disagree": disagree, "top1_near_ties": near_ties,
-            "num_images": len(test_images),
+    return {"max_abs_diff": max_diff, "tolerance": tolerance,
+            "check_batch": min(CHECK_BATCH, len(test_images)), "top1_agree": agree,
+            "top1_disagree": disagree, "top1_near_ties": near_ties, "num_images": len(test_images),
             "passed": max_diff <= tolerance and disagree == 0}
 
 
@@ -174,21 +176,23 @@ def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = No
             try:
                 test_images = dataset_of_checkpoint(checkpoint, data_dir).test_images
             except DataError as e:
-                raise ExportError(f"the export check needs the {info['dataset']} test set: {e} (or skip the check "
-                                  f"with --no-check)") from None
+                raise ExportError(f"the export check needs the {info['dataset']} test set: {e} (or skip the "
+                                  f"check with --no-check)") from None
             report = check_export(onnx_bytes, model, test_images, mean=info["mean"], std=info["std"])
             result.update(report, checked=True)
             print(f"check: ONNX Runtime vs PyTorch max |logit difference| {report['max_abs_diff']:.2e} on "
-                  f"{report['check_batch']} test images (tolerance {report['tolerance']:.0e}); top-1 agrees on "
-                  f"{report['top1_agree']}/{report['num_images']} test images"
+                  f"{report['check_batch']} test images (tolerance {report['tolerance']:.0e}); top-1 agrees "
+                  f"on {report['top1_agree']}/{report['num_images']} test images"
                   + (f" ({report['top1_near_ties']} near-tie(s) within tolerance)" if report["top1_near_ties"]
                      else ""))
             if not report["passed"]:
-                raise ExportError(f"the ONNX model does not match PyTorch (max difference {report['max_abs_diff']:.2e},"
-                                  f" {report['top1_disagree']} top-1 disagreements); {output} was not written")
+                raise ExportError(f"the ONNX model does not match PyTorch (max difference "
+                                  f"{report['max_abs_diff']:.2e}, {report['top1_disagree']} top-1 "
+                                  f"disagreements); {output} was not written")
     atomic_write(output, lambda f: f.write(onnx_bytes))
     size = checkpoint_dataset(checkpoint)["image_size"]
     print(f"wrote {output} ({len(onnx_bytes) / 1e6:.1f} MB; input 'input' float32 (batch, 3, {size}, {size}) "
-          f"normalised with the training data's mean/std, output 'logits' (batch, {checkpoint['num_classes']}); "
-          f"classes, mean, std and preprocessing are in the model metadata)")
+          f"normalized with the training data's mean/std, output 'logits' "
+          f"(batch, {checkpoint['num_classes']}); classes, mean, std and preprocessing are in the model "
+          f"metadata)")
     return result

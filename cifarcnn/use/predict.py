@@ -1,4 +1,5 @@
-"""`cifarcnn predict`: classify image files with a trained checkpoint, in batches, and report or save the results."""
+"""`cifarcnn predict`: classify image files with a trained checkpoint, in batches, and report or save the
+results."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from ..base.inference import Settings, checkpoint_settings, infer
 from ..base.progress import bar_disabled
 from ..base.storage import atomic_write_json, atomic_write_text
 from ..data.dataset import MEAN, STD
-from ..data.datasets import checkpoint_dataset
 from ..data.images import SIZE, find_images, read_image, to_model_input
+from ..data.sources import checkpoint_dataset
 from ..data.splits import SCHEME, path_ids, pixel_ids
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
@@ -39,13 +40,15 @@ class FileResult:
     error: str | None = None
     label: str | None = None  # the class its folder names, with --labels-from-folders
     pixels: int | None = None  # the decoded image's identity (splits.pixel_ids): was it a training image?
-    trained_on: bool = False  # with --labels-from-folders: an image the model trained on (left out of the accuracy)
+    # with --labels-from-folders: an image the model trained on (left out of the accuracy)
+    trained_on: bool = False
 
 
 @dataclass
 class LoadedModel:
-    """A checkpoint ready to classify images, as `predict` (and `serve`) run it: on `device`, in eval mode, with
-    the TTA level and precision `evaluate` would use (unless overridden) and its dataset's size, mean and std."""
+    """A checkpoint ready to classify images, as `predict` (and `serve`) run it: on `device`, in eval mode,
+    with the TTA level and precision `evaluate` would use (unless overridden) and its dataset's size, mean and
+    std."""
 
     path: Path
     checkpoint: dict
@@ -59,8 +62,8 @@ class LoadedModel:
 
     def classify(self, images: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         """`classify` for a stack of decoded (N, H, W, 3) uint8 images."""
-        return classify(self.model, images, self.classes, device=self.device, top_k=top_k, settings=self.settings,
-                        mean=self.mean, std=self.std)
+        return classify(self.model, images, self.classes, device=self.device, top_k=top_k,
+                        settings=self.settings, mean=self.mean, std=self.std)
 
 
 def load_model(target: str | Path, device: str | None = None, tta: int | None = None) -> LoadedModel:
@@ -77,16 +80,17 @@ def load_model(target: str | Path, device: str | None = None, tta: int | None = 
 
 
 @torch.inference_mode()
-def classify(model: nn.Module, images: np.ndarray, classes: Sequence[str], *, device: torch.device, top_k: int,
-             settings: Settings, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
+def classify(model: nn.Module, images: np.ndarray, classes: Sequence[str], *, device: torch.device,
+             top_k: int, settings: Settings, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
              ) -> list[list[tuple[str, float]]]:
-    """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward pass
-    (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
+    """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward
+    pass (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
     x = to_model_input(images, device, mean, std).contiguous(memory_format=torch.channels_last)
     probabilities = infer(model, x, settings).softmax(1)
     # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
     values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
-    return [[(classes[c], p) for c, p in zip(idx, vals)] for vals, idx in zip(values.tolist(), indices.tolist())]
+    return [[(classes[c], p) for c, p in zip(idx, vals)]
+            for vals, idx in zip(values.tolist(), indices.tolist())]
 
 
 def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndarray | str]:
@@ -101,12 +105,12 @@ def _decoded(files: Sequence[Path], workers: int, size: int) -> Iterator[np.ndar
 
 @torch.inference_mode()
 def predict_files(model: nn.Module, files: Sequence[Path], classes: Sequence[str], *, device: torch.device,
-                  settings: Settings, batch_size: int = 256, top_k: int = 1, workers: int = 4, progress: bool = False,
-                  image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
+                  settings: Settings, batch_size: int = 256, top_k: int = 1, workers: int = 4,
+                  progress: bool = False, image_size: int = SIZE, mean: tuple[float, ...] = MEAN,
                   std: tuple[float, ...] = STD) -> list[FileResult]:
-    """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why it
-    could not be read. Images are shrunk to `image_size` and normalised with `mean` and `std`, as the model was
-    trained (default: CIFAR-10)."""
+    """One FileResult per file, in order: its top-k classes (through `inference.infer`, as `evaluate`), or why
+    it could not be read. Images are shrunk to `image_size` and normalized with `mean` and `std`, as the model
+    was trained (default: CIFAR-10)."""
     model.eval()
     results = [FileResult(path) for path in files]
     pending: list[int] = []
@@ -215,8 +219,8 @@ def _check_output(output: Path | None) -> None:
 
 
 def predict(target: str | Path, paths: Sequence[str], *, device: str | None = None, batch_size: int = 256,
-            top_k: int = 1, output: Path | None = None, labels_from_folders: bool = False, quiet: bool = False,
-            workers: int | None = None, tta: int | None = None) -> int:
+            top_k: int = 1, output: Path | None = None, labels_from_folders: bool = False,
+            quiet: bool = False, workers: int | None = None, tta: int | None = None) -> int:
     """The `predict` command; returns the exit code (1 when any file could not be read). `tta` overrides the
     checkpoint's test-time augmentation level."""
     _check_output(output)
@@ -231,9 +235,9 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
-    results = predict_files(loaded.model, files, classes, device=torch_device, batch_size=batch_size, top_k=top_k,
-                            workers=workers, progress=not quiet and sys.stderr.isatty(), settings=settings,
-                            image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
+    results = predict_files(loaded.model, files, classes, device=torch_device, batch_size=batch_size,
+                            top_k=top_k, workers=workers, progress=not quiet and sys.stderr.isatty(),
+                            settings=settings, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     seconds = time.perf_counter() - started
     if labels_from_folders:
         for r in results:
@@ -245,8 +249,8 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     failed = [r for r in results if r.error is not None]
     for r in failed:
         print(f"error: {r.path}: {r.error}", file=sys.stderr)
-    print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ckpt_path} on {torch_device} "
-          f"in {seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
+    print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ckpt_path} on "
+          f"{torch_device} in {seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
     print(f"inference: {settings.describe()}")
     if skipped:
         print(f"skipped {skipped} file(s) in the folders without an image extension")
@@ -256,7 +260,8 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     if labels_from_folders:
         if trained:
             print(f"split: {trained} of these files are images the model trained on (by their path in "
-                  f"{loaded.checkpoint['config']['data']['path']} or their pixels): LEFT OUT of the accuracy below")
+                  f"{loaded.checkpoint['config']['data']['path']} or their pixels): LEFT OUT of the accuracy "
+                  f"below")
             summary["trained_on_left_out"] = trained
         scores = _report_accuracy(results, classes)
         if scores is not None:
@@ -268,9 +273,9 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
 
 
 def mark_trained_on(results: Sequence[FileResult], checkpoint: dict) -> int:
-    """Mark the files the model trained on (the checkpoint's recorded training side, by path relative to its dataset
-    folder or by pixels, and for a fine-tuned run its source model's, by pixels); returns how many. 0 for
-    checkpoints without such a record (CIFAR, older runs)."""
+    """Mark the files the model trained on (the checkpoint's recorded training side, by path relative to its
+    dataset folder or by pixels, and for a fine-tuned run its source model's, by pixels); returns how many. 0
+    for checkpoints without such a record (CIFAR, older runs)."""
     record = checkpoint.get("split") or {}
     if record.get("scheme") != SCHEME:
         return 0
@@ -287,7 +292,8 @@ def mark_trained_on(results: Sequence[FileResult], checkpoint: dict) -> int:
 
 
 def _report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> dict | None:
-    """Print the accuracy over the files in class folders and its per-class table; returns it (None: no such file)."""
+    """Print the accuracy over the files in class folders and its per-class table; returns it (None: no such
+    file)."""
     scores = accuracy_by_class(results, classes)
     if scores is None:
         print(f"--labels-from-folders: no readable file lies in a folder named after a class "
@@ -295,7 +301,8 @@ def _report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> d
         return None
     left_out = len(results) - scores["num_images"]
     print(f"accuracy: {scores['accuracy']:.2%} on {scores['num_images']} labelled images"
-          + (f" ({left_out} file(s) left out: unreadable, outside class folders or trained on)" if left_out else ""))
+          + (f" ({left_out} file(s) left out: unreadable, outside class folders or trained on)"
+             if left_out else ""))
     print(f"{'class':<12}{'accuracy':>10}{'correct':>10}{'total':>8}")
     for name, row in scores["per_class"].items():
         acc = f"{row['accuracy']:.2%}" if row["accuracy"] is not None else "-"

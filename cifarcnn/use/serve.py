@@ -30,7 +30,8 @@ from urllib.parse import urlsplit
 from ..base.errors import UsageError, UserError
 
 if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None or \
-        importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
+        importlib.util.find_spec("python_multipart") is None and \
+        importlib.util.find_spec("multipart") is None:
     raise UserError("cifarcnn serve needs the `serve` extra (FastAPI, uvicorn, python-multipart): "
                     "pip install 'cifarcnn[serve]'")
 
@@ -52,7 +53,8 @@ from .predict import LoadedModel, load_model  # noqa: E402
 
 MAX_BODY_MB = 20
 MAX_UPLOADS = 32  # request bodies in memory at once; more get 503
-MAX_PIXELS = 40_000_000  # an upload with more pixels is refused before decoding (Pillow warns at 89M, fails at 179M)
+# an upload with more pixels is refused before decoding (Pillow warns at 89M, fails at 179M)
+MAX_PIXELS = 40_000_000
 TOKEN_ENV = "CIFARCNN_TOKEN"
 OPEN_PATHS = ("/", "/healthz", "/docs", "/openapi.json")  # need no token: they hold no model output
 FIELD = "file"
@@ -134,11 +136,12 @@ def _accuracies(loaded: LoadedModel) -> tuple[float | None, float | None]:
 def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
     """(identity, details): what every prediction names, and what GET /v1/model answers."""
     preset, overrides = closest_preset(loaded.checkpoint["config"])
-    identity = {"run": loaded.path.parent.name, "checkpoint": loaded.path.name, "digest": _digest(loaded.path),
-                "preset": preset, "preset_overrides": overrides, "tta": loaded.settings.tta,
-                "precision": loaded.settings.precision}
+    identity = {"run": loaded.path.parent.name, "checkpoint": loaded.path.name,
+                "digest": _digest(loaded.path), "preset": preset, "preset_overrides": overrides,
+                "tta": loaded.settings.tta, "precision": loaded.settings.precision}
     val, test = _accuracies(loaded)
-    details = {**identity, "architecture": loaded.checkpoint["model"], "epoch": loaded.checkpoint.get("epoch"),
+    details = {**identity, "architecture": loaded.checkpoint["model"],
+               "epoch": loaded.checkpoint.get("epoch"),
                "dataset": loaded.checkpoint.get("dataset", "CIFAR-10"), "classes": loaded.classes,
                "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
                "validation_accuracy": val, "test_accuracy": test, "inference": loaded.settings.describe(),
@@ -190,8 +193,9 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 async def _send_json(send: Send, status: int, detail: str, headers: tuple = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *headers]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -286,8 +290,8 @@ class Guard:
 
 
 async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | None]:
-    """The uploaded images as (name, bytes) and the form's top_k, from a multipart form (field FIELD, repeated)
-    or from the raw body (one image)."""
+    """The uploaded images as (name, bytes) and the form's top_k, from a multipart form (field FIELD,
+    repeated) or from the raw body (one image)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             form = await request.form(max_files=1000, max_fields=100)
@@ -295,8 +299,8 @@ async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | Non
             raise HTTPException(400, f"malformed multipart form ({type(e).__name__}: {e})") from None
         fields = form.getlist(FIELD)
         if not fields:
-            raise HTTPException(400, f"missing field {FIELD!r}: send each image as a multipart form file named "
-                                     f"{FIELD!r}, or one image as the raw request body")
+            raise HTTPException(400, f"missing field {FIELD!r}: send each image as a multipart form file "
+                                     f"named {FIELD!r}, or one image as the raw request body")
         if not all(isinstance(f, UploadFile) for f in fields):
             raise HTTPException(400, f"field {FIELD!r} must be a file upload, not text")
         top_k = form.get("top_k")
@@ -304,8 +308,8 @@ async def _uploads(request: Request) -> tuple[list[tuple[str, bytes]], str | Non
             top_k if isinstance(top_k, str) else None
     body = await request.body()
     if not body:
-        raise HTTPException(400, f"empty request body: send one image as the body, or multipart form files named "
-                                 f"{FIELD!r}")
+        raise HTTPException(400, f"empty request body: send one image as the body, or multipart form files "
+                                 f"named {FIELD!r}")
     return [("body", body)], None
 
 
@@ -431,8 +435,9 @@ def check_options(options: ServeOptions) -> None:
     if options.max_uploads < 1:
         raise UsageError(f"--max-uploads must be at least 1, got {options.max_uploads}")
     if not is_loopback(options.host) and not options.token:
-        raise UsageError(f"refusing to listen on {options.host} without a token: anyone who can reach it could use "
-                         f"the model. Give --token TOKEN (or set {TOKEN_ENV}), or listen on 127.0.0.1")
+        raise UsageError(f"refusing to listen on {options.host} without a token: anyone who can reach it "
+                         f"could use the model. Give --token TOKEN (or set {TOKEN_ENV}), or listen on "
+                         f"127.0.0.1")
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -455,8 +460,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Server, socket.socket, FastAPI]:
-    """A uvicorn server for the model behind the Guard, its listening socket (`server.run(sockets=[sock])`) and
-    the app."""
+    """A uvicorn server for the model behind the Guard, its listening socket (`server.run(sockets=[sock])`)
+    and the app."""
     app = create_app(loaded, options)
     sock = listen(options.host, options.port)
     config = uvicorn.Config(Guard(app, options), log_level="info",
@@ -464,20 +469,24 @@ def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Ser
     return _Server(config), sock, app
 
 
-def serve(target: str | Path, options: ServeOptions, *, device: str | None = None, tta: int | None = None) -> int:
-    """The `serve` command: load the checkpoint, listen, answer until SIGINT or SIGTERM; returns the exit code."""
-    options = ServeOptions(**{**options.__dict__, "token": options.token or os.environ.get(TOKEN_ENV) or None})
+def serve(target: str | Path, options: ServeOptions, *, device: str | None = None,
+          tta: int | None = None) -> int:
+    """The `serve` command: load the checkpoint, listen, answer until SIGINT or SIGTERM; returns the exit
+    code."""
+    options = ServeOptions(**{**options.__dict__,
+                              "token": options.token or os.environ.get(TOKEN_ENV) or None})
     check_options(options)
     loaded = load_model(target, device, tta)
     if loaded.device.type == "cpu":
-        # The forward pass shares the CPU with the event loop and the decoders; with every core in torch's pool
-        # they contend (2-core Xeon, quick model, 16 clients: 201 requests/s with 2 threads, 307 with 1).
+        # The forward pass shares the CPU with the event loop and the decoders; with every core in torch's
+        # pool they contend (docs/serve.md).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     server, sock, _ = make_server(loaded, options)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {loaded.path} ({len(loaded.classes)} classes; {loaded.settings.describe()}) on "
-          f"http://{shown}:{port}/ (API docs: /docs){'; token required' if options.token else ''}", flush=True)
+          f"http://{shown}:{port}/ (API docs: /docs){'; token required' if options.token else ''}",
+          flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -1,5 +1,6 @@
-"""The dataset a config names (`data.dataset`: cifar10, cifar100 or folder), loaded as one `data.Dataset`, and the
-dataset description a checkpoint carries (classes, mean, std, image size), with CIFAR-10's for older checkpoints."""
+"""Which source a dataset comes from: the one a config names (`data.dataset`: cifar10, cifar100 or folder),
+loaded as one `data.Dataset`, and the one a checkpoint was trained on, with the description it carries
+(classes, mean, std, image size; CIFAR-10's for older checkpoints)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None, *, device:
 
 
 def dataset_shape(cfg: DataConfig) -> tuple[int, int]:
-    """(number of classes, image size) of the configured dataset without reading its images (a folder dataset's
-    class folders are counted)."""
+    """(number of classes, image size) of the configured dataset without reading its images (a folder
+    dataset's class folders are counted)."""
     if cfg.dataset == "cifar100":
         return (100 if cfg.labels == "fine" else 20), 32
     if cfg.dataset == "folder":
@@ -36,20 +37,22 @@ def dataset_shape(cfg: DataConfig) -> tuple[int, int]:
 
 
 def checkpoint_dataset(checkpoint: dict) -> dict:
-    """What a checkpoint says about its data: dataset name, classes, mean, std, image size (CIFAR-10's defaults
-    for checkpoints written before these were recorded)."""
+    """What a checkpoint says about its data: dataset name, classes, mean, std, image size (CIFAR-10's
+    defaults for checkpoints written before these were recorded)."""
     return {"dataset": checkpoint.get("dataset", "CIFAR-10"), "classes": list(checkpoint["classes"]),
             "mean": tuple(checkpoint.get("mean", MEAN)), "std": tuple(checkpoint.get("std", STD)),
             "image_size": int(checkpoint.get("image_size", 32))}
 
 
 def dataset_of_checkpoint(checkpoint: dict, data_dir: str | Path | None = None) -> Dataset:
-    """The dataset a checkpoint was trained on, as its config names it; its classes must be the checkpoint's."""
+    """The dataset a checkpoint was trained on, as its config names it; its classes must be the
+    checkpoint's."""
     data = load_dataset(data_config(checkpoint["config"].get("data") or {}), data_dir)
     if list(data.classes) != list(checkpoint["classes"]):
         raise DataError(f"{data.name} now has {len(data.classes)} classes ({_few(data.classes)}), not the "
-                        f"{len(checkpoint['classes'])} this model was trained on ({_few(checkpoint['classes'])}): the "
-                        f"dataset changed since training, or --data-dir points at another one")
+                        f"{len(checkpoint['classes'])} this model was trained on "
+                        f"({_few(checkpoint['classes'])}): the dataset changed since training, or --data-dir "
+                        f"points at another one")
     return data
 
 
