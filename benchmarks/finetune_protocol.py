@@ -135,7 +135,7 @@ def summarize(cells: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| images/class | way | normalisation | epochs | test accuracy per seed | mean | mean seconds |",
+    lines = ["| images/class | way | normalization | epochs | test accuracy per seed | mean | mean seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         per_seed = ", ".join(f"{a:.2%}" for a in r["test_acc"])

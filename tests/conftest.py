@@ -43,7 +43,8 @@ def write_cifar(root: Path, per_batch: int = PER_TRAIN_BATCH, num_test: int = NU
         write_batch(folder / f"data_batch_{i}", *synthetic_images(per_batch, i))
     write_batch(folder / "test_batch", *synthetic_images(num_test, 99))
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(CLASSES), "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+        pickle.dump({"label_names": list(CLASSES), "num_cases_per_batch": per_batch, "num_vis": 3072}, f,
+                    protocol=2)
     return folder
 
 
@@ -68,19 +69,21 @@ def small_config(small_overrides):
 
 @pytest.fixture(scope="session")
 def trained_run_dir(cifar_root, tmp_path_factory) -> Path:
-    """A run trained for 2 epochs on the synthetic data, shared read-only by the predict/export/report tests."""
+    """A run trained for 2 epochs on the synthetic data, shared read-only by the predict/export/report
+    tests."""
     from cifarcnn.training.train import train
 
     run_dir = tmp_path_factory.mktemp("shared-run") / "run"
-    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2"])
+    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100",
+                           "log_every=2"])
     train(cfg, run_dir, data_dir=cifar_root, device="cpu")
     return run_dir
 
 
 @pytest.fixture
 def edited_seed_preset(tmp_path_factory, monkeypatch):
-    """`edit(old, new)`: from then on the package reads its presets from a copy whose seed.yaml has the text `old`
-    replaced by `new`, so a command shows whether it really read the packaged seed preset."""
+    """`edit(old, new)`: from then on the package reads its presets from a copy whose seed.yaml has the text
+    `old` replaced by `new`, so a command shows whether it really read the packaged seed preset."""
     import cifarcnn.base.config
 
     def edit(old: str, new: str) -> None:
@@ -99,8 +102,9 @@ def edited_seed_preset(tmp_path_factory, monkeypatch):
 CIFAR100_TRAIN, CIFAR100_TEST = 1000, 300
 
 
-# Fine class -> superclass, as in the real files a fixed shuffle: 5 fine classes per superclass, but not in blocks
-# of 5 (the real map sends fine class 0, apple, to superclass 4), so a loader deriving coarse from fine // 5 fails.
+# Fine class -> superclass, as in the real files a fixed shuffle: 5 fine classes per superclass, but not in
+# blocks of 5 (the real map sends fine class 0, apple, to superclass 4), so a loader deriving coarse from
+# fine // 5 fails.
 COARSE_OF_FINE = np.random.default_rng(100).permutation(np.repeat(np.arange(20), 5))
 assert (COARSE_OF_FINE != np.arange(100) // 5).mean() > 0.9
 
@@ -143,8 +147,10 @@ def cifar100_root(tmp_path_factory) -> Path:
 FOLDER_CLASSES = ("cat", "dog", "fox")
 
 
-def write_image_folder(root: Path, per_class: int = 24, test_per_class: int | None = 8, size: int = 40) -> Path:
-    """root/train/<class>/... (and root/test/<class>/...) of class-coloured images in several formats and depths."""
+def write_image_folder(root: Path, per_class: int = 24, test_per_class: int | None = 8,
+                       size: int = 40) -> Path:
+    """root/train/<class>/... (and root/test/<class>/...) of class-coloured images in several formats and
+    depths."""
     rng = np.random.default_rng(7)
     palette = {"cat": (200, 60, 40), "dog": (40, 180, 60), "fox": (50, 70, 210)}
     formats = (("png", {}), ("jpg", {"quality": 95}), ("bmp", {}), ("webp", {"lossless": True}))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-DETERMINISTIC = ("epoch", "train_loss", "train_acc", "train_images", "val_loss", "val_acc", "val_images", "lr",
-                 "grad_norm")
+DETERMINISTIC = ("epoch", "train_loss", "train_acc", "train_images", "val_loss", "val_acc", "val_images",
+                 "lr", "grad_norm")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -25,8 +25,8 @@ def child_env() -> dict:
 
 def start(args: list[str], cwd: Path, torchrun: list[str] | None = None,
           program: tuple[str, ...] = ("-m", "cifarcnn")) -> subprocess.Popen:
-    """`python -m cifarcnn ARGS` (or `torchrun TORCHRUN -m cifarcnn ARGS`), output captured; `program` replaces
-    `-m cifarcnn` (e.g. a script and its own arguments)."""
+    """`python -m cifarcnn ARGS` (or `torchrun TORCHRUN -m cifarcnn ARGS`), output captured; `program`
+    replaces `-m cifarcnn` (e.g. a script and its own arguments)."""
     head = [str(TORCHRUN), *torchrun, *program] if torchrun is not None else [sys.executable, *program]
     return subprocess.Popen([*head, *args], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -53,12 +53,14 @@ def position(checkpoint_path: Path) -> tuple[int, int] | None:
 
 
 def position_text(where: tuple[int, int]) -> str:
-    """How the trainer names a checkpoint position (epochs done, steps done in the next epoch) in its messages."""
+    """How the trainer names a checkpoint position (epochs done, steps done in the next epoch) in its
+    messages."""
     epochs, steps = where
     return f"at epoch {epochs + 1}, step {steps}" if steps else f"at the end of epoch {epochs}"
 
 
-def settled_position(checkpoint_path: Path, quiet_for: float = 1.0, timeout: float = 30) -> tuple[int, int] | None:
+def settled_position(checkpoint_path: Path, quiet_for: float = 1.0,
+                     timeout: float = 30) -> tuple[int, int] | None:
     """The checkpoint's position once the file has stopped changing for `quiet_for` seconds (a write already
     under way when a process was killed lands first)."""
     deadline, last, seen, since = time.monotonic() + timeout, None, None, time.monotonic()

@@ -20,7 +20,8 @@ class ServerProcess:
     """`python -m cifarcnn serve TARGET ARGS --port 0`; `.port` once it prints its address."""
 
     def __init__(self, target: Path, *args: str, env: dict | None = None, timeout: float = 180):
-        command = [sys.executable, "-m", "cifarcnn", "serve", str(target), "--port", "0", "--device", "cpu", *args]
+        command = [sys.executable, "-m", "cifarcnn", "serve", str(target), "--port", "0", "--device", "cpu",
+                   *args]
         self.proc = subprocess.Popen(command, env={**child_env(), **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -82,7 +83,8 @@ def multipart(files: list[tuple[str, bytes]], fields: dict | None = None) -> tup
     boundary = uuid.uuid4().hex
     parts = []
     for name, value in (fields or {}).items():
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                     f'{value}\r\n'.encode())
     for filename, data in files:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
                      f'Content-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
@@ -90,7 +92,9 @@ def multipart(files: list[tuple[str, bytes]], fields: dict | None = None) -> tup
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
-def predict_files(port: int, files: list[Path], top_k: int = 3, headers: dict | None = None) -> tuple[int, dict]:
+def predict_files(port: int, files: list[Path], top_k: int = 3,
+                  headers: dict | None = None) -> tuple[int, dict]:
     body, form_headers = multipart([(f.name, f.read_bytes()) for f in files])
-    status, answer, _ = request(port, "POST", f"/v1/predict?top_k={top_k}", body, {**form_headers, **(headers or {})})
+    status, answer, _ = request(port, "POST", f"/v1/predict?top_k={top_k}", body,
+                                {**form_headers, **(headers or {})})
     return status, answer

@@ -1,4 +1,5 @@
-"""Weight averaging (`ema_decay`): the average's arithmetic, and a run that validates, saves and resumes it."""
+"""Weight averaging (`ema_decay`): the average's arithmetic, and a run that validates, saves and resumes
+it."""
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ def test_the_average_moves_by_one_minus_decay_and_is_applied_only_inside():
     average.update(1.0)  # at the peak learning rate: decay 0.75
     expected = 0.75 * start + 0.25 * (start + 1)
     assert torch.allclose(average.average["0.weight"], expected)
-    assert set(average.state_dict(model)) == set(model.state_dict())  # num_batches_tracked comes from the model
+    # num_batches_tracked comes from the model
+    assert set(average.state_dict(model)) == set(model.state_dict())
     with average.applied():  # the average itself, exactly (lerp rounds differently from the formula above)
         assert torch.equal(model[0].weight, average.average["0.weight"])
     assert torch.equal(model[0].weight, start + 1)  # the trained weights are back
@@ -57,8 +59,8 @@ def applied_decay(before: list[torch.Tensor], live: list[torch.Tensor], after: l
     return 1 - float(moved @ gap / (gap @ gap))
 
 
-def test_the_trainer_decays_the_average_by_ema_decay_times_lr_over_its_peak(cifar_root, tmp_path, small_overrides,
-                                                                           monkeypatch):
+def test_the_trainer_decays_the_average_by_ema_decay_times_lr_over_its_peak(cifar_root, tmp_path,
+                                                                           small_overrides, monkeypatch):
     """Through the trainer's own call: on a linear schedule the fraction lr / peak passes 1, 0.5 and values in
     between, and each step's average moves by exactly that fraction of the decay."""
     cfg = make_config({}, [*small_overrides, "epochs=1", "ema_decay=0.9", "scheduler.name=linear"])
@@ -80,7 +82,8 @@ def test_the_trainer_decays_the_average_by_ema_decay_times_lr_over_its_peak(cifa
 
 def val_metrics(cifar_root, state_dict, checkpoint):
     """(loss, accuracy) of `state_dict` on the run's validation split, as the trainer evaluates it."""
-    model = model_from_checkpoint({**checkpoint, "model_state": state_dict}).to(memory_format=torch.channels_last)
+    model = model_from_checkpoint({**checkpoint, "model_state": state_dict}).to(
+        memory_format=torch.channels_last)
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     loader = Loader(val_x, val_y, 50, device="cpu", memory_format=torch.channels_last)
@@ -95,10 +98,12 @@ def test_a_run_validates_and_saves_the_average_and_resumes_it_exactly(cifar_root
     average, trained = checkpoint["model_state"], checkpoint["train_model_state"]
     assert not torch.equal(average["blocks.0.conv.weight"], trained["blocks.0.conv.weight"])
     loss, acc = val_metrics(cifar_root, average, checkpoint)
-    assert full["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-6) and full["history"][-1]["val_acc"] == acc
+    assert (full["history"][-1]["val_loss"] == pytest.approx(loss, rel=1e-6)
+            and full["history"][-1]["val_acc"] == acc)
     assert val_metrics(cifar_root, trained, checkpoint)[0] != pytest.approx(loss, rel=1e-6)
 
-    train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu", on_epoch_end=lambda m: m["epoch"] == 1)
+    train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu",
+          on_epoch_end=lambda m: m["epoch"] == 1)
     resumed = train(cfg, tmp_path / "resumed", data_dir=cifar_root, device="cpu", resume=True)
     metrics = [{k: m[k] for k in DETERMINISTIC} for m in resumed["history"]]
     assert metrics == [{k: m[k] for k in DETERMINISTIC} for m in full["history"]]
@@ -107,9 +112,12 @@ def test_a_run_validates_and_saves_the_average_and_resumes_it_exactly(cifar_root
         assert all(torch.equal(checkpoint[key][k], again[key][k]) for k in checkpoint[key])
 
 
-def test_the_average_ends_on_the_trained_weights_when_the_rate_reaches_zero(cifar_root, tmp_path, small_overrides):
+def test_the_average_ends_on_the_trained_weights_when_the_rate_reaches_zero(cifar_root, tmp_path,
+                                                                            small_overrides):
     # linear decay to 0 and lookahead's final step: the last update has decay 0
-    cfg = make_config({}, [*small_overrides, "ema_decay=0.9", "scheduler.name=linear", "optimizer.lookahead_steps=2"])
+    cfg = make_config({}, [*small_overrides, "ema_decay=0.9", "scheduler.name=linear",
+                           "optimizer.lookahead_steps=2"])
     train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu")
     checkpoint = load_checkpoint(tmp_path / "r" / "last.pt")
-    assert all(torch.equal(v, checkpoint["train_model_state"][k]) for k, v in checkpoint["model_state"].items())
+    assert all(torch.equal(v, checkpoint["train_model_state"][k])
+               for k, v in checkpoint["model_state"].items())

@@ -14,20 +14,21 @@ TINY = ["--preset", "seed", "epochs=2", "batch_size=100", "eval_batch_size=100"]
 
 
 def run_script(name: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
 
 def test_fast_preset_reports_every_seed(cifar_root, tmp_path):
     out = tmp_path / "seeds.json"
-    printed = run_script("fast_preset.py", *TINY, "--seeds", "2", "--data-dir", str(cifar_root), "--device", "cpu",
-                         "--runs-dir", str(tmp_path / "runs"), "--out", str(out))
+    printed = run_script("fast_preset.py", *TINY, "--seeds", "2", "--data-dir", str(cifar_root), "--device",
+                         "cpu", "--runs-dir", str(tmp_path / "runs"), "--out", str(out))
     summary = json.loads(out.read_text())
     assert [r["seed"] for r in summary["runs"]] == [0, 1]
     assert all(0 <= r["test_acc"] <= 1 and r["seconds"] > 0 and r["epochs"] == 2 for r in summary["runs"])
-    assert all(len(r["epoch_seconds"]) == 2 and sum(r["epoch_seconds"]) <= r["seconds"] for r in summary["runs"])
+    assert all(len(r["epoch_seconds"]) == 2 and sum(r["epoch_seconds"]) <= r["seconds"]
+               for r in summary["runs"])
     assert summary["mean_test_acc"] == pytest.approx(sum(r["test_acc"] for r in summary["runs"]) / 2)
     assert "over 2 seeds" in printed
 
@@ -51,13 +52,14 @@ def test_time_to_accuracy_stops_at_the_target_or_reports_it_missed(cifar_root, t
 
 def test_time_to_accuracy_reports_each_target_and_can_run_the_whole_schedule(cifar_root, tmp_path):
     out = tmp_path / "tta.json"
-    printed = run_script("time_to_accuracy.py", *TINY, "--target", "1.01", "--target", "0.0", "--whole-schedule",
-                         "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
-                         "--out", str(out))
+    printed = run_script("time_to_accuracy.py", *TINY, "--target", "1.01", "--target", "0.0",
+                         "--whole-schedule", "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir",
+                         str(tmp_path / "runs"), "--out", str(out))
     summary = json.loads(out.read_text())
     assert [p["epoch"] for p in summary["curve"]] == [1, 2]  # past the reached target: the whole schedule
     low, high = summary["reached"]
-    assert low["target"] == 0.0 and low["epoch"] == 1 and low["seconds"] == summary["curve"][0]["train_seconds"]
+    assert (low["target"] == 0.0 and low["epoch"] == 1
+            and low["seconds"] == summary["curve"][0]["train_seconds"])
     assert high["target"] == 1.01 and high["epoch"] is None and summary["seconds_to_target"] is None
     assert ">= 0.0% after epoch 1" in printed and "never reached 101.0%" in printed
     assert summary["precision"] in ("fp32", "bf16")

@@ -15,7 +15,14 @@ import torch
 
 from cifarcnn.base.config import AugmentConfig, DataConfig
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.data.cifar import MD5, download_file, load_cifar10, locate_cifar10, read_batch, resolve_data_root
+from cifarcnn.data.cifar import (
+    MD5,
+    download_file,
+    load_cifar10,
+    locate_cifar10,
+    read_batch,
+    resolve_data_root,
+)
 from cifarcnn.data.dataset import MEAN, STD, DataError, Dataset, normalize_
 from cifarcnn.data.loader import Loader, augment, training_split
 

@@ -24,7 +24,14 @@ from cifarcnn.data.images import find_images, load_image
 from cifarcnn.data.loader import Loader, validation_mask
 from cifarcnn.data.sources import load_dataset
 
-from .conftest import CIFAR100_TEST, CIFAR100_TRAIN, COARSE_OF_FINE, FOLDER_CLASSES, write_cifar100, write_image_folder
+from .conftest import (
+    CIFAR100_TEST,
+    CIFAR100_TRAIN,
+    COARSE_OF_FINE,
+    FOLDER_CLASSES,
+    write_cifar100,
+    write_image_folder,
+)
 
 TOLERANCE_SIGMAS = 4  # the tolerance docs/datasets.md states for a class's held-out count
 

@@ -1,5 +1,5 @@
-"""Every preset trains past its warm-up, in fp32 and bf16, on images a user may bring: grey-scale pictures on a
-black background and colour pictures with one constant channel (their 2x2 patches span only part of the 12
+"""Every preset trains past its warm-up, in fp32 and bf16, on images a user may bring: grey-scale pictures on
+a black background and colour pictures with one constant channel (their 2x2 patches span only part of the 12
 colour-and-position directions), a class of identical images, and 2 classes of 10 images: bounded gradients,
 bounded outputs of the saved model, and a falling loss where the preset's is expected to fall. (FastNet's
 whitening used to scale the missing directions' rounding noise by 1/sqrt(eps), and FastBatchNorm, eps 1e-12,
@@ -40,7 +40,8 @@ def _write(root, kind: str, per_class: int = 24, seed: int = 0) -> None:
         (root / "train" / f"c{label}").mkdir(parents=True)
         for i in range(per_class):
             cy, cx, r = rng.integers(8, 24), rng.integers(8, 24), rng.integers(4, 8)
-            shape = (np.hypot(yy - cy, xx - cx) < r) if label == 0 else (np.maximum(abs(yy - cy), abs(xx - cx)) < r)
+            shape = ((np.hypot(yy - cy, xx - cx) < r) if label == 0
+                     else (np.maximum(abs(yy - cy), abs(xx - cx)) < r))
             if kind == "identical" and label == 0 and i:
                 shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "c0" / f"{i}.png")
                 continue
@@ -58,7 +59,8 @@ def _write(root, kind: str, per_class: int = 24, seed: int = 0) -> None:
 
 # (kind, images per class, precisions): the two degenerate-colour sets in both precisions, the others in bf16
 # (what `precision: auto` picks on the CPUs here and on a GPU)
-SETS = [("grey_black", 24, PRECISIONS), ("blue0", 24, PRECISIONS), ("identical", 24, ["bf16"]), ("tiny", 10, ["bf16"])]
+SETS = [("grey_black", 24, PRECISIONS), ("blue0", 24, PRECISIONS), ("identical", 24, ["bf16"]),
+        ("tiny", 10, ["bf16"])]
 CASES = [(kind, count, preset, precision) for kind, count, precisions in SETS for preset in PRESETS
          for precision in precisions]
 
@@ -101,12 +103,14 @@ def test_trains_past_warm_up_on_degenerate_images(pictures, kind, count, preset,
     # 16x16: the same degeneracy at a quarter of the cost; one step per epoch (batch >= the training images)
     assert main(["train", "--preset", preset, "data.dataset=folder", f"data.path={pictures(kind, count)}",
                  "data.image_size=16", "data.val_size=4", "batch_size=64", f"epochs={PRESETS[preset]}",
-                 f"precision={precision}", "tta=0", "--runs-dir", str(tmp_path), "--name", "r", "--device", "cpu"]) == 0
+                 f"precision={precision}", "tta=0", "--runs-dir", str(tmp_path), "--name", "r", "--device",
+                 "cpu"]) == 0
     checkpoint = load_checkpoint(tmp_path / "r" / "last.pt")
     history = checkpoint["history"]
     for metrics in history:
         assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
-        assert metrics["grad_norm"] < 100, metrics  # 1e3-1e5 before the fix, and then weights in the thousands
+        # 1e3-1e5 before the fix, and then weights in the thousands
+        assert metrics["grad_norm"] < 100, metrics
     if preset in ("quick", "fast"):  # the others' loss rises over these few steps at their rates, unharmed
         assert history[-1]["train_loss"] < history[0]["train_loss"], history
     state = checkpoint.get("train_model_state", checkpoint["model_state"])

@@ -47,8 +47,8 @@ def torchrun(restarts: int = 0) -> list[str]:
 
 
 def train_args(cifar_root, runs: Path, name: str) -> list[str]:
-    return ["train", *RECIPE, "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(runs), "--name",
-            name]
+    return ["train", *RECIPE, "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(runs),
+            "--name", name]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     # 100 validation images once (a rank working through the whole set would double the counts).
     assert [(m["train_images"], m["val_images"]) for m in history] == [(500, 100), (500, 100)]
 
-    # Validation accuracy as reduced over the ranks == one process evaluating the saved model on the whole set.
+    # Validation accuracy as reduced over the ranks == one process evaluating the saved model on the whole
+    # set.
     checkpoint = load_checkpoint(run_dir / "last.pt")
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
     data = load_cifar10(cifar_root)
@@ -95,7 +96,8 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     assert history[-1]["val_loss"] == pytest.approx(val_loss, rel=1e-5)
 
     # The configured batch is the global one: as many optimizer steps per epoch as a single process takes.
-    single = train(make_config({}, [*RECIPE, "epochs=1"]), tmp_path / "single", data_dir=cifar_root, device="cpu")
+    single = train(make_config({}, [*RECIPE, "epochs=1"]), tmp_path / "single", data_dir=cifar_root,
+                   device="cpu")
     steps = [state["step"] for state in checkpoint["optimizer_state"]["state"].values()]
     single_steps = [s["step"] for s in single["optimizer_state"]["state"].values()]
     assert {float(s) for s in steps} == {2.0 * STEPS_PER_EPOCH}
@@ -107,8 +109,9 @@ def image_counts(images: torch.Tensor) -> Counter:
 
 
 def test_each_rank_trains_and_validates_on_its_own_shard(cifar_root, tmp_path):
-    """The images each rank's trainer handed its training step and its validation (recorded by shard_probe.py):
-    each rank half of them, and together each training and each validation image exactly once."""
+    """The images each rank's trainer handed its training step and its validation (recorded by
+    shard_probe.py): each rank half of them, and together each training and each validation image exactly
+    once."""
     args = ["train", *RECIPE, "epochs=1", *NO_AUGMENT, "--data-dir", str(cifar_root), "--device", "cpu",
             "--runs-dir", str(tmp_path), "--name", "run"]
     code, output = finish(start(args, tmp_path, torchrun(), program=(str(PROBE), str(tmp_path / "seen"))))
@@ -125,14 +128,16 @@ def test_each_rank_trains_and_validates_on_its_own_shard(cifar_root, tmp_path):
 def test_the_ranks_shards_are_disjoint_and_cover_each_batch():
     images, labels = torch.zeros(103, 3, 32, 32, dtype=torch.uint8), torch.arange(103)
     single = Loader(images, labels, 20, device="cpu", shuffle=True, seed=3)
-    shards = [Loader(images, labels, 20, device="cpu", shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    shards = [Loader(images, labels, 20, device="cpu", shuffle=True, seed=3, rank=r, world_size=3)
+              for r in range(3)]
     assert all(len(shard) == len(single) for shard in shards)
     for batches in zip(single.epoch(1), *(shard.epoch(1) for shard in shards)):
         whole, parts = batches[0][1], [y for _, y in batches[1:]]
         assert sorted(torch.cat(parts).tolist()) == sorted(whole.tolist())
 
 
-def test_an_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(ddp_run, cifar_root, tmp_path):
+def test_an_elastic_restart_after_a_killed_worker_resumes_from_the_last_checkpoint(ddp_run, cifar_root,
+                                                                                   tmp_path):
     proc = start(train_args(cifar_root, tmp_path, "run"), tmp_path, torchrun(restarts=1))
     run_dir = tmp_path / "run"
     reached = wait_for_checkpoint(proc, run_dir / "last.pt", lambda where: global_step(where) >= 6)
@@ -176,8 +181,8 @@ def test_the_quick_preset_trains_under_torchrun_and_validates_its_weight_average
     assert output.count("training quicknet") == 1 and "2 processes" in output
     history = read_metrics(tmp_path / "quick")
     assert [(m["train_images"], m["val_images"]) for m in history] == [(500, 100), (500, 100)]
-    # The saved model is the weight average, not the trained weights, and it is what was validated over the ranks
-    # (by the loss: on this easy synthetic set both models classify every validation image right).
+    # The saved model is the weight average, not the trained weights, and it is what was validated over the
+    # ranks (by the loss: on this easy synthetic set both models classify every validation image right).
     checkpoint = load_checkpoint(tmp_path / "quick" / "last.pt")
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))

@@ -19,8 +19,8 @@ from cifarcnn.training.schedule import learning_rate
 TINY_FAST = ["epochs=2", "batch_size=256", "eval_batch_size=100", "data.val_size=100"]
 
 
-def test_presets_are_listed_and_preset_seed_reads_the_file_the_root_config_links_to(tmp_path, capsys, monkeypatch,
-                                                                                     edited_seed_preset):
+def test_presets_are_listed_and_preset_seed_reads_the_file_the_root_config_links_to(
+        tmp_path, capsys, monkeypatch, edited_seed_preset):
     assert {"seed", "fast"} <= set(preset_names())
     root = Path(__file__).resolve().parents[1]
     packaged_seed = Path(str(resources.files("cifarcnn") / "presets" / "seed.yaml"))
@@ -29,7 +29,8 @@ def test_presets_are_listed_and_preset_seed_reads_the_file_the_root_config_links
     (tmp_path / "config.yaml").write_text("model: fastnet\n")  # ...nor on a ./config.yaml there
     assert main(["check", "--preset", "seed"]) == 0
     assert "model:      simple_cnn" in capsys.readouterr().out
-    edited_seed_preset("model: simple_cnn", "model: fastnet")  # a changed copy of the file --preset seed reads
+    # a changed copy of the file --preset seed reads
+    edited_seed_preset("model: simple_cnn", "model: fastnet")
     (tmp_path / "config.yaml").write_text("model: simple_cnn\n")
     assert main(["check", "--preset", "seed"]) == 0
     assert "model:      fastnet" in capsys.readouterr().out
@@ -53,8 +54,8 @@ def test_overrides_apply_on_top_of_a_preset(tmp_path, cifar_root):
 
 def test_fast_preset_runs_end_to_end_with_every_artifact(tmp_path, cifar_root, capsys):
     common = ["--data-dir", str(cifar_root), "--device", "cpu"]
-    assert main(["train", "--preset", "fast", *TINY_FAST, "--runs-dir", str(tmp_path), "--name", "f", "--test",
-                 *common]) == 0
+    assert main(["train", "--preset", "fast", *TINY_FAST, "--runs-dir", str(tmp_path), "--name", "f",
+                 "--test", *common]) == 0
     run = tmp_path / "f"
     for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl"):
         assert (run / name).is_file(), name
@@ -110,8 +111,8 @@ def test_batchnorm_parameters_get_their_own_learning_rate_and_decay():
     assert whiten_bias["until_epoch"] == 3
     assert (others["lr_scale"], norms["lr_scale"]) == (1.0, 64)
     assert norms["weight_decay"] == pytest.approx(0.01 / 64) and others["weight_decay"] == 0.01
-    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
-                   if p.requires_grad}
+    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                   for p in m.parameters() if p.requires_grad}
     assert {id(p) for p in norms["params"]} == norm_params
 
 
@@ -154,11 +155,13 @@ def test_tta_levels_1_and_0():
 def test_tta_level_2_is_the_mirror_and_one_pixel_shifts_in_both_directions():
     model = build_model("simple_cnn").eval()
     x = torch.randn(3, 3, 32, 32)
-    # The image moved one pixel down and right, and one pixel up and left, along both axes, the row or column that
-    # comes in taken from the reflection: rows (and columns) of x in the order each shifted image reads them.
+    # The image moved one pixel down and right, and one pixel up and left, along both axes, the row or column
+    # that comes in taken from the reflection: rows (and columns) of x in the order each shifted image reads
+    # them.
     down, up = [1, *range(31)], [*range(1, 32), 30]
     shifted = [x[:, :, down][:, :, :, down], x[:, :, up][:, :, :, up]]
-    assert torch.equal(shifted[0][:, :, 5, 7], x[:, :, 4, 6]) and torch.equal(shifted[1][:, :, 5, 7], x[:, :, 6, 8])
+    assert (torch.equal(shifted[0][:, :, 5, 7], x[:, :, 4, 6])
+            and torch.equal(shifted[1][:, :, 5, 7], x[:, :, 6, 8]))
     views = [(x, 1 / 4), (x.flip(3), 1 / 4), *((v, 1 / 8) for s in shifted for v in (s, s.flip(3)))]
     with torch.no_grad():
         expected = sum(weight * model(view) for view, weight in views)
@@ -178,7 +181,8 @@ def test_tta_views_are_averaged_in_fp32():
     model, x = BF16Logits(), torch.randn(4, 3, 32, 32)
     logits = infer(model, x, Settings(2, "bf16"))
     assert logits.dtype == torch.float32
-    # the same views from a model that hands its bf16 logits over in fp32: summed in fp32 whatever tta_logits does
+    # the same views from a model that hands its bf16 logits over in fp32: summed in fp32 whatever tta_logits
+    # does
     expected = tta_logits(lambda v: model(v).float(), x, 2)
     # (near 256, bf16 steps by 2: summed in bf16, the six views would be rounded again at every addition)
     assert torch.allclose(logits, expected, atol=1e-5)
@@ -197,8 +201,10 @@ def test_bench_prints_both_throughputs_and_their_ratio(tmp_path, cifar_root, cap
     assert len(result["train_rounds"]) == 2
     assert result["pipeline_over_compute"] == pytest.approx(
         result["train_images_per_s"] / result["compute_only_images_per_s"])
-    assert "MFU" in printed and result["matmul_flops_per_s"] > 0 and result["matmul_precision"] == result["precision"]
-    assert result["train_flops_per_s"] == pytest.approx(result["train_flops_per_image"] * result["train_images_per_s"])
+    assert ("MFU" in printed and result["matmul_flops_per_s"] > 0
+            and result["matmul_precision"] == result["precision"])
+    assert result["train_flops_per_s"] == pytest.approx(
+        result["train_flops_per_image"] * result["train_images_per_s"])
     assert result["mfu"] == pytest.approx(result["train_flops_per_s"] / result["matmul_flops_per_s"])
 
 
@@ -234,7 +240,8 @@ def test_a_parameter_with_limited_epochs_stops_learning_after_them(tmp_path, cif
 
     seen = []
     train(cfg, tmp_path / "r", data_dir=cifar_root, device="cpu",
-          on_epoch_end=lambda m: seen.append(load_checkpoint(tmp_path / "r" / "last.pt")["model_state"]) or False)
+          on_epoch_end=lambda m: seen.append(
+              load_checkpoint(tmp_path / "r" / "last.pt")["model_state"]) or False)
     # FastNet trains its whitening bias for its first 3 epochs only
     assert not torch.equal(seen[1]["whiten.bias"], seen[2]["whiten.bias"])
     assert torch.equal(seen[2]["whiten.bias"], seen[3]["whiten.bias"])
@@ -263,7 +270,8 @@ def _fresh_cpu_step(cfg, train_epochs=None):
     torch.manual_seed(0)
     model = build_model("simple_cnn")
     model.train_epochs = train_epochs or {}
-    return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
+    return model, TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"),
+                            "fp32")
 
 
 def _assert_same_state(reference, other):
@@ -273,8 +281,8 @@ def _assert_same_state(reference, other):
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adam", "muon"])
 def test_warm_up_steps_leave_no_trace(optimizer_name):
-    """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go on
-    exactly as if they never happened, from a fresh optimizer and from one mid-training."""
+    """Compile warm-up and CUDA graph capture run throwaway steps inside restored_afterwards: the run must go
+    on exactly as if they never happened, from a fresh optimizer and from one mid-training."""
     from cifarcnn.training.step import restored_afterwards
 
     cfg = make_config({}, [f"optimizer.name={optimizer_name}", "optimizer.nesterov=true", "optimizer.lr=0.01",
@@ -301,8 +309,8 @@ def test_the_warm_up_before_the_clock_changes_nothing(cifar_root):
 
     cfg = make_config({}, ["optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.01", "tta=2"])
     data = load_cifar10(cifar_root)
-    train_loader = Loader(data.train_images[:90], data.train_labels[:90], 32, device="cpu", augment=cfg.augment,
-                          shuffle=True)
+    train_loader = Loader(data.train_images[:90], data.train_labels[:90], 32, device="cpu",
+                          augment=cfg.augment, shuffle=True)
     eval_loader = Loader(data.test_images[:50], data.test_labels[:50], 20, device="cpu")
 
     reference, ref_step = _fresh_cpu_step(cfg, {"fc2.bias": 1})
@@ -329,14 +337,15 @@ def test_freezing_the_whitening_bias_skips_its_backward_and_changes_no_update():
     from cifarcnn.training.optimizers import frozen_at
     from cifarcnn.training.step import TrainStep
 
-    cfg = make_config({}, ["model=fastnet", "optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.lr=0.05",
-                           "optimizer.weight_decay=0.001"])
+    cfg = make_config({}, ["model=fastnet", "optimizer.name=sgd", "optimizer.nesterov=true",
+                           "optimizer.lr=0.05", "optimizer.weight_decay=0.001"])
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     models, flops = [], []
     for freeze in (False, True):
         torch.manual_seed(0)
         model = build_model("fastnet")
-        step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
+        step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"),
+                         "fp32")
         frozen = frozen_at(step.optimizer, 3)
         assert frozen == [model.whiten.bias] and frozen_at(step.optimizer, 2) == []
         step.freeze(frozen if freeze else [])

@@ -1,4 +1,5 @@
-"""Runs that survive: SIGKILL at random moments, SIGINT/SIGTERM, a diverging loss, a full disk, a second writer."""
+"""Runs that survive: SIGKILL at random moments, SIGINT/SIGTERM, a diverging loss, a full disk, a second
+writer."""
 
 import contextlib
 import errno
@@ -37,7 +38,8 @@ def resume_args(cifar_root, run_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(cifar_root, tmp_path_factory):
-    """Per-epoch metrics of the recipe trained in one go (in a child process, like the runs it is compared to)."""
+    """Per-epoch metrics of the recipe trained in one go (in a child process, like the runs it is compared
+    to)."""
     runs = tmp_path_factory.mktemp("uninterrupted")
     code, output = finish(start(train_args(cifar_root, runs, "full"), runs))
     assert code == 0, output
@@ -75,8 +77,8 @@ def test_sigkill_at_three_random_moments_then_resume_gives_the_uninterrupted_met
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_saves_a_mid_epoch_checkpoint_and_prints_the_resume_command(signum, code, cifar_root, tmp_path,
-                                                                             uninterrupted):
+def test_a_signal_saves_a_mid_epoch_checkpoint_and_prints_the_resume_command(signum, code, cifar_root,
+                                                                             tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     proc = start(train_args(cifar_root, tmp_path, "run"), tmp_path)
     wait_for_checkpoint(proc, run_dir / "last.pt", lambda where: where[1] > 0)  # in epoch 1, mid-way
@@ -93,7 +95,8 @@ def test_a_signal_saves_a_mid_epoch_checkpoint_and_prints_the_resume_command(sig
         return
     command = shlex.split(line.split("resume with:", 1)[1])
     assert command[:3] == [sys.executable, "-m", "cifarcnn"]
-    resumed = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                             timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     assert read_metrics(run_dir) == uninterrupted
 
@@ -108,7 +111,8 @@ def test_a_diverging_learning_rate_stops_the_run_and_keeps_the_best_checkpoint(c
     capsys.readouterr()
     assert main(["train", "--resume", str(run_dir), "epochs=3", "optimizer.lr=1e12", *common]) == 1
     err = capsys.readouterr().err
-    assert "diverged" in err and "epoch 2, step 2" in err and "end of epoch 1" in err and "Traceback" not in err
+    assert ("diverged" in err and "epoch 2, step 2" in err and "end of epoch 1" in err
+            and "Traceback" not in err)
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
     assert (run_dir / "best.pt").read_bytes() == best and (run_dir / "last.pt").read_bytes() == last
     assert len(load_checkpoint(run_dir / "best.pt")["history"]) == 1
@@ -154,7 +158,8 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(cif
             str(tmp_path), "--name", "run", "--data-dir", str(cifar_root), "--device", "cpu"]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "last.pt" in err and "unchanged" in err and "Traceback" not in err
+    assert ("No space left on device" in err and "last.pt" in err and "unchanged" in err
+            and "Traceback" not in err)
     monkeypatch.undo()
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
     assert not list(run_dir.glob(".*.tmp"))
@@ -186,8 +191,8 @@ def lock_held_by_another_process(run_dir):
 
 
 def quick_run(cifar_root, runs, name="run"):
-    return ["train", "epochs=1", "batch_size=100", "data.val_size=100", "--runs-dir", str(runs), "--name", name,
-            "--data-dir", str(cifar_root), "--device", "cpu"]
+    return ["train", "epochs=1", "batch_size=100", "data.val_size=100", "--runs-dir", str(runs), "--name",
+            name, "--data-dir", str(cifar_root), "--device", "cpu"]
 
 
 def test_a_second_training_on_a_folder_in_use_is_refused(cifar_root, tmp_path, capsys):
@@ -213,7 +218,8 @@ def test_a_resume_of_a_folder_in_use_is_refused(cifar_root, tmp_path, capsys):
     with lock_held_by_another_process(run_dir) as holder:
         assert main(resume) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(run_dir) in err[0] and f"PID {holder.pid}" in err[0] and "in use" in err[0]
+        assert (len(err) == 1 and str(run_dir) in err[0] and f"PID {holder.pid}" in err[0]
+                and "in use" in err[0])
         after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
         assert after == before  # nothing written, nothing removed
     assert main(resume) == 0
@@ -224,7 +230,8 @@ def test_stale_temp_files_are_removed_on_resume(cifar_root, tmp_path):
     run_dir = tmp_path / "run"
     assert main(quick_run(cifar_root, tmp_path)) == 0
     # what atomic writes killed half way leave behind (storage.atomic_write's temp names)
-    stale = [run_dir / ".last.pt.k2x9q1.tmp", run_dir / ".metrics.jsonl.0p3c7a.tmp", run_dir / ".best.pt.zz.tmp"]
+    stale = [run_dir / ".last.pt.k2x9q1.tmp", run_dir / ".metrics.jsonl.0p3c7a.tmp",
+             run_dir / ".best.pt.zz.tmp"]
     for path in stale:
         path.write_bytes(b"half a file")
     other = run_dir / ".notes"  # not a temp file: left alone

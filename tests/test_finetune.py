@@ -1,5 +1,5 @@
-"""Fine-tuning (`init_from`, `finetune`): what is loaded, what is new, what a linear probe leaves alone, the errors,
-resume, and the commands that read a run."""
+"""Fine-tuning (`init_from`, `finetune`): what is loaded, what is new, what a linear probe leaves alone, the
+errors, resume, and the commands that read a run."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ QUICK = ["batch_size=32", "eval_batch_size=50", "log_every=2", "tta=0"]
 
 @pytest.fixture(scope="module")
 def source_run(cifar_root, tmp_path_factory):
-    """A quicknet (the quick preset: lookahead and a weight average) trained 1 epoch on the synthetic CIFAR-10."""
+    """A quicknet (the quick preset: lookahead and a weight average) trained 1 epoch on the synthetic
+    CIFAR-10."""
     run_dir = tmp_path_factory.mktemp("source") / "run"
-    train(load_preset("quick", [*QUICK, "epochs=1", "data.val_size=100"]), run_dir, data_dir=cifar_root, device="cpu")
+    train(load_preset("quick", [*QUICK, "epochs=1", "data.val_size=100"]), run_dir, data_dir=cifar_root,
+          device="cpu")
     return run_dir
 
 
@@ -78,8 +80,8 @@ def test_the_same_number_of_classes_under_other_names_gets_a_new_head(source_run
     assert "loaded 44 of 45 tensors; new: head.weight (the class names differ)" in capsys.readouterr().out
 
 
-def test_a_finetuned_run_keeps_the_source_whitening_records_its_origin_and_normalisation(source_run, folder,
-                                                                                         tmp_path):
+def test_a_finetuned_run_keeps_the_source_whitening_records_its_origin_and_normalization(
+        source_run, folder, tmp_path):
     source = load_checkpoint(source_run / "best.pt")
     state = train(finetune_config(folder, source_run), tmp_path / "ft", device="cpu")
     assert state["init_from"] == {"path": str((source_run / "best.pt").resolve()), "finetune": "all",
@@ -175,7 +177,8 @@ def test_the_graph_of_a_step_is_keyed_on_every_module_mode(source_run):
     not be replayed for a step with BatchNorm in eval mode (`finetune: head`)."""
     cfg = make_config({}, ["model=quicknet", f"init_from={source_run}", "finetune=head"])
     model = build_model("quicknet", 3)
-    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"), "fp32")
+    step = TrainStep(model, build_optimizer(cfg, model, torch.device("cpu")), cfg, torch.device("cpu"),
+                     "fp32")
     x = torch.zeros(4, 3, 32, 32)
     model.train()
     trained = step.graph_key(x)
@@ -195,8 +198,8 @@ def test_the_graph_of_a_step_is_keyed_on_every_module_mode(source_run):
 def test_a_source_that_does_not_fit_is_an_error_and_nothing_is_written(source_run, folder, tmp_path, capsys,
                                                                        monkeypatch, more, words):
     monkeypatch.chdir(tmp_path)
-    argv = ["train", "--preset", "quick", *QUICK, "data.dataset=folder", f"data.path={folder}", "data.val_size=8",
-            f"init_from={source_run}", *more, "--device", "cpu", "--name", "ft"]
+    argv = ["train", "--preset", "quick", *QUICK, "data.dataset=folder", f"data.path={folder}",
+            "data.val_size=8", f"init_from={source_run}", *more, "--device", "cpu", "--name", "ft"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -213,7 +216,8 @@ def test_resume_of_a_finetuned_run_is_exact_and_does_not_reload_the_source(sourc
     shutil.copytree(source_run, own_source)
     cfg = finetune_config(folder, own_source, "epochs=3")
     full = train(cfg, tmp_path / "full", device="cpu")
-    interrupted = train(cfg, tmp_path / "resumed", device="cpu", on_epoch_end=lambda metrics: metrics["epoch"] == 1)
+    interrupted = train(cfg, tmp_path / "resumed", device="cpu",
+                        on_epoch_end=lambda metrics: metrics["epoch"] == 1)
     assert len(interrupted["history"]) == 1
     shutil.rmtree(own_source)  # resume reads the run's own checkpoint only
     cfg = make_config(load_checkpoint(tmp_path / "resumed" / "last.pt")["config"])
@@ -257,7 +261,8 @@ def test_the_split_check_counts_the_test_images_the_source_model_trained_on(tmp_
     assert "train with data.split_seed=1 to keep its split" in started
 
     results = evaluate(run_dir, device="cpu", out_dir=tmp_path / "eval")
-    assert results["num_images"] == tested["test_images"] == tests - by_source  # one rule for --test and evaluate
+    # one rule for --test and evaluate
+    assert results["num_images"] == tested["test_images"] == tests - by_source
     assert results["split"]["trained_on_by_source"] == results["split"]["trained_on_left_out"] == by_source
     printed = capsys.readouterr().out
     assert f"split: {by_source} of the {tests} test images are images the source model (init_from)" in printed
@@ -281,7 +286,8 @@ def test_evaluate_predict_export_and_report_work_on_a_finetuned_run(source_run, 
     run_dir = tmp_path / "ft"
     train(finetune_config(folder, source_run, "epochs=1"), run_dir, device="cpu")
     assert main(["evaluate", str(run_dir), "--device", "cpu"]) == 0
-    assert main(["predict", str(run_dir), str(folder / "test"), "--labels-from-folders", "-q", "--device", "cpu"]) == 0
+    assert main(["predict", str(run_dir), str(folder / "test"), "--labels-from-folders", "-q", "--device",
+                 "cpu"]) == 0
     assert main(["export", str(run_dir), "--output", str(tmp_path / "m.onnx")]) == 0
     assert main(["report", str(run_dir), "--device", "cpu"]) == 0
     page = (run_dir / "report.html").read_text()

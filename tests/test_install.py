@@ -1,8 +1,9 @@
-"""A wheel built from the source tree, installed into a fresh venv, works from an empty folder: the presets travel
-with the package, --version comes from the installed metadata, and a short train, evaluate and report succeed.
+"""A wheel built from the source tree, installed into a fresh venv, works from an empty folder: the presets
+travel with the package, --version comes from the installed metadata, and a short train, evaluate and report
+succeed.
 
-Offline: the wheel is built with the current setuptools (no build isolation), and the new venv sees the already
-installed dependencies (torch, numpy, ...) through a .pth file instead of installing them again."""
+Offline: the wheel is built with the current setuptools (no build isolation), and the new venv sees the
+already installed dependencies (torch, numpy, ...) through a .pth file instead of installing them again."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: float = 300) -> str:
     """Run `cmd`; fail the test with its output unless it exits 0. Returns its stdout."""
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert done.returncode == 0, (f"{' '.join(map(str, cmd))} exited {done.returncode}\n"
                                   f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}")
     return done.stdout
@@ -65,7 +67,8 @@ def install_into_fresh_venv(wheel: Path, venv: Path) -> Path:
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=venv.parent)
     python = venv / "bin" / "python"
     run([*PIP, "--python", python, "install", "--no-deps", "--no-index", wheel], cwd=venv.parent)
-    purelib = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=venv).strip())
+    purelib = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                       cwd=venv).strip())
     (purelib / "cifarcnn_test_dependencies.pth").write_text("".join(f"{d}\n" for d in dependency_dirs()))
     return python
 
@@ -81,8 +84,8 @@ def installed(tmp_path_factory) -> SimpleNamespace:
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
-    return SimpleNamespace(wheel=wheel, venv=tmp / "venv", python=python, cli=tmp / "venv" / "bin" / "cifarcnn",
-                           work=work, env=env)
+    return SimpleNamespace(wheel=wheel, venv=tmp / "venv", python=python,
+                           cli=tmp / "venv" / "bin" / "cifarcnn", work=work, env=env)
 
 
 def cifarcnn(installed: SimpleNamespace, *args: str) -> str:
@@ -93,8 +96,8 @@ def test_the_wheel_ships_every_preset_and_the_venv_imports_its_own_copy(installe
     assert PRESETS and "seed" in PRESETS and "fast" in PRESETS
     shipped = set(zipfile.ZipFile(installed.wheel).namelist())
     assert {f"cifarcnn/presets/{name}.yaml" for name in PRESETS} <= shipped
-    where = run([installed.python, "-c", "import cifarcnn, torch; print(cifarcnn.__file__)"], cwd=installed.work,
-                env=installed.env).strip()
+    where = run([installed.python, "-c", "import cifarcnn, torch; print(cifarcnn.__file__)"],
+                cwd=installed.work, env=installed.env).strip()
     assert Path(where).resolve().is_relative_to(installed.venv.resolve()), where
 
 

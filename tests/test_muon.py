@@ -1,4 +1,4 @@
-"""optimizer.name=muon: Muon (orthogonalised momentum) for conv filters, Nesterov SGD for everything else."""
+"""optimizer.name=muon: Muon (orthogonalized momentum) for conv filters, Nesterov SGD for everything else."""
 
 import pytest
 import torch
@@ -24,7 +24,7 @@ def _small_model() -> nn.Module:
 def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
     model = _small_model()
     x, y = torch.randn(4, 3, 6, 6), torch.randint(0, 10, (4,))
-    model(x)  # materialise the lazy head
+    model(x)  # materialize the lazy head
     reference = _small_model()
     reference(x)
     reference.load_state_dict(model.state_dict())
@@ -34,8 +34,8 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
     assert [g["muon"] for g in optimizer.param_groups] == [False, False, True, False]
     for group in optimizer.param_groups:  # as the trainer sets them: the peak rate x each group's lr_scale
         group["lr"] = 0.02 * group["lr_scale"]
-    sgd = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim != 4]}], lr=0.02, momentum=0.8,
-                          nesterov=True, weight_decay=0.01)
+    sgd = torch.optim.SGD([{"params": [p for p in reference.parameters() if p.ndim != 4]}], lr=0.02,
+                          momentum=0.8, nesterov=True, weight_decay=0.01)
     conv = model[0].weight
     grads = []
     for _ in range(2):  # the second step has momentum
@@ -51,9 +51,9 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
         if a.ndim != 4:
             assert torch.allclose(a, b, atol=1e-6), name
 
-    # The filter update, after the filter was rescaled to norm sqrt(8): the shape of the weight, singular values
-    # near 1 (Newton-Schulz lands them in about [0.7, 1.2]), and the singular vectors of the Nesterov momentum
-    # direction (at the filters' own momentum, 0.7) it came from.
+    # The filter update, after the filter was rescaled to norm sqrt(8): the shape of the weight, singular
+    # values near 1 (Newton-Schulz lands them in about [0.7, 1.2]), and the singular vectors of the Nesterov
+    # momentum direction (at the filters' own momentum, 0.7) it came from.
     update = (before * 8**0.5 / before.norm() - conv.detach()) / 0.1
     assert update.shape == conv.shape == (8, 3, 3, 3)
     matrix = update.reshape(8, -1)
@@ -68,9 +68,9 @@ def test_conv_filters_get_an_orthogonal_update_and_the_rest_nesterov_sgd():
 
 
 def test_muon_gives_every_bias_the_bias_rate_at_the_same_decay_per_step():
-    """As the published recipe groups them: biases (BatchNorm's, FastNet's whitening bias, a linear bias) at lr x
-    bias_lr_scale, with weight decay / bias_lr_scale, so each step decays them as much as the other parameters;
-    the whitening bias keeps its limited epochs."""
+    """As the published recipe groups them: biases (BatchNorm's, FastNet's whitening bias, a linear bias) at
+    lr x bias_lr_scale, with weight decay / bias_lr_scale, so each step decays them as much as the other
+    parameters; the whitening bias keeps its limited epochs."""
     cfg = make_config({}, [*MUON, "optimizer.bias_lr_scale=64", "model=fastnet"])
     model = build_model("fastnet")
     optimizer = build_optimizer(cfg, model, torch.device("cpu"))
@@ -81,7 +81,8 @@ def test_muon_gives_every_bias_the_bias_rate_at_the_same_decay_per_step():
         scale = {1: 64, 2: 1, 4: 0.1 / 0.02}[kinds.pop()]
         assert group["lr_scale"] == pytest.approx(scale)
         assert group["lr_scale"] * group["weight_decay"] == pytest.approx(0.0 if group["muon"] else 0.01)
-    whiten = next(g for g in optimizer.param_groups if any(names[id(p)] == "whiten.bias" for p in g["params"]))
+    whiten = next(g for g in optimizer.param_groups
+                  if any(names[id(p)] == "whiten.bias" for p in g["params"]))
     assert (whiten["lr_scale"], whiten["until_epoch"]) == (64, 3)
 
 

@@ -29,9 +29,11 @@ def read_metrics(run_dir):
 
 
 def assert_resume_reproduces(cfg, full, run_dir, full_dir, data_dir) -> dict:
-    """Train `cfg` into `run_dir` stopping after epoch 1, resume it, and check that its metrics (returned and in
-    metrics.jsonl) and final weights equal the uninterrupted run `full` in `full_dir`; the resumed last.pt."""
-    interrupted = train(cfg, run_dir, data_dir=data_dir, device="cpu", on_epoch_end=lambda m: m["epoch"] == 1)
+    """Train `cfg` into `run_dir` stopping after epoch 1, resume it, and check that its metrics (returned and
+    in metrics.jsonl) and final weights equal the uninterrupted run `full` in `full_dir`; the resumed
+    last.pt."""
+    interrupted = train(cfg, run_dir, data_dir=data_dir, device="cpu",
+                        on_epoch_end=lambda m: m["epoch"] == 1)
     assert len(interrupted["history"]) == 1
     resumed = train(cfg, run_dir, data_dir=data_dir, device="cpu", resume=True)
     assert metrics_of(resumed["history"]) == metrics_of(full["history"])
@@ -46,7 +48,8 @@ def assert_resume_reproduces(cfg, full, run_dir, full_dir, data_dir) -> dict:
 def trained_run(cifar_root, tmp_path_factory):
     """One short run shared by the artifact and evaluation tests."""
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100", "log_every=2"])
+    cfg = make_config({}, ["epochs=2", "batch_size=64", "eval_batch_size=50", "data.val_size=100",
+                           "log_every=2"])
     state = train(cfg, run_dir, data_dir=cifar_root, device="cpu")
     return run_dir, state
 
@@ -71,7 +74,8 @@ def test_a_run_leaves_every_artifact(trained_run):
     scalars = set(events.Tags()["scalars"])
     assert TAGS <= scalars and "Loss/train_step" in scalars
     assert len(events.Scalars("Accuracy/val")) == 2
-    assert [round(e.value, 6) for e in events.Scalars("GradientNorm")] == [round(r["grad_norm"], 6) for r in rows]
+    assert ([round(e.value, 6) for e in events.Scalars("GradientNorm")]
+            == [round(r["grad_norm"], 6) for r in rows])
     assert all(r["grad_norm"] > 0 for r in rows)
 
 
@@ -80,7 +84,8 @@ def test_training_learns_something(trained_run):
     assert state["history"][-1]["val_acc"] > 0.2  # synthetic classes differ by colour: far above 10% chance
 
 
-def test_same_seed_same_metrics_and_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path, small_config):
+def test_same_seed_same_metrics_and_resume_reproduces_an_uninterrupted_run(cifar_root, tmp_path,
+                                                                           small_config):
     full = train(small_config, tmp_path / "full", data_dir=cifar_root, device="cpu")
     again = train(small_config, tmp_path / "again", data_dir=cifar_root, device="cpu")
     assert metrics_of(full["history"]) == metrics_of(again["history"])
@@ -104,17 +109,18 @@ def test_a_run_folder_is_not_overwritten(trained_run, cifar_root, small_config):
 
 def test_early_stopping(cifar_root, tmp_path):
     # lr so small nothing changes: validation accuracy cannot improve after epoch 1
-    cfg = make_config({}, ["epochs=6", "patience=2", "batch_size=200", "data.val_size=100", "optimizer.lr=1e-12",
-                           "scheduler.name=constant"])
+    cfg = make_config({}, ["epochs=6", "patience=2", "batch_size=200", "data.val_size=100",
+                           "optimizer.lr=1e-12", "scheduler.name=constant"])
     state = train(cfg, tmp_path / "run", data_dir=cifar_root, device="cpu")
     assert state["stopped_early"] and len(state["history"]) == 3
 
 
 def test_an_early_stopped_test_run_ends_with_the_kept_models_test_accuracy(cifar_root, tmp_path, capsys):
-    """--test measures best.pt (the model evaluate uses) however the run ends, records it, and prints it last."""
+    """--test measures best.pt (the model evaluate uses) however the run ends, records it, and prints it
+    last."""
     args = ["train", "epochs=6", "patience=2", "batch_size=200", "data.val_size=100", "optimizer.lr=1e-12",
-            "scheduler.name=constant", "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir", str(tmp_path),
-            "--name", "r", "--test"]
+            "scheduler.name=constant", "--data-dir", str(cifar_root), "--device", "cpu", "--runs-dir",
+            str(tmp_path), "--name", "r", "--test"]
     assert main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -137,18 +143,20 @@ def test_cosine_schedule_length_defaults_to_epochs():
 
 
 def test_the_default_recipe_trains_with_its_declared_l2_decay_in_adam(trained_run):
-    """The original workflow's config declared weight_decay 1e-4 for Adam (and its code ignored it); the default
-    recipe now applies it, as L2 added to the gradient (torch.optim.Adam), to every parameter."""
+    """The original workflow's config declared weight_decay 1e-4 for Adam (and its code ignored it); the
+    default recipe now applies it, as L2 added to the gradient (torch.optim.Adam), to every parameter."""
     run_dir, state = trained_run
     assert Config().optimizer.weight_decay == 1e-4 and Config().optimizer.name == "adam"
     groups = load_checkpoint(run_dir / "last.pt")["optimizer_state"]["param_groups"]
-    assert [g["weight_decay"] for g in groups] == [1e-4, 1e-4] and not any(g["decoupled_weight_decay"] for g in groups)
+    assert ([g["weight_decay"] for g in groups] == [1e-4, 1e-4]
+            and not any(g["decoupled_weight_decay"] for g in groups))
     first, last = state["history"]
     assert last["val_acc"] > 0.2 and last["train_loss"] < first["train_loss"]
 
 
 def test_l2_in_adam_moves_a_weight_without_loss_gradient_by_about_the_learning_rate():
-    """Adam normalises the decay term with the gradient (L2); AdamW would shrink by lr x decay x weight only."""
+    """Adam normalizes the decay term with the gradient (L2); AdamW would shrink by lr x decay x weight
+    only."""
     from cifarcnn.training.optimizers import build_optimizer
 
     model = torch.nn.Linear(4, 1, bias=False)
@@ -168,8 +176,8 @@ def test_l2_in_adam_moves_a_weight_without_loss_gradient_by_about_the_learning_r
 def test_weight_decay_from_the_config_is_applied(cifar_root, tmp_path):
     base = ["epochs=1", "batch_size=200", "data.val_size=100", "augment.flip=none"]
     plain = train(make_config({}, base), tmp_path / "a", data_dir=cifar_root, device="cpu")
-    decayed = train(make_config({}, [*base, "optimizer.weight_decay=0.5"]), tmp_path / "b", data_dir=cifar_root,
-                    device="cpu")
+    decayed = train(make_config({}, [*base, "optimizer.weight_decay=0.5"]), tmp_path / "b",
+                    data_dir=cifar_root, device="cpu")
     wa = load_checkpoint(tmp_path / "a" / "last.pt")["optimizer_state"]["param_groups"][0]["weight_decay"]
     wb = load_checkpoint(tmp_path / "b" / "last.pt")["optimizer_state"]["param_groups"][0]["weight_decay"]
     assert (wa, wb) == (1e-4, 0.5)  # the default recipe's declared decay, and the override
@@ -202,7 +210,8 @@ def test_cli_train_evaluate_show_batch(cifar_root, tmp_path, small_overrides, ca
     assert len(read_metrics(runs / "r")) == 2
     assert main(["evaluate", str(runs / "r" / "best.pt"), *common]) == 0
     assert (runs / "r" / "eval" / "test_metrics.json").exists()
-    assert main(["show-batch", "data.val_size=100", "--out", str(tmp_path / "b.png"), "--count", "16", *common]) == 0
+    assert main(["show-batch", "data.val_size=100", "--out", str(tmp_path / "b.png"), "--count", "16",
+                 *common]) == 0
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -263,7 +272,8 @@ def test_a_checkpoint_for_another_architecture_names_the_mismatch(trained_run, t
     assert "7 classes" in err and "fc2" in err
 
 
-def test_output_redirected_to_a_file_holds_plain_lines_and_every_epoch_summary(tmp_path, cifar_root, small_overrides):
+def test_output_redirected_to_a_file_holds_plain_lines_and_every_epoch_summary(tmp_path, cifar_root,
+                                                                              small_overrides):
     from tests.helpers import child_env
 
     args = ["train", *small_overrides, "epochs=3", "--data-dir", str(cifar_root), "--runs-dir", str(tmp_path),
@@ -275,7 +285,8 @@ def test_output_redirected_to_a_file_holds_plain_lines_and_every_epoch_summary(t
     assert done.returncode == 0, out
     assert "\r" not in out  # no progress-bar frames
     for epoch in (1, 2, 3):
-        summary = rf"^epoch +{epoch}/3  train loss [\d.]+ acc [\d.]+%  val loss [\d.]+ acc [\d.]+%  lr \S+  [\d.]+s"
+        summary = (rf"^epoch +{epoch}/3  train loss [\d.]+ acc [\d.]+%  "
+                   r"val loss [\d.]+ acc [\d.]+%  lr \S+  [\d.]+s")
         assert re.search(summary, out, re.M), out
     assert "it/s" not in out and "train:" not in out  # neither the training nor the validation bar
 
@@ -289,7 +300,8 @@ def test_a_log_gets_one_progress_line_per_interval_at_most(tmp_path, cifar_root,
     err = capsys.readouterr().err
     assert "\r" not in err
     # 500 training images in batches of 64: 8 steps, logged every 2
-    assert re.findall(r"^epoch 1/1 train (\d)/8  loss \d\.\d{4}  acc [\d.]+%$", err, re.M) == ["2", "4", "6", "8"]
+    assert (re.findall(r"^epoch 1/1 train (\d)/8  loss \d\.\d{4}  acc [\d.]+%$", err, re.M)
+            == ["2", "4", "6", "8"])
     monkeypatch.setattr(progress, "PLAIN_LINE_SECONDS", 3600.0)
     train(make_config({}, [*small_overrides, "epochs=1"]), tmp_path / "r2", data_dir=cifar_root, device="cpu")
     assert "train 2/8" not in capsys.readouterr().err
@@ -307,8 +319,8 @@ def test_a_terminal_gets_a_live_bar(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("threshold, shown", [(0, True), (10**9, False)])
-def test_a_long_cpu_run_says_how_long_and_points_at_the_quick_preset(tmp_path, cifar_root, small_overrides, capsys,
-                                                                     monkeypatch, threshold, shown):
+def test_a_long_cpu_run_says_how_long_and_points_at_the_quick_preset(tmp_path, cifar_root, small_overrides,
+                                                                     capsys, monkeypatch, threshold, shown):
     from cifarcnn.training import train as train_module
 
     monkeypatch.setattr(train_module, "LONG_RUN_SECONDS", threshold)

@@ -41,8 +41,8 @@ def _placement(data: Dataset, device: torch.device, dist: Dist | None) -> dict:
 def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device: torch.device, *,
                mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> nn.Module:
     """The configured model for `num_classes` classes at the training images' size, seeded, initialized from
-    the first `model.init_image_count` training images (normalized with the dataset's `mean` and `std`) when it
-    declares any (the model contract, `models.contract.Model`), in channels_last on `device`."""
+    the first `model.init_image_count` training images (normalized with the dataset's `mean` and `std`) when
+    it declares any (the model contract, `models.contract.Model`), in channels_last on `device`."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, num_classes, train_images.shape[-1])
     if model.init_image_count:

@@ -128,7 +128,7 @@ def start_from(model: nn.Module, source: Source, classes: list[str], cfg: Config
     norm = "its" if NORMALIZATION == "source" else "the dataset's"
     if announce:  # once under torchrun: rank 0
         print(f"init_from {source.path}: loaded {len(loaded)} of {len(loaded) + len(new)} tensors; new: "
-              f"{', '.join(new) or 'none'}{why}; finetune: {cfg.finetune}; inputs normalised with "
+              f"{', '.join(new) or 'none'}{why}; finetune: {cfg.finetune}; inputs normalized with "
               f"{norm} mean and std")
     return {"path": str(source.path), "sha256": source.digest, "finetune": cfg.finetune,
             "loaded": len(loaded), "new": new}
