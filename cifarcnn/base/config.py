@@ -319,5 +319,16 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
     return make_config(read_yaml(path) if path is not None else {}, overrides)
 
 
+def flat_keys(values: dict, prefix: str = "") -> dict:
+    """A nested config dict (`Config.to_dict()`) as dotted keys -> values, as overrides name them."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

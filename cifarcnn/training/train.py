@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..base.config import Config, make_config
+from ..base.config import Config, flat_keys, make_config
 from ..base.errors import ConfigError, UserError
 from ..base.inference import Settings, predict_logits, settings_for
 from ..base.progress import Progress
@@ -475,16 +475,10 @@ class Trainer:
                            self.stop.signum or signal.SIGTERM)
 
 
-def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+def changed_settings(before: dict, after: dict) -> list[str]:
     """`key old -> new` for each config key whose value differs between two `Config.to_dict()`s."""
-    changed = []
-    for key, value in after.items():
-        old = before.get(key)
-        if isinstance(value, dict) and isinstance(old, dict):
-            changed += changed_settings(old, value, f"{prefix}{key}.")
-        elif old != value:
-            changed.append(f"{prefix}{key} {old} -> {value}")
-    return changed
+    old, new = flat_keys(before), flat_keys(after)
+    return [f"{key} {old.get(key)} -> {value}" for key, value in new.items() if old.get(key) != value]
 
 
 def _position(epoch_done: int, steps_done: int) -> str:

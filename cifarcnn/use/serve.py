@@ -46,7 +46,7 @@ from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.types import Receive, Scope, Send  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from ..base.config import load_preset, preset_names  # noqa: E402
+from ..base.config import flat_keys, load_preset, preset_names  # noqa: E402
 from ..data.images import read_image  # noqa: E402
 from .batching import Batcher  # noqa: E402
 from .predict import LoadedModel, load_model  # noqa: E402
@@ -78,23 +78,13 @@ class ServeOptions:
 # --------------------------------------------------------------------------- what the model is
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def closest_preset(config: dict) -> tuple[str | None, dict]:
     """The packaged preset a checkpoint's config differs from in the fewest keys, and those keys with the
     checkpoint's values (a checkpoint does not record the preset it was trained from)."""
-    mine = _flatten(config)
+    mine = flat_keys(config)
     best: tuple[str | None, dict] = (None, mine)
     for name in preset_names():
-        theirs = _flatten(load_preset(name).to_dict())
+        theirs = flat_keys(load_preset(name).to_dict())
         changed = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
         if best[0] is None or len(changed) < len(best[1]):
             best = (name, changed)
