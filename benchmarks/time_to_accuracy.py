@@ -56,7 +56,7 @@ def main() -> int:
             model = model_from_checkpoint(checkpoint, run_dir / "last.pt")
             model = model.to(device, memory_format=torch.channels_last)
             settings = checkpoint_settings(checkpoint, device)  # the views and precision evaluate uses
-            _, point["test_acc"], _ = evaluate_split(model, test_loader, Dist(), None, settings)
+            _, point["test_acc"], _, _ = evaluate_split(model, test_loader, Dist(), None, settings)
             point["eval_seconds"] = time.perf_counter() - started
         curve.append(point)
         print(json.dumps(point), flush=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-DETERMINISTIC = ("epoch", "train_loss", "train_acc", "train_images", "val_loss", "val_acc", "val_images",
-                 "lr", "grad_norm")
+DETERMINISTIC = ("epoch", "train_loss", "train_acc", "train_images", "val_loss", "val_acc",
+                 "val_balanced_acc", "val_images", "lr", "grad_norm")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 

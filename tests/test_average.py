@@ -87,7 +87,8 @@ def val_metrics(cifar_root, state_dict, checkpoint):
     data = load_cifar10(cifar_root)
     _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     loader = Loader(val_x, val_y, 50, device="cpu", memory_format=torch.channels_last)
-    loss, acc, _ = evaluate_split(model, loader, Dist(), None, settings_for({"tta": 0}, torch.device("cpu")))
+    settings = settings_for({"tta": 0}, torch.device("cpu"))
+    loss, acc, _, _ = evaluate_split(model, loader, Dist(), None, settings)
     return loss, acc
 
 

@@ -12,6 +12,7 @@ import torch
 from cifarcnn.base.config import DataConfig, make_config
 from cifarcnn.base.errors import ConfigError
 from cifarcnn.base.inference import settings_for
+from cifarcnn.base.metrics import classification_metrics
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.data.loader import Loader, training_split
 from cifarcnn.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -90,8 +91,9 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     _, (val_x, val_y) = training_split(data, DataConfig(val_size=100))
     loader = Loader(val_x, val_y, 100, device="cpu", memory_format=torch.channels_last)
     settings = settings_for({"tta": 0}, torch.device("cpu"))  # precision auto, as the run chose
-    val_loss, val_acc, _ = evaluate_split(model, loader, Dist(), "val", settings)
+    val_loss, val_acc, _, matrix = evaluate_split(model, loader, Dist(), "val", settings)
     assert history[-1]["val_acc"] == val_acc
+    assert history[-1]["val_balanced_acc"] == classification_metrics(matrix)["balanced_accuracy"]
     # The loss too: the model gets every validation image right, so only the loss tells the shards apart.
     assert history[-1]["val_loss"] == pytest.approx(val_loss, rel=1e-5)
 

@@ -19,6 +19,7 @@ from .storage import atomic_write_text
 CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
 DATASETS = ("cifar10", "cifar100", "folder")
 PRECISIONS = ("auto", "fp32", "bf16")
+MONITORS = ("auto", "accuracy", "balanced_accuracy")  # auto: balanced_accuracy when training is imbalanced
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -90,7 +91,9 @@ class Config:
     epochs: int = _field(50, lo=1)  # passes over the training images (early stopping may end the run sooner)
     batch_size: int = _field(128, lo=1)  # images per optimizer step (the global batch under torchrun)
     eval_batch_size: int = _field(1000, lo=1)  # images per forward pass in validation and test (memory only)
-    patience: int = _field(10, lo=0)  # early stopping on validation accuracy; 0 switches it off
+    patience: int = _field(10, lo=0)  # early stopping on the monitored validation metric; 0 switches it off
+    monitor: str = _field(
+        "auto", choices=MONITORS)  # what best.pt and early stopping follow; auto: balanced_accuracy above 3:1
     log_every: int = _field(10, lo=1)  # batches between progress-bar refreshes and per-step loss logs
     label_smoothing: float = _field(
         0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes

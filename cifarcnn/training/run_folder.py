@@ -20,10 +20,12 @@ from .checkpoint import load_checkpoint, write_metrics
 from .distributed import Dist
 from .environment import record_session
 from .finetune import source_overlap
+from .monitor import best_text
 from .runlock import RunLock
 
 EPOCH_SCALARS = (("Loss/train", "train_loss"), ("Loss/val", "val_loss"), ("Accuracy/train", "train_acc"),
-                 ("Accuracy/val", "val_acc"), ("Accuracy/test", "test_acc"), ("LearningRate", "lr"),
+                 ("Accuracy/val", "val_acc"), ("Accuracy/val_balanced", "val_balanced_acc"),
+                 ("Accuracy/test", "test_acc"), ("LearningRate", "lr"),
                  ("GradientNorm", "grad_norm"))  # TensorBoard tag, metrics key
 
 
@@ -118,8 +120,7 @@ class RunFolder:
         if not self.dist.is_main:
             return
         if validated:
-            print(f"best validation accuracy {state['best_val_acc']:.2%} at epoch {state['best_epoch']}; ",
-                  end="")
+            print(f"best validation {best_text(state)} at epoch {state['best_epoch']}; ", end="")
         print(f"trained {state['train_seconds']:.1f}s; checkpoints in {self.path} "
               f"(evaluate with: cifarcnn evaluate {self.path})")
         test = state.get("test")
@@ -128,6 +129,9 @@ class RunFolder:
             left_out = f" ({copies} copies of training images left out)" if copies else ""
             print(f"test accuracy {test['test_acc']:.2%} on {test['test_images']} test images{left_out}, "
                   f"model of epoch {test['epoch']} ({self.path / 'best.pt'})")
+            if test.get("test_balanced_acc") is not None:
+                print(f"test balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 "
+                      f"{test['test_macro_f1']:.4f}")
 
 
 def _announce_copies(change: SplitChange | None) -> None:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..base.config import Config, flat_keys, make_config
 from ..base.errors import ConfigError, UserError
 from ..base.inference import Settings, predict_logits, settings_for
+from ..base.metrics import class_counts, classification_metrics, confusion_matrix, per_class_rows
 from ..base.progress import Progress
 from ..data.dataset import Dataset
 from ..data.loader import Loader, split_by_mask, validation_mask
@@ -43,6 +44,7 @@ from .finetune import (
 )
 from .interrupt import Interrupted, StopRequest, resume_command
 from .loop import train_epoch
+from .monitor import best_text, choose_monitor, class_lines, track_best
 from .optimizers import load_optimizer_state
 from .run_folder import RunFolder
 from .runlock import RunLock
@@ -52,16 +54,16 @@ from .step import sync, warm_up
 
 @torch.inference_mode()
 def evaluate_split(forward: nn.Module, loader: Loader, dist: Dist, desc: str | None, settings: Settings
-                   ) -> tuple[float, float, int]:
-    """(mean loss, accuracy, number of images) over a validation or test set, run with `settings` (TTA views,
-    precision); under torchrun each rank evaluates its shard and the sums are reduced, so every image counts
-    exactly once."""
+                   ) -> tuple[float, float, int, torch.Tensor]:
+    """(mean loss, accuracy, number of images, confusion matrix) over a validation or test set, run with
+    `settings` (TTA views, precision); under torchrun each rank evaluates its shard and the sums (and the
+    confusion matrices) are reduced, so every image counts exactly once."""
     logits, labels = predict_logits(forward, loader, settings, desc if dist.is_main else None)
     loss = F.cross_entropy(logits, labels, reduction="sum")
-    correct = (logits.argmax(1) == labels).sum()
-    count = torch.tensor(len(labels), device=labels.device)
-    dist.sum_(loss, correct, count)
-    return loss.item() / count.item(), correct.item() / count.item(), int(count.item())
+    matrix = confusion_matrix(labels, logits.argmax(1), logits.shape[1])
+    dist.sum_(loss, matrix)
+    count = matrix.sum().item()
+    return loss.item() / count, matrix.trace().item() / count, int(count), matrix.cpu()
 
 
 def default_run_dir(runs_dir: Path, name: str | None) -> Path:
@@ -140,6 +142,12 @@ class Trainer:
         self.origin = self._start_from_source()  # what a fine-tuning run started from, else None
         self.step = make_step(cfg, self.model, device, self.settings.precision, dist,
                               functools.partial(train_mode, cfg=cfg))
+        self.class_counts = {"train": class_counts(train_y, len(self.classes))}
+        if held_out:
+            self.class_counts["val"] = class_counts(held_out[1], len(self.classes))
+        if len(self.data.test_labels):
+            self.class_counts["test"] = class_counts(self.data.test_labels, len(self.classes))
+        self.monitor, self.monitor_why = choose_monitor(cfg.monitor, self.class_counts["train"])
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.averages = Averages(self.model, cfg, self.total_steps)
@@ -150,6 +158,7 @@ class Trainer:
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
             "history": [], "train_seconds": 0.0, "precision": self.settings.precision,
             "init_from": self.origin, "tta_mirror": self.settings.mirror, "split": self.split,
+            "class_counts": self.class_counts, "monitor": self.monitor,
         }
         self.start = EpochStart()
         self.last_good = "no checkpoint was saved yet"
@@ -292,6 +301,11 @@ class Trainer:
     def _announce(self) -> None:
         self.folder.announce(self.cfg, self.device, self.settings, self.data.name, self.train_loader,
                              self.val_loader, self.split, self.split_change)
+        if self.dist.is_main:
+            balance = getattr(self.cfg.data, "balance", "none")  # data.balance: the balance helper's key
+            for line in class_lines(self.classes, self.class_counts, self.monitor, self.monitor_why, balance,
+                                    self.val_loader is not None):
+                print(line)
         if self.resumed_from is not None and self.dist.is_main:
             where = _position(self.state["epoch"], self.start.step)
             print(f"resuming from {self.run_dir / 'last.pt'} {where}"
@@ -308,12 +322,15 @@ class Trainer:
         current = to_cpu(self.model.state_dict())
         self.model.load_state_dict(weights)
         self.dist.share_buffers(self.model)
-        loss, acc, count = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
-                                          self.settings)
+        loss, acc, count, matrix = evaluate_split(self.step.forward, self.test_loader, self.dist, "test",
+                                                  self.settings)
         self.model.load_state_dict(current)
+        scores = classification_metrics(matrix)
         result = {"test_loss": loss, "test_acc": acc, "test_images": count, "checkpoint": "best.pt",
                   "epoch": self.state["best_epoch"], "tta": self.cfg.tta,
-                  "precision": self.settings.precision}
+                  "precision": self.settings.precision, "test_balanced_acc": scores["balanced_accuracy"],
+                  "test_macro_f1": scores["macro_f1"], "monitor": self.monitor,
+                  "test_per_class": per_class_rows(self.classes, scores)}
         self.state["test"] = result
         self.folder.record_test(result, self.state["history"], self.state["epoch"] * self.steps_per_epoch)
 
@@ -387,11 +404,11 @@ class Trainer:
         self.folder.log_epoch(metrics, (epoch + 1) * self.steps_per_epoch)
         if self.dist.is_main:
             best = "  *best*" if improved and self.val_loader is not None else ""
-            tqdm.write(_summary(self.cfg, metrics) + best)
+            tqdm.write(_summary(self.cfg, metrics, self.monitor == "balanced_accuracy") + best)
         if self.state["stopped_early"]:
             if self.dist.is_main:
                 tqdm.write(f"early stopping: no validation improvement for {self.cfg.patience} epochs "
-                           f"(best {self.state['best_val_acc']:.2%} at epoch {self.state['best_epoch']})")
+                           f"(best {best_text(self.state)} at epoch {self.state['best_epoch']})")
             return True
         if on_epoch_end is not None:
             self.checkpoint_writer.wait()
@@ -411,14 +428,16 @@ class Trainer:
         seen = sums["seen"].item()
         metrics = {"epoch": epoch + 1, "train_loss": sums["loss"].item() / seen,
                    "train_acc": sums["correct"].item() / seen, "train_images": seen, "val_loss": None,
-                   "val_acc": None, "val_images": None, "lr": learning_rate(cfg, epoch),
+                   "val_acc": None, "val_balanced_acc": None, "val_images": None,
+                   "lr": learning_rate(cfg, epoch),
                    "grad_norm": sums["grad_norm"].item() / self.steps_per_epoch}
         with self.averages.applied():  # the model a run saves
             self.dist.share_buffers(self.model)  # every rank evaluates (and rank 0 saves) the same model
             if self.val_loader is not None:
-                metrics["val_loss"], metrics["val_acc"], metrics["val_images"] = evaluate_split(
+                metrics["val_loss"], metrics["val_acc"], metrics["val_images"], matrix = evaluate_split(
                     self.step.forward, self.val_loader, self.dist, f"epoch {epoch + 1}/{cfg.epochs} val",
                     self.settings)
+                metrics["val_balanced_acc"] = classification_metrics(matrix)["balanced_accuracy"]
         sync(self.device)
         metrics["seconds"] = time.perf_counter() - started
         self.state["history"].append(metrics)
@@ -426,18 +445,9 @@ class Trainer:
         return metrics
 
     def _track_best(self, metrics: dict) -> bool:
-        """Whether this epoch's model is the best so far; updates the early-stopping count."""
-        state = self.state
-        if self.val_loader is None:  # without a validation set, the latest model counts as the best one
-            state["best_epoch"] = metrics["epoch"]
-            return True
-        improved = metrics["val_acc"] > state["best_val_acc"]
-        if improved:
-            state.update(best_val_acc=metrics["val_acc"], best_epoch=metrics["epoch"], epochs_since_best=0)
-        else:
-            state["epochs_since_best"] += 1
-        state["stopped_early"] = bool(self.cfg.patience) and state["epochs_since_best"] >= self.cfg.patience
-        return improved
+        """Whether this epoch's model is the best so far by the monitored metric; updates the early-stopping
+        count."""
+        return track_best(self.state, metrics, self.monitor, self.cfg.patience, self.val_loader is not None)
 
     # -- checkpoints and stopping ----------------------------------------------------------------------------
 
@@ -487,10 +497,12 @@ def _position(epoch_done: int, steps_done: int) -> str:
     return f"at the end of epoch {epoch_done}" if epoch_done else "before the first epoch"
 
 
-def _summary(cfg: Config, m: dict) -> str:
+def _summary(cfg: Config, m: dict, balanced: bool = False) -> str:
     line = f"epoch {m['epoch']:>3}/{cfg.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.2%}"
     if m["val_acc"] is not None:
         line += f"  val loss {m['val_loss']:.4f} acc {m['val_acc']:.2%}"
+        if balanced:
+            line += f" bal {m['val_balanced_acc']:.2%}"
     if "test_acc" in m:
         line += f"  test acc {m['test_acc']:.2%}"
     return line + f"  lr {m['lr']:.2e}  {m['seconds']:.1f}s"

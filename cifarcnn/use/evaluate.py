@@ -1,5 +1,5 @@
-"""Test-set evaluation of a checkpoint: accuracy, per-class table, confusion matrix, misclassified
-examples."""
+"""Test-set evaluation of a checkpoint: accuracy, balanced accuracy and macro-F1, the class counts, a
+per-class table (precision, recall, F1, support), confusion matrix, misclassified examples."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..base.device import select_device
 from ..base.inference import Settings, checkpoint_settings, predict_logits
+from ..base.metrics import classification_metrics, confusion_matrix, describe_counts, per_class_rows
 from ..base.plots import save_confusion_matrix, save_image_grid
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
@@ -18,11 +19,7 @@ from ..data.loader import Loader
 from ..data.sources import checkpoint_dataset, dataset_of_checkpoint
 from ..data.splits import SplitChange, compare_split, untrained_test
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-
-
-def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> np.ndarray:
-    flat = labels.long() * num_classes + predictions.long()
-    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).cpu().numpy()
+from ..training.monitor import best_text
 
 
 def top_confusions(matrix: np.ndarray | list, classes: list[str], count: int) -> list[tuple[int, str, str]]:
@@ -38,15 +35,16 @@ def confusion_count(num_classes: int) -> int:
     return 5 if num_classes <= 20 else 15
 
 
-def _print_results(matrix: np.ndarray, per_class: np.ndarray, classes: list[str]) -> None:
-    """The per-class table, best class first (classes without test images last), then the most frequent
-    confusions."""
-    totals = matrix.sum(1)
+def _print_results(matrix: np.ndarray, scores: dict, classes: list[str]) -> None:
+    """The per-class table, best recall (per-class accuracy) first, classes without test images last; then
+    the most frequent confusions."""
     width = max(12, max(map(len, classes)) + 2)
-    print(f"{'class':<{width}}{'accuracy':>10}{'correct':>10}{'total':>8}")
-    for i in sorted(range(len(classes)), key=lambda i: (not totals[i], -per_class[i])):
-        accuracy = f"{per_class[i]:.2%}" if totals[i] else "-"
-        print(f"{classes[i]:<{width}}{accuracy:>10}{int(matrix[i, i]):>10}{int(totals[i]):>8}")
+    print(f"{'class':<{width}}{'recall':>9}{'precision':>11}{'F1':>8}{'correct':>9}{'support':>9}")
+    support = scores["support"]
+    for i in sorted(range(len(classes)), key=lambda i: (not support[i], -(scores["recall"][i] or 0))):
+        recall, precision, f1 = (f"{v:.2%}" if v is not None else "-" for v in (
+            scores["recall"][i], scores["precision"][i], scores["f1"][i]))
+        print(f"{classes[i]:<{width}}{recall:>9}{precision:>11}{f1:>8}{int(matrix[i, i]):>9}{support[i]:>9}")
     confusions = top_confusions(matrix, classes, confusion_count(len(classes)))
     if confusions:
         print("\nmost frequent confusions (true -> predicted):")
@@ -77,11 +75,13 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
                                     desc="test")
     probabilities = logits.softmax(1)
     confidence, predictions = probabilities.max(1)
-    matrix = confusion_matrix(labels, predictions, len(classes))
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
-    accuracy = float(matrix.diagonal().sum() / matrix.sum())
+    matrix = confusion_matrix(labels, predictions, len(classes)).cpu().numpy()
+    scores = classification_metrics(matrix)
+    accuracy = scores["accuracy"]
+    counts = {**checkpoint.get("class_counts", {}), "test": scores["support"]}  # the test images counted
     _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"], change)
-    _print_results(matrix, per_class, classes)
+    _print_scores(scores, classes, counts)
+    _print_results(matrix, scores, classes)
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{info['dataset']} test confusion matrix (accuracy {accuracy:.2%})")
@@ -98,8 +98,10 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
         "test_loss": float(F.cross_entropy(logits, labels)), "tta": settings.tta,
         "precision": settings.precision, "precision_reason": settings.precision_reason,
         "num_images": int(matrix.sum()), "num_misclassified": len(wrong),
-        "per_class_accuracy": {name: float(acc) if total else None
-                               for name, acc, total in zip(classes, per_class, matrix.sum(1))},
+        "per_class_accuracy": dict(zip(classes, scores["recall"])),
+        "balanced_accuracy": scores["balanced_accuracy"], "macro_f1": scores["macro_f1"],
+        "per_class": per_class_rows(classes, scores), "class_counts": counts,
+        "monitor": checkpoint.get("monitor", "accuracy"), "best_epoch": checkpoint.get("best_epoch"),
         "confusion_matrix": matrix.tolist(), "classes": classes, "dataset": info["dataset"],
         "image_size": info["image_size"], "mirror_views": settings.mirror,
         "split": None if change is None else {
@@ -127,16 +129,28 @@ def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:
     return change
 
 
+def _print_scores(scores: dict, classes: list[str], counts: dict[str, list[int]]) -> None:
+    """Balanced accuracy and macro-F1 beside the accuracy, and the class counts per side (train and
+    validation as the checkpoint recorded them, test as evaluated)."""
+    print(f"balanced accuracy (mean per-class recall): {scores['balanced_accuracy']:.2%}; macro-F1: "
+          f"{scores['macro_f1']:.4f}")
+    sides = "; ".join(f"{side} {describe_counts(classes, n)}" for side, n in counts.items())
+    print(f"class counts: {sides}")
+    if "train" not in counts:
+        print("  (the checkpoint does not record its training counts: trained before cifarcnn recorded them)")
+    print()
+
+
 def _print_header(path: Path, checkpoint: dict, settings: Settings, accuracy: float, images: int,
                   dataset: str, change: SplitChange | None = None) -> None:
     best_val = checkpoint.get("best_val_acc", -1.0)
-    val_text = f"validation accuracy {best_val:.2%}" if best_val >= 0 else "trained without a validation set"
+    val_text = f"validation {best_text(checkpoint)}" if best_val >= 0 else "trained without a validation set"
     print(f"checkpoint {path} (epoch {checkpoint.get('epoch')}, {val_text})")
     print(f"inference: {settings.describe()}")
     trained = int(change.trained_on.sum()) if change is not None else 0
     if trained:
         print(f"test accuracy: {accuracy:.2%} on the {images} {dataset} test images the model did not train "
               f"on (LEFT OUT: {trained} test image(s) the model trained on: moved to the test side, or "
-              f"copies of training images)\n")
+              f"copies of training images)")
     else:
-        print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images\n")
+        print(f"test accuracy: {accuracy:.2%} on {images} {dataset} test images")
