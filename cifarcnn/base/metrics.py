@@ -70,18 +70,18 @@ def describe_counts(classes: Sequence[str], counts: Sequence[int]) -> str:
     classes the smallest and largest only. Classes with no image are named."""
     ratio = imbalance_ratio(counts)
     missing = [name for name, n in zip(classes, counts) if not n]
-    absent = f"; none of {', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}" if missing else ""
+    absent = f"none of {', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}" if missing else ""
     if ratio is None:
         return "no images"
     if ratio == 1:
-        return f"{max(counts):,} each{absent}"
+        return f"{max(counts):,} each" + (f" ({absent})" if absent else "")
     if len(classes) <= LISTED_CLASSES:
         listed = ", ".join(f"{name} {n:,}" for name, n in zip(classes, counts) if n)
     else:
         present = [(n, name) for name, n in zip(classes, counts) if n]
         (low, low_name), (high, high_name) = min(present), max(present)
         listed = f"{low:,} ({low_name}) to {high:,} ({high_name})"
-    return f"{listed} ({ratio:.1f}:1){absent}"
+    return f"{listed} ({ratio:.1f}:1" + (f", {absent})" if absent else ")")
 
 
 def per_class_rows(classes: Sequence[str], metrics: dict) -> dict[str, dict]:

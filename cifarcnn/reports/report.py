@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from ..base.errors import UsageError, UserError
+from ..base.metrics import classification_metrics, describe_counts, is_imbalanced
 from ..base.plots import ANNOTATED_CLASSES, training_curve_pngs
 from ..base.storage import atomic_write_text
 from ..data.dataset import DataError
@@ -135,25 +136,49 @@ def _card(value: str, label: str) -> str:
     return f'<div class="card"><div class="value">{_e(value)}</div><div class="label">{_e(label)}</div></div>'
 
 
+def _class_counts(metrics: dict) -> str:
+    """The class counts per side (train and validation as the checkpoint recorded them, test as evaluated),
+    and a note when the training classes are imbalanced above 3:1."""
+    classes, counts = metrics["classes"], metrics.get("class_counts") or {}
+    if not counts:
+        return ""
+    sides = "; ".join(f"{side} {describe_counts(classes, n)}" for side, n in counts.items())
+    note = ""
+    if is_imbalanced(counts.get("train", [])):
+        note = ('<p class="note">The training classes are imbalanced (above 3:1): read balanced accuracy and '
+                'the per-class recall, not accuracy alone; <code>data.balance</code> trains through it.</p>')
+    return f"<p>Class counts: {_e(sides)}.</p>{note}"
+
+
+def _percent(value: float | None, digits: int = 1) -> str:
+    return f"{value:.{digits}%}" if value is not None else "-"
+
+
 def _per_class_table(metrics: dict) -> str:
-    """One row per class, the most accurate first (classes without test images last)."""
+    """One row per class, the best recall (per-class accuracy) first (classes without test images last):
+    recall, precision, F1, correct, support, training images, the class most often predicted instead."""
     classes, matrix = metrics["classes"], metrics["confusion_matrix"]
-    totals = [sum(row) for row in matrix]
-    accuracy = [matrix[i][i] / totals[i] if totals[i] else 0.0 for i in range(len(classes))]
+    scores = classification_metrics(matrix)
+    train = (metrics.get("class_counts") or {}).get("train") or ["-"] * len(classes)
+    support, recall = scores["support"], [r or 0.0 for r in scores["recall"]]
     rows = []
-    for i in sorted(range(len(classes)), key=lambda i: (not totals[i], -accuracy[i])):
-        acc, name = accuracy[i], classes[i]
+    for i in sorted(range(len(classes)), key=lambda i: (not support[i], -recall[i])):
         wrong = [(count, classes[j]) for j, count in enumerate(matrix[i]) if j != i and count]
         confused = max(wrong)[1] if wrong else "-"
-        shown = f"{acc:.1%}" if totals[i] else "-"
-        rows.append(f'<tr><td>{_e(name)}</td><td class="num">{shown}</td>'
-                    f'<td class="bar-cell"><div class="bar"><span style="width:{acc * 100:.1f}%"></span>'
-                    f'</div></td><td class="num">{matrix[i][i]}</td><td class="num">{totals[i]}</td>'
+        rows.append(f'<tr><td>{_e(classes[i])}</td><td class="num">{_percent(scores["recall"][i])}</td>'
+                    f'<td class="bar-cell"><div class="bar"><span style="width:{recall[i] * 100:.1f}%">'
+                    f'</span></div></td><td class="num">{_percent(scores["precision"][i])}</td>'
+                    f'<td class="num">{_percent(scores["f1"][i])}</td><td class="num">{matrix[i][i]}</td>'
+                    f'<td class="num">{support[i]}</td><td class="num">{train[i]}</td>'
                     f'<td>{_e(confused)}</td></tr>')
-    return ('<div class="scroll"><table id="per-class-table"><thead><tr><th>class</th>'
-            '<th class="num">accuracy</th><th class="bar-cell"></th><th class="num">correct</th>'
-            '<th class="num">total</th><th>most often predicted instead</th></tr></thead><tbody>'
-            + "".join(rows) + "</tbody></table></div>")
+    return (_class_counts(metrics) + '<div class="scroll"><table id="per-class-table"><thead><tr>'
+            '<th>class</th><th class="num">recall</th><th class="bar-cell"></th>'
+            '<th class="num">precision</th><th class="num">F1</th><th class="num">correct</th>'
+            '<th class="num">support</th>'
+            '<th class="num">train images</th><th>most often predicted instead</th></tr></thead><tbody>'
+            + "".join(rows) + '</tbody></table></div><p class="caption">Recall is the share of a class\'s '
+            "test images predicted as it (its accuracy), precision the share of the images predicted as it "
+            "that are it; support counts its test images.</p>")
 
 
 def _top_confusions(metrics: dict) -> str:
@@ -163,6 +188,14 @@ def _top_confusions(metrics: dict) -> str:
         return ""
     items = "".join(f"<li>{_e(t)} &rarr; {_e(p)}: {n} images</li>" for n, t, p in pairs)
     return f"<p>Most frequent confusions (true &rarr; predicted):</p><ul>{items}</ul>"
+
+
+def _balanced_cards(metrics: dict) -> list[str]:
+    """Balanced accuracy and macro-F1 (recomputed from the confusion matrix: an older test_metrics.json lacks
+    them)."""
+    scores = classification_metrics(metrics["confusion_matrix"])
+    return [_card(_percent(scores["balanced_accuracy"], 2), "test balanced accuracy (mean per-class recall)"),
+            _card(_percent(scores["macro_f1"], 2), "test macro-F1")]
 
 
 def _hardware(run_dir: Path, history: list[dict]) -> str:
@@ -222,9 +255,10 @@ def _origin(run_dir: Path) -> str:
 def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: str) -> str:
     """The whole page as a string; every image inlined."""
     eval_dir = run_dir / "eval"
-    validated = [row for row in history if row.get("val_acc") is not None]
+    key = "val_balanced_acc" if metrics.get("monitor") == "balanced_accuracy" else "val_acc"
+    validated = [row for row in history if row.get(key) is not None]
     # Without a validation set (data.val_size=0) the last epoch is the run's best checkpoint.
-    best = max(validated, key=lambda row: row["val_acc"]) if validated else history[-1]
+    best = max(validated, key=lambda row: row[key]) if validated else history[-1]
     notes = []
     if metrics.get("epoch") is not None and str(metrics.get("checkpoint", "")).endswith("best.pt") \
             and metrics["epoch"] != best["epoch"]:
@@ -236,7 +270,9 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
     total_seconds = sum(row.get("seconds", 0) for row in history)
     cards = "".join([
         _card(f"{metrics['test_accuracy']:.2%}", _test_caption(metrics)),
-        _card(f"{best['val_acc']:.2%}", f"best validation accuracy (epoch {best['epoch']})") if validated
+        *_balanced_cards(metrics),
+        _card(f"{best[key]:.2%}", f"best validation {'balanced ' if key != 'val_acc' else ''}accuracy "
+                                  f"(epoch {best['epoch']})") if validated
         else _card("-", "no validation set"),
         _card(str(history[-1]["epoch"]), "epochs trained"),
         _card(_duration(total_seconds), "training time"),

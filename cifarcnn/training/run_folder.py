@@ -131,7 +131,7 @@ class RunFolder:
                   f"model of epoch {test['epoch']} ({self.path / 'best.pt'})")
             if test.get("test_balanced_acc") is not None:
                 print(f"test balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 "
-                      f"{test['test_macro_f1']:.4f}")
+                      f"{test['test_macro_f1']:.2%}")
 
 
 def _announce_copies(change: SplitChange | None) -> None:

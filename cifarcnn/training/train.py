@@ -330,7 +330,8 @@ class Trainer:
                   "epoch": self.state["best_epoch"], "tta": self.cfg.tta,
                   "precision": self.settings.precision, "test_balanced_acc": scores["balanced_accuracy"],
                   "test_macro_f1": scores["macro_f1"], "monitor": self.monitor,
-                  "test_per_class": per_class_rows(self.classes, scores)}
+                  "test_per_class": per_class_rows(self.classes, scores),
+                  "class_counts": {**self.class_counts, "test": scores["support"]}}  # test: those counted
         self.state["test"] = result
         self.folder.record_test(result, self.state["history"], self.state["epoch"] * self.steps_per_epoch)
 

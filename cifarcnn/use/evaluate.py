@@ -133,7 +133,7 @@ def _print_scores(scores: dict, classes: list[str], counts: dict[str, list[int]]
     """Balanced accuracy and macro-F1 beside the accuracy, and the class counts per side (train and
     validation as the checkpoint recorded them, test as evaluated)."""
     print(f"balanced accuracy (mean per-class recall): {scores['balanced_accuracy']:.2%}; macro-F1: "
-          f"{scores['macro_f1']:.4f}")
+          f"{scores['macro_f1']:.2%}")
     sides = "; ".join(f"{side} {describe_counts(classes, n)}" for side, n in counts.items())
     print(f"class counts: {sides}")
     if "train" not in counts:

@@ -111,6 +111,23 @@ def _saved_test_accuracy(loaded: LoadedModel, path: Path, checkpoint_in: Path, k
     return None
 
 
+def _class_figures(loaded: LoadedModel) -> dict:
+    """The class counts per side the checkpoint records (None before cifarcnn recorded them), the metric its
+    best epoch was picked by, the last epoch's validation balanced accuracy, and the test balanced accuracy
+    and macro-F1 when measured for this checkpoint (as the test accuracy)."""
+    checkpoint, run, figures = loaded.checkpoint, loaded.path.parent, {}
+    keys = (("test_balanced_accuracy", "test_balanced_acc", "balanced_accuracy"),
+            ("test_macro_f1", "test_macro_f1", "macro_f1"))  # /v1/model, test.json, test_metrics.json
+    for key, in_test_json, in_evaluate in keys:
+        figures[key] = _saved_test_accuracy(loaded, run / "test.json", run, in_test_json)
+        if figures[key] is None:
+            figures[key] = _saved_test_accuracy(loaded, run / "eval" / "test_metrics.json", Path.cwd(),
+                                                in_evaluate)
+    return {"class_counts": checkpoint.get("class_counts"), "monitor": checkpoint.get("monitor", "accuracy"),
+            "validation_balanced_accuracy": (checkpoint.get("history") or [{}])[-1].get("val_balanced_acc"),
+            **figures}
+
+
 def _accuracies(loaded: LoadedModel) -> tuple[float | None, float | None]:
     """The checkpoint's validation accuracy, and its test accuracy when one was measured for this checkpoint,
     epoch and TTA level: by `train --test` (RUN/test.json), else by `evaluate`
@@ -134,8 +151,8 @@ def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
                "epoch": loaded.checkpoint.get("epoch"),
                "dataset": loaded.checkpoint.get("dataset", "CIFAR-10"), "classes": loaded.classes,
                "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
-               "validation_accuracy": val, "test_accuracy": test, "inference": loaded.settings.describe(),
-               "device": str(loaded.device)}
+               "validation_accuracy": val, "test_accuracy": test, **_class_figures(loaded),
+               "inference": loaded.settings.describe(), "device": str(loaded.device)}
     return identity, details
 
 
