@@ -84,7 +84,7 @@ def test_a_changed_default_makes_the_page_stale(reference, monkeypatch):
 def test_a_changed_comment_makes_the_page_stale(reference):
     config = reference.config_module()
     source = inspect.getsource(config)
-    comment = "# early stopping on validation accuracy; 0 switches it off"
+    comment = "# early stopping on the monitored validation metric; 0 switches it off"
     assert comment in source  # the comment on `patience`'s line; update this test if it is reworded
     page = reference.render(source=source.replace(comment, "# a reworded comment"))
     assert page != committed_page()
