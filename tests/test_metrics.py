@@ -173,6 +173,44 @@ def test_the_best_checkpoint_follows_balanced_accuracy_on_imbalanced_data(imbala
     assert checkpoint["best_epoch"] == max(rows, key=lambda r: r["val_balanced_acc"])["epoch"]
 
 
+def _scripted_matrix(hits: tuple[int, int, int]) -> torch.Tensor:
+    """A validation confusion matrix of 10 cats, 10 dogs and 2 foxes, `hits` of each right, the misses
+    predicted as the next class."""
+    matrix = torch.zeros(3, 3, dtype=torch.int64)
+    for i, (right, total) in enumerate(zip(hits, (10, 10, 2))):
+        matrix[i, i], matrix[i, (i + 1) % 3] = right, total - right
+    return matrix
+
+
+# per epoch: accuracy 20/22, 19/22, 20/22, 19/22; balanced accuracy 0.67, 0.90, 0.80, 0.77
+SCRIPT = [(10, 10, 0), (8, 9, 2), (10, 9, 1), (9, 9, 1)]
+
+
+@pytest.mark.parametrize(("monitor", "best", "epochs"), [("auto", 2, 4), ("accuracy", 1, 3)])
+def test_the_trainer_keeps_the_best_model_by_the_monitor(monitor, best, epochs, tmp_path, monkeypatch):
+    """The validation results scripted so that the two metrics disagree: best.pt and early stopping
+    (patience 2) follow balanced accuracy on a 40:40:8 folder, and plain accuracy with monitor=accuracy."""
+    import cifarcnn.training.train as train_module
+
+    original, script = train_module.evaluate_split, iter(SCRIPT)
+
+    def scripted(forward, loader, dist, desc, settings):
+        if desc == "test":
+            return original(forward, loader, dist, desc, settings)
+        matrix = _scripted_matrix(next(script))
+        return 0.5, matrix.trace().item() / 22, 22, matrix
+
+    monkeypatch.setattr(train_module, "evaluate_split", scripted)
+    pictures = write_folder(tmp_path / "pictures", {"cat": 40, "dog": 40, "fox": 8})
+    assert main(["train", *RECIPE, "epochs=4", "patience=2", f"monitor={monitor}", f"data.path={pictures}",
+                 "--runs-dir", str(tmp_path), "--name", "r", "--device", "cpu", "--test"]) == 0
+    kept, last = load_checkpoint(tmp_path / "r" / "best.pt"), load_checkpoint(tmp_path / "r" / "last.pt")
+    assert (kept["epoch"], last["best_epoch"], last["epoch"]) == (best, best, epochs)
+    assert json.loads((tmp_path / "r" / "test.json").read_text())["epoch"] == best
+    balanced = [row["val_balanced_acc"] for row in last["history"]]
+    assert balanced == pytest.approx([2 / 3, 0.9, 0.8, 23 / 30][:epochs])
+
+
 def test_train_test_records_balanced_accuracy_macro_f1_and_the_counts(imbalanced_run):
     run_dir, out = imbalanced_run
     test = json.loads((run_dir / "test.json").read_text())
@@ -183,8 +221,8 @@ def test_train_test_records_balanced_accuracy_macro_f1_and_the_counts(imbalanced
     assert test["test_acc"] == pytest.approx(sum(recalls) / 3)  # equal test classes: the two agree
     assert test["test_macro_f1"] == pytest.approx(sum(r["f1"] for r in per_class.values()) / 3)
     assert test["class_counts"]["test"] == [8, 8, 8] and test["monitor"] == "balanced_accuracy"
-    assert (f"test balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 {test['test_macro_f1']:.2%}"
-            in out)
+    assert out.strip().splitlines()[-1].endswith(
+        f"(best.pt); balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 {test['test_macro_f1']:.2%}")
 
 
 def test_evaluate_prints_and_saves_the_metrics_and_counts(imbalanced_run, tmp_path, capsys):

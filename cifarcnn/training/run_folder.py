@@ -128,10 +128,8 @@ class RunFolder:
             copies = split_change.copies if split_change is not None else 0
             left_out = f" ({copies} copies of training images left out)" if copies else ""
             print(f"test accuracy {test['test_acc']:.2%} on {test['test_images']} test images{left_out}, "
-                  f"model of epoch {test['epoch']} ({self.path / 'best.pt'})")
-            if test.get("test_balanced_acc") is not None:
-                print(f"test balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 "
-                      f"{test['test_macro_f1']:.2%}")
+                  f"model of epoch {test['epoch']} ({self.path / 'best.pt'}); balanced accuracy "
+                  f"{test['test_balanced_acc']:.2%}, macro-F1 {test['test_macro_f1']:.2%}")
 
 
 def _announce_copies(change: SplitChange | None) -> None:
