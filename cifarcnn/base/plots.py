@@ -88,7 +88,8 @@ def training_curve_pngs(history: Sequence[dict]) -> list[tuple[str, bytes]]:
     epochs = [row["epoch"] for row in history]
     panels = [
         ("loss", [("train", "train_loss"), ("validation", "val_loss")], False),
-        ("accuracy (%)", [("train", "train_acc"), ("validation", "val_acc")], True),
+        ("accuracy (%)", [("train", "train_acc"), ("validation", "val_acc"),
+                          ("validation balanced", "val_balanced_acc")], True),
         ("learning rate (epoch start)", [("lr", "lr")], False),
         ("gradient norm (epoch mean)", [("grad norm", "grad_norm")], False),
     ]
