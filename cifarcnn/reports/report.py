@@ -288,8 +288,8 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
                    + "".join(f'<figure><img src="{_data_uri(png)}" alt="{_e(title)} per epoch"></figure>'
                              for title, png in training_curve_pngs(history))
                    + "</div><p class=\"caption\">Per epoch, from metrics.jsonl: train and validation loss "
-                   "and accuracy (and validation balanced accuracy), the learning rate at the start of the epoch, and the mean total gradient "
-                   "norm.</p>"),
+                   "and accuracy, validation balanced accuracy, the learning rate at the start of the epoch, "
+                   "and the mean total gradient norm.</p>"),
         "per-class": _per_class_table(metrics),
         "confusion": (_figure(eval_dir / "confusion_matrix.png", "confusion matrix",
                               "Rows are true classes, columns predicted classes; cells count test images."
