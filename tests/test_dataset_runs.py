@@ -111,7 +111,8 @@ def test_report_names_the_dataset(folder_run, tmp_path):
     text = (copy / "report.html").read_text()
     assert "<h1>pictures run run</h1>" in text
     table = text.split('id="per-class-table"')[1].split("</table>")[0]
-    shown = [float(v) for v in re.findall(r'<td class="num">([\d.]+)%</td>', table)]
+    rows = table.split("<tr>")[2:]  # after the header's
+    shown = [float(re.search(r'<td class="num">([\d.]+)%</td>', row).group(1)) for row in rows]  # recall
     assert len(shown) == 3 and shown == sorted(shown, reverse=True)
 
 
@@ -142,7 +143,8 @@ def test_a_folder_run_with_problem_files_goes_on(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "runs" / "r" / "last.pt")["classes"] == ["cat", "dog", "fox", "lonely"]
     assert main(["evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu"]) == 0
     table = capsys.readouterr().out.split("\n\n")[1].splitlines()
-    assert table[-1].split() == ["lonely", "-", "0", "0"]  # untested: last, without an accuracy
+    lonely = table[-1].split()  # class, recall, precision, F1, correct, support
+    assert lonely[:2] == ["lonely", "-"] and lonely[3:] == ["-", "0", "0"]  # untested: last, without a recall
 
 
 # --------------------------------------------------------------------------- CIFAR-100

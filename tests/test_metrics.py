@@ -222,7 +222,7 @@ def test_train_test_records_balanced_accuracy_macro_f1_and_the_counts(imbalanced
     assert test["test_macro_f1"] == pytest.approx(sum(r["f1"] for r in per_class.values()) / 3)
     assert test["class_counts"]["test"] == [8, 8, 8] and test["monitor"] == "balanced_accuracy"
     assert out.strip().splitlines()[-1].endswith(
-        f"(best.pt); balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 {test['test_macro_f1']:.2%}")
+        f"best.pt); balanced accuracy {test['test_balanced_acc']:.2%}, macro-F1 {test['test_macro_f1']:.2%}")
 
 
 def test_evaluate_prints_and_saves_the_metrics_and_counts(imbalanced_run, tmp_path, capsys):
