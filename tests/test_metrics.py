@@ -110,7 +110,7 @@ def test_the_best_epoch_and_early_stopping_follow_the_monitor():
 
 def write_folder(root: Path, train: dict[str, int], test_per_class: int = 8) -> Path:
     """root/train/<class>/*.png with `train` images per class and test_per_class test images, each class a
-    colour with noise."""
+    colour shifted per image (so that some images are misclassified), with noise."""
     rng = np.random.default_rng(3)
     palette = {"cat": (200, 60, 40), "dog": (40, 180, 60), "fox": (50, 70, 210)}
     for side, counts in (("train", train), ("test", dict.fromkeys(train, test_per_class))):
@@ -118,7 +118,8 @@ def write_folder(root: Path, train: dict[str, int], test_per_class: int = 8) -> 
             folder = root / side / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                pixels = np.clip(np.array(palette[name]) + rng.normal(0, 60, (20, 20, 3)), 0, 255)
+                colour = np.array(palette[name]) + rng.normal(0, 90, 3)  # the classes' colours overlap
+                pixels = np.clip(colour + rng.normal(0, 30, (20, 20, 3)), 0, 255)
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
 
