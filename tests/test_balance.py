@@ -51,6 +51,7 @@ def test_weighted_loss_is_the_inverse_frequency_weighted_mean_computed_by_hand()
     inverse = 1 / COUNTS.numpy().astype(np.float64)
     weights = inverse / inverse.mean()  # mean 1 over the classes
     assert np.isclose(weights.mean(), 1) and weights[2] == pytest.approx(6 * weights[0])
+    assert np.allclose(step_for("weighted_loss").class_weight.numpy(), weights)
     nll = -log_softmax(logits.double().numpy())[np.arange(8), y.numpy()]
     by_hand = (weights[y.numpy()] * nll).sum() / weights[y.numpy()].sum()
     assert step_for("weighted_loss").loss(logits, y).item() == pytest.approx(by_hand, rel=1e-5)
