@@ -45,7 +45,7 @@ class DataConfig:
     split_seed: int = _field(
         0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
     balance: str = _field(
-        "none", choices=BALANCE)  # imbalanced classes: none, weighted_loss, sampling or logit_adjust
+        "none", choices=BALANCE)  # imbalanced classes: class-weighted loss, balanced draws, logit adjustment
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Config:
     seed: int = _field(0, lo=0)  # weights, batch order and augmentation: the same seed gives the same run
     epochs: int = _field(50, lo=1)  # passes over the training images (early stopping may end the run sooner)
     min_steps: int = _field(
-        0, lo=0)  # small datasets: epochs raised to make at least this many steps; an epochs= override sets 0
+        0, lo=0)  # step budget: fewer steps raise epochs (presets: CIFAR's steps); epochs=N sets 0
     batch_size: int = _field(128, lo=1)  # images per optimizer step (the global batch under torchrun)
     eval_batch_size: int = _field(1000, lo=1)  # images per forward pass in validation and test (memory only)
     patience: int = _field(10, lo=0)  # early stopping on validation accuracy; 0 switches it off
