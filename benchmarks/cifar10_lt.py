@@ -68,7 +68,7 @@ def main() -> None:
                 key = (preset, balance, seed, extra)
                 if any((r["preset"], r["balance"], r["seed"], r["overrides"]) == key for r in runs):
                     continue
-                name = f"{preset}-{balance}-seed{seed}" + (f"-{abs(hash(extra)) % 10**6}" if extra else "")
+                name = f"{preset}-{balance}-seed{seed}" + "".join(f"-{o.replace('=', '')}" for o in args.overrides)
                 overrides = ["data.val_size=0", f"data.balance={balance}", f"seed={seed}", *args.overrides]
                 result = train_run(folder, args.runs_dir, name, preset, overrides)
                 runs.append({"preset": preset, "balance": balance, "seed": seed, "overrides": extra,
