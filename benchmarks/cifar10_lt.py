@@ -61,14 +61,15 @@ def main() -> None:
     counts = lt_counts()
     folder = write_folder(args.folder, counts, args.data_dir)
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
-    extra = " ".join(args.overrides)
+    extras = args.overrides
+    extra = " ".join(extras)
     for seed in range(args.seeds):
         for preset in args.presets:
             for balance in args.balance:
                 key = (preset, balance, seed, extra)
                 if any((r["preset"], r["balance"], r["seed"], r["overrides"]) == key for r in runs):
                     continue
-                name = f"{preset}-{balance}-seed{seed}" + "".join(f"-{o.replace('=', '')}" for o in args.overrides)
+                name = "-".join([preset, balance, f"seed{seed}", *(o.replace("=", "") for o in extras)])
                 overrides = ["data.val_size=0", f"data.balance={balance}", f"seed={seed}", *args.overrides]
                 result = train_run(folder, args.runs_dir, name, preset, overrides)
                 runs.append({"preset": preset, "balance": balance, "seed": seed, "overrides": extra,
