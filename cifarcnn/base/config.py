@@ -20,6 +20,7 @@ CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
 DATASETS = ("cifar10", "cifar100", "folder")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("auto", "accuracy", "balanced_accuracy")  # auto: balanced_accuracy when training is imbalanced
+BALANCE = ("none", "weighted_loss", "sampling", "logit_adjust")  # training.balance says what each does
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -44,6 +45,8 @@ class DataConfig:
     val_size: int | float | str = _field("auto", special="val_size")  # auto: a tenth (CIFAR 5,000); 0: none
     split_seed: int = _field(
         0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
+    balance: str = _field(
+        "none", choices=BALANCE)  # imbalanced classes: class-weighted loss, balanced draws, logit adjustment
 
 
 @dataclass
@@ -89,6 +92,8 @@ class Config:
     model: str = "simple_cnn"  # the architecture, by its name in the model registry (cifarcnn check shows it)
     seed: int = _field(0, lo=0)  # weights, batch order and augmentation: the same seed gives the same run
     epochs: int = _field(50, lo=1)  # passes over the training images (early stopping may end the run sooner)
+    min_steps: int = _field(
+        0, lo=0)  # step budget: fewer steps raise epochs (presets: CIFAR's steps); epochs=N sets 0
     batch_size: int = _field(128, lo=1)  # images per optimizer step (the global batch under torchrun)
     eval_batch_size: int = _field(1000, lo=1)  # images per forward pass in validation and test (memory only)
     patience: int = _field(10, lo=0)  # early stopping on the monitored validation metric; 0 switches it off
@@ -280,7 +285,11 @@ def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config
     """Build a validated Config from a (possibly partial) nested dict plus overrides."""
     from ..models.registry import MODELS
 
-    cfg = _build(Config, apply_overrides(values or {}, list(overrides)))
+    overrides = list(overrides)
+    named = {item.partition("=")[0] for item in overrides}
+    if "epochs" in named and "min_steps" not in named:  # epochs set by hand are trained as set
+        overrides.append("min_steps=0")
+    cfg = _build(Config, apply_overrides(values or {}, overrides))
     if cfg.model not in MODELS:
         raise ConfigError(f"config key 'model' must be one of {', '.join(sorted(MODELS))}; got {cfg.model!r}")
     _check_data(cfg.data)

@@ -28,6 +28,7 @@ from ..data.loader import Loader, split_by_mask, validation_mask
 from ..data.sources import load_dataset
 from ..data.splits import compare_split, split_record, untrained_test
 from .averages import Averages
+from .budget import fit_schedule, stretch_limited_epochs
 from .build import eval_loader, make_model, make_step, train_loader
 from .checkpoint import FORMAT, CheckpointWriter, load_checkpoint, to_cpu
 from .distributed import Dist
@@ -137,18 +138,24 @@ class Trainer:
         self.classes = list(self.data.classes)
         (train_x, train_y), held_out = split_by_mask(self.data, val_mask)
         self.train_loader, self.val_loader, self.test_loader = self._loaders(train_x, train_y, held_out, test)
+        self.steps_per_epoch = len(self.train_loader)
+        # the schedule trained (min_steps may raise the epochs); config.yaml and checkpoints keep `configured`
+        self.configured = cfg
+        self.cfg, self.budget = fit_schedule(cfg, self.steps_per_epoch)
+        cfg = self.cfg
         self.model = make_model(cfg, len(self.classes), train_x, device, mean=self.data.mean,
                                 std=self.data.std)
         self.origin = self._start_from_source()  # what a fine-tuning run started from, else None
-        self.step = make_step(cfg, self.model, device, self.settings.precision, dist,
-                              functools.partial(train_mode, cfg=cfg))
         self.class_counts = {"train": class_counts(train_y, len(self.classes))}
         if held_out:
             self.class_counts["val"] = class_counts(held_out[1], len(self.classes))
         if len(self.data.test_labels):
             self.class_counts["test"] = class_counts(self.data.test_labels, len(self.classes))
         self.monitor, self.monitor_why = choose_monitor(cfg.monitor, self.class_counts["train"])
-        self.steps_per_epoch = len(self.train_loader)
+        self.step = make_step(cfg, self.model, device, self.settings.precision, dist,
+                              functools.partial(train_mode, cfg=cfg),
+                              torch.tensor(self.class_counts["train"]))
+        stretch_limited_epochs(self.step.optimizer, self.budget)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.averages = Averages(self.model, cfg, self.total_steps)
         self.state = {
@@ -158,7 +165,7 @@ class Trainer:
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
             "history": [], "train_seconds": 0.0, "precision": self.settings.precision,
             "init_from": self.origin, "tta_mirror": self.settings.mirror, "split": self.split,
-            "class_counts": self.class_counts, "monitor": self.monitor,
+            "class_counts": self.class_counts, "monitor": self.monitor, "schedule": self.budget.record(),
         }
         self.start = EpochStart()
         self.last_good = "no checkpoint was saved yet"
@@ -237,7 +244,7 @@ class Trainer:
                               f"or start a new run with init_from={self.run_dir}")
         # the saved state under this config's hyperparameters
         load_optimizer_state(self.step.optimizer, checkpoint["optimizer_state"])
-        self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
+        self.changed = changed_settings(checkpoint["config"], self.configured.to_dict())
         restore_rng(checkpoint, self.device, self.dist)
         self.state.update({k: checkpoint[k] for k in RESUMED_KEYS})
         self.state["init_from"] = checkpoint.get("init_from")
@@ -260,7 +267,8 @@ class Trainer:
         self._warm_up()
         # On resume, drop events an interrupted run logged after its last checkpoint.
         purge_step = self.state["epoch"] * self.steps_per_epoch + self.start.step if self.resume else None
-        self.folder.open_outputs(self.cfg, self.device, self.settings, self.state["epoch"] + 1, purge_step)
+        self.folder.open_outputs(self.configured, self.device, self.settings, self.state["epoch"] + 1,
+                                 purge_step)
         self._announce()
         sync(self.device)
         self.session_started, self.seconds_before = time.perf_counter(), self.state["train_seconds"]
@@ -301,6 +309,9 @@ class Trainer:
     def _announce(self) -> None:
         self.folder.announce(self.cfg, self.device, self.settings, self.data.name, self.train_loader,
                              self.val_loader, self.split, self.split_change)
+        raised = self.budget.banner(len(self.train_loader.images))
+        if raised and self.dist.is_main:
+            print(raised)
         if self.dist.is_main:
             balance = getattr(self.cfg.data, "balance", "none")  # data.balance: the balance helper's key
             for line in class_lines(self.classes, self.class_counts, self.monitor, self.monitor_why, balance,
@@ -464,7 +475,7 @@ class Trainer:
         state = self.state
         state["train_seconds"] = self.seconds_before + time.perf_counter() - self.session_started
         state.update(self.averages.saved())
-        state.update(config=self.cfg.to_dict(),
+        state.update(config=self.configured.to_dict(),
                      optimizer_state=self.step.optimizer.state_dict(), rng=rng[0],
                      rng_ranks=rng if self.dist.active else [],
                      lookahead=self.averages.saved_lookahead(),
