@@ -332,6 +332,7 @@ class Trainer:
                       "temperature on, so its probabilities stay uncalibrated (plain softmax)")
             return
         self.checkpoint_writer.wait()
+        self.dist.barrier()  # rank 0 has written best.pt before any rank reads it
         weights = self.best_weights or load_checkpoint(self.run_dir / "best.pt")["model_state"]
         current = to_cpu(self.model.state_dict())
         self.model.load_state_dict(weights)
