@@ -59,24 +59,24 @@ def test_a_calibrated_model_keeps_a_temperature_near_1():
 
 
 def test_ece_and_nll_on_a_hand_checked_example():
-    """Top-1 confidences 0.9 (right), 0.9 (wrong), 0.62 (right), 0.58 (right). 15 bins: (0.8667, 0.9333]
-    holds the two 0.9s (accuracy 1/2, gap 0.4, weight 1/2), (0.6, 0.6667] the 0.62 (gap 0.38, weight 1/4),
-    (0.5333, 0.6] the 0.58 (gap 0.42, weight 1/4): ECE = 0.2 + 0.095 + 0.105 = 0.4. One bin: mean confidence
-    0.75 = accuracy 3/4, ECE 0."""
+    """Top-1 confidences 0.9 (right), 0.9 (wrong), 0.62 (right), 0.58 (wrong). 15 bins: (0.8667, 0.9333] holds
+    the two 0.9s (accuracy 1/2, gap 0.4, weight 1/2), (0.6, 0.6667] the 0.62 (gap 0.38, weight 1/4),
+    (0.5333, 0.6] the 0.58 (gap 0.58, weight 1/4): ECE = 0.2 + 0.095 + 0.145 = 0.44 (an unweighted mean over
+    the bins would give 0.4533). One bin: mean confidence 0.75, accuracy 1/2, ECE 0.25."""
     top = torch.tensor([0.9, 0.9, 0.62, 0.58], dtype=torch.float64)
     probs = torch.stack([top, 1 - top], 1)
-    labels = torch.tensor([0, 1, 0, 0])
-    assert expected_calibration_error(probs, labels) == pytest.approx(0.4, abs=1e-9)
-    assert expected_calibration_error(probs, labels, bins=1) == pytest.approx(0.0, abs=1e-9)
+    labels = torch.tensor([0, 1, 0, 1])
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.44, abs=1e-9)
+    assert expected_calibration_error(probs, labels, bins=1) == pytest.approx(0.25, abs=1e-9)
     table = reliability(probs, labels)
     assert table["count"][13] == 2 and table["count"][9] == 1 and table["count"][8] == 1
     assert sum(table["count"]) == 4
-    assert table["accuracy"][13] == 0.5 and table["confidence"][9] == pytest.approx(0.62)
-    assert table["accuracy"][0] is None
+    assert table["accuracy"][13] == 0.5 and table["accuracy"][8] == 0.0
+    assert table["confidence"][9] == pytest.approx(0.62) and table["accuracy"][0] is None
     # a bin holds (lo, hi]: 0.5 with 2 bins is in the lower one
     assert reliability(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), bins=2)["count"] == [1, 0]
-    # NLL: -(ln 0.9 + ln 0.1 + ln 0.62 + ln 0.58) / 4
-    expected = -(math.log(0.9) + math.log(0.1) + math.log(0.62) + math.log(0.58)) / 4
+    # NLL: -(ln 0.9 + ln 0.1 + ln 0.62 + ln 0.42) / 4
+    expected = -(math.log(0.9) + math.log(0.1) + math.log(0.62) + math.log(0.42)) / 4
     assert nll(probs, labels) == pytest.approx(expected, rel=1e-6)
 
 
