@@ -1,5 +1,5 @@
-"""Command line: `cifarcnn train | evaluate | bench | predict | serve | export | report | show-batch | check |
-presets`; config overrides as key=value."""
+"""Command line: `cifarcnn train | evaluate | calibrate | bench | predict | serve | export | report |
+show-batch | check | presets`; config overrides as key=value."""
 
 from __future__ import annotations
 
@@ -85,6 +85,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     evaluate(args.target, data_dir=args.data_dir, device=args.device, out_dir=args.out,
              batch_size=args.batch_size)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .use.calibrate import calibrate
+
+    calibrate(args.target, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
     return 0
 
 
@@ -215,6 +222,13 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default: eval/ beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=1000)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit the temperature that calibrates a trained model's "
+                                         "probabilities on its validation split; store it in its checkpoints")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    _with_data(p)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict",
                        help="classify image files (PNG, JPEG, BMP, GIF, WebP) with a trained model")

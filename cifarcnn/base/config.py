@@ -104,6 +104,7 @@ class Config:
         0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes
     tta: int = _field(
         0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
+    calibrate: bool = True  # fit a temperature on the validation split after training (calibration)
     compile: bool = False  # torch.compile the model (warm-up is done before training starts)
     precision: str = _field("auto", choices=PRECISIONS)  # auto: bf16 on CUDA and bf16 CPUs, else fp32
     ema_decay: float = _field(

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..base.calibration import calibration_record
+from ..base.calibration import describe as describe_calibration
 from ..base.config import Config, flat_keys, make_config
 from ..base.errors import ConfigError, UserError
 from ..base.inference import Settings, predict_logits, settings_for
@@ -30,7 +32,7 @@ from ..data.splits import compare_split, split_record, untrained_test
 from .averages import Averages
 from .budget import fit_schedule, stretch_limited_epochs
 from .build import eval_loader, make_model, make_step, train_loader
-from .checkpoint import FORMAT, CheckpointWriter, load_checkpoint, to_cpu
+from .checkpoint import FORMAT, CheckpointWriter, load_checkpoint, store_calibration, to_cpu
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .epochstate import EpochStart, EpochTotals, restore_rng, rng_state
@@ -284,6 +286,7 @@ class Trainer:
                         break
             if self.test_loader is not None:
                 self._test_best()
+            self._calibrate()
         finally:
             self.folder.writer.close()
             self.checkpoint_writer.close()
@@ -345,6 +348,37 @@ class Trainer:
                   "class_counts": {**self.class_counts, "test": scores["support"]}}  # test: those counted
         self.state["test"] = result
         self.folder.record_test(result, self.state["history"], self.state["epoch"] * self.steps_per_epoch)
+
+    def _calibrate(self) -> None:
+        """With `calibrate`, once the run ends: the temperature of the model the run keeps (best.pt), fitted
+        on the validation split with the run's TTA (`base.calibration`), stored in best.pt and in last.pt when
+        it holds the same model. Each rank runs its validation shard; rank 0 fits and writes."""
+        if not self.cfg.calibrate:
+            return
+        if self.val_loader is None:
+            if self.dist.is_main:
+                print("calibration: none: the run has no validation split (data.val_size=0) to fit a "
+                      "temperature on, so its probabilities stay uncalibrated (plain softmax)")
+            return
+        self.checkpoint_writer.wait()
+        self.dist.barrier()  # rank 0 has written best.pt before any rank reads it
+        weights = self.best_weights or load_checkpoint(self.run_dir / "best.pt")["model_state"]
+        current = to_cpu(self.model.state_dict())
+        self.model.load_state_dict(weights)
+        self.dist.share_buffers(self.model)
+        logits, labels = predict_logits(self.step.forward, self.val_loader, self.settings,
+                                        "calibration" if self.dist.is_main else None)
+        self.model.load_state_dict(current)
+        shards = self.dist.gather((logits.cpu(), labels.cpu()))
+        if not self.dist.is_main:
+            return
+        record = calibration_record(torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards]),
+                                    self.settings.tta)
+        store_calibration(self.run_dir / "best.pt", record)
+        if self.state["best_epoch"] == self.state["epoch"]:  # last.pt holds the same model
+            store_calibration(self.run_dir / "last.pt", record)
+        self.state["calibration"] = record
+        print(describe_calibration(record))
 
     # -- checking in during an epoch -------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..base.device import select_device
 from ..base.errors import UsageError
-from ..base.inference import Settings, checkpoint_settings, infer
+from ..base.inference import Settings, checkpoint_settings, infer, probabilities
 from ..base.progress import bar_disabled
 from ..base.storage import atomic_write_json, atomic_write_text
 from ..data.dataset import MEAN, STD
@@ -84,11 +84,12 @@ def classify(model: nn.Module, images: np.ndarray, classes: Sequence[str], *, de
              top_k: int, settings: Settings, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
              ) -> list[list[tuple[str, float]]]:
     """Each image's top-k (class, probability), most likely first, through `inference.infer` in one forward
-    pass (per TTA view); `images` is (N, H, W, 3) uint8 as `read_image` decodes them."""
+    pass (per TTA view) and `inference.probabilities` (the settings' temperature); `images` is (N, H, W, 3)
+    uint8 as `read_image` decodes them."""
     x = to_model_input(images, device, mean, std).contiguous(memory_format=torch.channels_last)
-    probabilities = infer(model, x, settings).softmax(1)
+    probs = probabilities(infer(model, x, settings), settings)
     # a stable sort breaks exact ties toward the lower class index, as evaluate's argmax does
-    values, indices = (t[:, :top_k] for t in probabilities.sort(dim=1, descending=True, stable=True))
+    values, indices = (t[:, :top_k] for t in probs.sort(dim=1, descending=True, stable=True))
     return [[(classes[c], p) for c, p in zip(idx, vals)]
             for vals, idx in zip(values.tolist(), indices.tolist())]
 
@@ -252,11 +253,13 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ckpt_path} on "
           f"{torch_device} in {seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
     print(f"inference: {settings.describe()}")
+    print(settings.describe_probabilities())
     if skipped:
         print(f"skipped {skipped} file(s) in the folders without an image extension")
 
     summary: dict = {"checkpoint": str(ckpt_path), "classes": classes, "top_k": top_k, "tta": settings.tta,
-                     "precision": settings.precision, "num_files": len(results), "num_failed": len(failed)}
+                     "precision": settings.precision, "temperature": settings.temperature,
+                     "num_files": len(results), "num_failed": len(failed)}
     if labels_from_folders:
         if trained:
             print(f"split: {trained} of these files are images the model trained on (by their path in "

@@ -152,7 +152,10 @@ def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
                "dataset": loaded.checkpoint.get("dataset", "CIFAR-10"), "classes": loaded.classes,
                "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
                "validation_accuracy": val, "test_accuracy": test, **_class_figures(loaded),
-               "inference": loaded.settings.describe(), "device": str(loaded.device)}
+               "inference": loaded.settings.describe(), "device": str(loaded.device),
+               # null: uncalibrated (plain softmax); else the temperature the probabilities are divided by
+               "calibration": loaded.checkpoint.get("calibration"),
+               "probabilities": loaded.settings.describe_probabilities()}
     return identity, details
 
 
@@ -494,6 +497,7 @@ def serve(target: str | Path, options: ServeOptions, *, device: str | None = Non
     print(f"serving {loaded.path} ({len(loaded.classes)} classes; {loaded.settings.describe()}) on "
           f"http://{shown}:{port}/ (API docs: /docs){'; token required' if options.token else ''}",
           flush=True)
+    print(loaded.settings.describe_probabilities(), flush=True)
     try:
         server.run(sockets=[sock])
     finally:
