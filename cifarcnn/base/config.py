@@ -43,6 +43,7 @@ class DataConfig:
     val_size: int | float | str = _field("auto", special="val_size")  # auto: a tenth (CIFAR 5,000); 0: none
     split_seed: int = _field(
         0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
+    exclude: str | None = None  # a file of images to leave out: paths one a line, or an audit.csv
 
 
 @dataclass

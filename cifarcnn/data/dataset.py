@@ -5,10 +5,14 @@ are CIFAR-10 models)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..base.errors import UserError
+
+if TYPE_CHECKING:
+    from .exclude import Exclusion
 
 MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's training-set mean and std per channel
 STD = (0.2470, 0.2435, 0.2616)
@@ -34,6 +38,7 @@ class Dataset:
     # folder datasets: each image's path relative to the dataset root (its key in the split); None for CIFAR
     train_ids: tuple[str, ...] | None = None
     test_ids: tuple[str, ...] | None = None
+    excluded: Exclusion | None = None  # what data.exclude left out (exclude.py)
 
     @property
     def image_size(self) -> int:
