@@ -55,16 +55,16 @@ def write_noisy(source: Path, target: Path, noise: float, seed: int) -> list[dic
     batches = []
     for name in BATCHES:
         with open(source / name, "rb") as f:
-            batches.append(pickle.load(f, encoding="bytes"))
-    labels = np.concatenate([np.array(b[b"labels"]) for b in batches])
+            batches.append(pickle.load(f, encoding="latin1"))
+    labels = np.concatenate([np.array(b["labels"]) for b in batches])
     rng = np.random.default_rng(seed)
     moved = np.sort(rng.choice(len(labels), round(noise * len(labels)), replace=False))
     new = labels.copy()
     new[moved] = (labels[moved] + rng.integers(1, 10, len(moved))) % 10
     offset = 0
     for name, batch in zip(BATCHES, batches):
-        count = len(batch[b"labels"])
-        batch[b"labels"] = new[offset:offset + count].tolist()
+        count = len(batch["labels"])
+        batch["labels"] = new[offset:offset + count].tolist()
         offset += count
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)

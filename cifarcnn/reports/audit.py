@@ -122,6 +122,7 @@ def _model_findings(result: Audit, cfg: Config, data: Dataset, folds: int, devic
     print(f"training {folds} models of {cfg.model} for {cfg.epochs} epochs, each on {folds - 1}/{folds} of "
           f"the {len(data.train_labels):,} training images", flush=True)
     cv = cross_validate(cfg, data, folds, device)
+    result.cross_validated = True
     probs = np.concatenate([cv.train_probs, cv.test_probs])
     flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     classes = result.classes
@@ -166,7 +167,7 @@ def _print_summary(result: Audit, out_dir: Path, cpu_seconds: float) -> None:
         print(f"{name:<{width}}{result.counts['train'][i]:>8}{result.counts['test'][i]:>8}")
     print(f"imbalance (largest / smallest training class): {result.imbalance:.1f}:1")
     for issue, text in ISSUES.items():
-        print(f"{text + ':':<44}{result.count(issue):>6}")
+        print(f"{text + ':':<44}{result.shown_count(issue):>7}")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     top = [f for f in result.findings if f.issue == "label_issue"][:10]

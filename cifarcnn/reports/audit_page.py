@@ -85,7 +85,7 @@ def build_page(result: Audit, names: list[str], images: torch.Tensor) -> str:
     rows = "".join(f"<tr><td>{_e(c)}</td><td>{result.counts['train'][i]}</td><td>{result.counts['test'][i]}"
                    f"</td></tr>" for i, c in enumerate(result.classes))
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in result.notes)
-    summary = "".join(f"<tr><td>{_e(text)}</td><td>{result.count(issue)}</td></tr>"
+    summary = "".join(f"<tr><td>{_e(text)}</td><td>{result.shown_count(issue)}</td></tr>"
                       for issue, text in ISSUES.items())
     sections = "".join(_section(result, issue, text, names, images) for issue, text in ISSUES.items())
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport "

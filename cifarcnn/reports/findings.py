@@ -30,6 +30,7 @@ class Audit:
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     groups: list[list[int]] = field(default_factory=list)  # duplicate groups, pooled positions
+    cross_validated: bool = False  # whether the k-fold models ran (wrong labels and outliers)
 
     @property
     def imbalance(self) -> float:
@@ -39,9 +40,16 @@ class Audit:
     def count(self, issue: str) -> int:
         return sum(f.issue == issue for f in self.findings)
 
+    def shown_count(self, issue: str) -> str:
+        """The count, or "not run" for the model's findings when the k-fold models did not run."""
+        if issue in MODEL_ISSUES and not self.cross_validated:
+            return "not run"
+        return str(self.count(issue))
+
 
 ISSUES = {"unreadable": "unreadable files", "exact_duplicate": "exact copies within a class",
           "near_duplicate": "near copies within a class",
           "conflicting_labels": "copies with different labels",
           "train_test_leak": "test images that copy a training image",
           "label_issue": "likely wrong labels", "outlier": "outliers (unlike any class)"}
+MODEL_ISSUES = ("label_issue", "outlier")
