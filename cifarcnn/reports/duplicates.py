@@ -48,9 +48,13 @@ def candidates(images: torch.Tensor, count: int = CANDIDATES) -> torch.Tensor:
     norms = thumbs.square().sum(1)
     count = min(count, len(images) - 1)
     pairs = []
+    # one block of distances at a time, always in the same buffer: with the CLI's malloc settings
+    # (base.device.keep_freed_memory) a fresh block per step fragments the heap to several GB
+    buffer = torch.empty(min(CHUNK, len(thumbs)), len(thumbs))
     for start in range(0, len(thumbs), CHUNK):
         block = thumbs[start:start + CHUNK]
-        squared = norms[start:start + CHUNK, None] + norms[None, :] - 2 * block @ thumbs.T
+        squared = torch.mm(block, thumbs.T, out=buffer[:len(block)]).mul_(-2).add_(norms[None, :])
+        squared.add_(norms[start:start + CHUNK, None])
         rows = torch.arange(start, start + len(squared))
         squared[rows - start, rows] = float("inf")
         nearest = squared.topk(count, dim=1, largest=False).indices
@@ -78,7 +82,7 @@ def near_pairs(images: torch.Tensor, threshold: float = NEAR_RMS) -> list[tuple[
     """(i, j, distance) for the candidate pairs i < j of uint8 (N, 3, 32, 32) images that are near copies."""
     pairs = candidates(images)
     found = []
-    for part in pairs.split(4 * CHUNK):
+    for part in pairs.split(CHUNK):
         distance = aligned_distance(images[part[:, 0]], images[part[:, 1]])
         near = distance <= threshold
         found += [(i, j, d) for (i, j), d in zip(part[near].tolist(), distance[near].tolist())]
