@@ -29,8 +29,8 @@ def picture(rng: np.random.Generator, colour: tuple[int, int, int], amplitude: f
     return Image.fromarray(np.clip(np.array(colour) + smooth, 0, 255).astype(np.uint8))
 
 
-def write_folder(root: Path, per_class: int, test_per_class: int = 0, classes: tuple[str, ...] = tuple(COLOURS),
-                 seed: int = 0) -> Path:
+def write_folder(root: Path, per_class: int, test_per_class: int = 0,
+                 classes: tuple[str, ...] = tuple(COLOURS), seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for side, count in (("train", per_class), ("test", test_per_class)):
         for name in classes:
@@ -87,8 +87,10 @@ def test_copies_found_without_cleanlab(planted, tmp_path, monkeypatch, capsys):
     assert list(rows[0]) == ["path", "issue", "score", "given_class", "suggested_class", "detail"]
     found = {(Path(r["path"]).relative_to(planted).as_posix(), r["issue"]) for r in rows}
     assert found == {("train/red/exact.png", "exact_duplicate"), ("train/red/near.jpg", "near_duplicate"),
-                     ("train/green/0.png", "conflicting_labels"), ("train/blue/conflict.png", "conflicting_labels"),
-                     ("test/blue/leak.jpg", "train_test_leak"), ("train/green/broken.png", "unreadable")}, rows
+                     ("train/green/0.png", "conflicting_labels"),
+                     ("train/blue/conflict.png", "conflicting_labels"),
+                     ("test/blue/leak.jpg", "train_test_leak"),
+                     ("train/green/broken.png", "unreadable")}, rows
     conflict = next(r for r in rows if r["path"].endswith("blue/conflict.png"))
     assert (conflict["given_class"], conflict["suggested_class"]) == ("blue", "green")
     assert re.search(r"likely wrong labels: +not run\n", out) and re.search(r"outliers.*: +not run\n", out)
