@@ -14,38 +14,12 @@ import dataclasses
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..base.errors import UsageError
-from .dataset import Dataset
-
-
-@dataclass
-class Exclusion:
-    """What `data.exclude` left out of a dataset: the file, how many of its names matched each side, how
-    many matched nothing, and the kept images' original positions (CIFAR names them by position)."""
-
-    file: str
-    listed: int
-    train: int
-    test: int
-    unknown: int
-    digest: str  # of the sorted names left out: the same file on the same data gives the same digest
-    kept_train: np.ndarray
-    kept_test: np.ndarray
-
-    def record(self) -> dict:
-        """What the checkpoint's split record keeps."""
-        return {"file": self.file, "listed": self.listed, "train": self.train, "test": self.test,
-                "unknown": self.unknown, "digest": self.digest}
-
-    def describe(self) -> str:
-        unknown = f"; {self.unknown} listed name(s) match no image" if self.unknown else ""
-        return (f"data.exclude {self.file}: left out {self.train + self.test} image(s) ({self.train} "
-                f"training, {self.test} test){unknown}")
+from .dataset import Dataset, Exclusion
 
 
 def read_names(path: str | Path) -> list[str]:
