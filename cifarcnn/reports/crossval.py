@@ -11,6 +11,7 @@ feature space (features of different fold models are never compared).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from ..base.config import Config
 from ..base.inference import Settings, infer, settings_for
-from ..base.progress import bar_disabled
+from ..base.progress import bar_disabled, on_terminal
 from ..data.dataset import Dataset
 from ..data.loader import Loader
 from ..models.contract import ClassifierHead
@@ -79,6 +80,8 @@ def cross_validate(cfg: Config, data: Dataset, folds: int, device: torch.device)
         probs, features = _predict(model, data, data.test_images, data.test_labels, cfg, device, settings)
         test_probs += probs / folds
         test_outlier += _knn_distance(features, ref_features) / folds
+        if not on_terminal():  # a log gets a line per fold instead of the bar
+            print(f"audit: fold {f + 1}/{folds} done", file=sys.stderr, flush=True)
     return CrossVal(train_probs, test_probs, train_outlier, test_outlier, folds)
 
 
