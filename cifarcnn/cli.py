@@ -1,4 +1,4 @@
-"""Command line: `cifarcnn train | evaluate | calibrate | bench | predict | serve | export | report |
+"""Command line: `cifarcnn train | evaluate | calibrate | bench | predict | serve | export | report | audit |
 show-batch | check | presets`; config overrides as key=value."""
 
 from __future__ import annotations
@@ -123,6 +123,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .reports.report import report
 
     report(args.run, args.out, data_dir=args.data_dir, device=args.device, evaluate_if_missing=args.evaluate)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .reports.audit import audit
+
+    if args.data is not None and "=" in args.data and not Path(args.data).exists():
+        args.overrides, args.data = [args.data, *args.overrides], None  # an override, not a folder
+    if args.data is not None:
+        args.overrides = ["data.dataset=folder", f"data.path={args.data}", *args.overrides]
+    if args.config is None and args.preset is None:
+        args.preset = "quick"
+    if args.folds < 2:
+        raise UsageError(f"--folds must be at least 2, got {args.folds}")
+    audit(config_from_args(args), data_dir=args.data_dir, device=args.device, folds=args.folds,
+          out_dir=args.out)
     return 0
 
 
@@ -269,6 +285,27 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-evaluate", dest="evaluate", action="store_false",
                    help="fail instead of evaluating a run that has no eval/test_metrics.json")
     p.set_defaults(func=cmd_report)
+
+    _add_audit_command(sub)
+
+
+def _add_audit_command(sub: argparse._SubParsersAction) -> None:
+    text = ("find what is wrong with a dataset: class counts, unreadable files, duplicates, likely wrong "
+            "labels and outliers (wrong labels and outliers need the audit extra: pip install "
+            "'cifarcnn[audit]')")
+    p = sub.add_parser("audit", help=text, description=text)
+    p.add_argument("data", nargs="?", metavar="DATA",
+                   help="an image folder (DIR/train/<class>/..., optionally DIR/test/<class>/...); without "
+                        "it, the dataset the config names (CIFAR-10 by default, with --data-dir)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for the cross-validated models, e.g. epochs=3")
+    p.add_argument("--config", type=Path, help="YAML config of the cross-validated models")
+    p.add_argument("--preset", help="the recipe the cross-validated models train with (default: quick)")
+    _with_data(p)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
+    p.add_argument("--out", type=Path, default=Path("audit"),
+                   help="output folder for audit.csv and audit.html (default: ./audit)")
+    p.set_defaults(func=cmd_audit)
 
 
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:

@@ -47,6 +47,7 @@ class DataConfig:
         0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
     balance: str = _field(
         "none", choices=BALANCE)  # imbalanced classes: class-weighted loss, balanced draws, logit adjustment
+    exclude: str | None = None  # a file of images to leave out: paths one a line, or an audit.csv
 
 
 @dataclass

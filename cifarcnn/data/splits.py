@@ -84,10 +84,18 @@ def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
 
 def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor,
                  val_mask: torch.Tensor | None, test_keys: tuple[str, ...] | None,
-                 test_images: torch.Tensor) -> dict:
+                 test_images: torch.Tensor, excluded: dict | None = None) -> dict:
     """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the
     images' keys; for a folder dataset also each image's path and pixel identity (to tell later what
-    moved)."""
+    moved); and what data.exclude left out (`excluded`, `Exclusion.record()`), when it did."""
+    record = _record(train_keys, train_images, val_mask, test_keys, test_images)
+    if excluded is not None:
+        record["exclude"] = excluded
+    return record
+
+
+def _record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor, val_mask: torch.Tensor | None,
+            test_keys: tuple[str, ...] | None, test_images: torch.Tensor) -> dict:
     mask = val_mask.numpy() if val_mask is not None else np.zeros(len(train_images), dtype=bool)
     if train_keys is None:  # CIFAR: the keys are positions in the official files
         positions = np.arange(len(train_images), dtype=np.int64)

@@ -91,6 +91,9 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     if cfg.data.path:  # the run folder records where the images are, whatever the current folder later
         path = str(Path(cfg.data.path).expanduser().resolve())
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+    if cfg.data.exclude:  # likewise the exclusion list, which evaluate reads again
+        exclude = str(Path(cfg.data.exclude).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, exclude=exclude))
     if cfg.init_from and not resume:  # likewise the model it started from
         cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
     dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
@@ -201,7 +204,8 @@ class Trainer:
     def _split_record(self, val_mask: torch.Tensor | None) -> dict:
         """The split record (counts and digests per side), with a fine-tuning run's source images."""
         data = self.data
-        split = split_record(data.train_ids, data.train_images, val_mask, data.test_ids, data.test_images)
+        split = split_record(data.train_ids, data.train_images, val_mask, data.test_ids, data.test_images,
+                             data.excluded.record() if data.excluded is not None else None)
         if self.cfg.init_from:  # and the images the source model trained on (finetune.py)
             split = with_source_images(split, self.resumed_from or self.source.checkpoint,
                                        resumed=self.resumed_from is not None)
