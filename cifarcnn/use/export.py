@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
-from ..base.config import data_config
+from ..base.config import closest_preset, data_config
 from ..base.errors import UserError
 from ..base.inference import TTA_LEVELS, TTA_RECIPE, TTA_RECIPE_NO_MIRROR, Settings, infer, tta_views
 from ..base.storage import atomic_write
@@ -59,6 +59,7 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
     size = info["image_size"]
     tta = int(checkpoint["config"].get("tta", 0))
     mirror = bool(checkpoint.get("tta_mirror", True))
+    preset, overrides = closest_preset(checkpoint["config"])
     return {
         "classes": json.dumps(info["classes"]),
         "mean": json.dumps(list(info["mean"])),
@@ -86,6 +87,8 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
         "tta_mirror": "true" if mirror else "false",
         "tta_levels": json.dumps({str(level): tta_views(level, mirror) for level in TTA_LEVELS}),
         "config": json.dumps(checkpoint["config"], default=str),
+        "preset": preset or "",
+        "preset_overrides": json.dumps(overrides, default=str),
         "weights": "fp32",
         **_calibration(checkpoint),
         **_split(checkpoint),
@@ -226,7 +229,8 @@ def int8_model(float_model: bytes, checkpoint: dict, data_dir: str | Path | None
     result["int8"] = report
     print(f"int8: calibrated on {len(calibration)} training images (seed {quantize.CALIBRATION_SEED}); "
           f"accuracy on {len(images)} {side} images at tta {meta['tta']}: int8 {int8_accuracy:.2%}, float "
-          f"{float_accuracy:.2%} ({-drop * 100:+.2f} points; the limit is -{quantize.MAX_DROP * 100:g})")
+          f"{float_accuracy:.2%} ({(int8_accuracy - float_accuracy) * 100:+.2f} points; the limit is "
+          f"-{quantize.MAX_DROP * 100:g})")
     if not report["passed"]:
         raise ExportError(f"the int8 model scores {drop * 100:.2f} points below the float model on the "
                           f"{side} images, more than the {quantize.MAX_DROP * 100:g}-point limit; {output} "

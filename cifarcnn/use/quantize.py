@@ -6,6 +6,7 @@ int8 against float, on the same images at the same test-time augmentation."""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,12 +60,18 @@ def quantize(float_model: bytes, images: np.ndarray, meta: dict[str, str]) -> by
         source.write_bytes(float_model)
         # folds BatchNorm into the convolutions and infers shapes, as ONNX Runtime recommends before
         # quantizing
-        quant_pre_process(str(source), str(prepared))
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
         mean, std = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
-        quantize_static(str(prepared), str(target), _reader(images, mean, std, input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # it warns on the root logger about every BatchNorm it does not fold
+        try:
+            quantize_static(str(prepared), str(target), _reader(images, mean, std, input_name),
+                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            root.setLevel(level)
         model = onnx.load(str(target))
     onnx.helper.set_model_props(model, meta)
     return model.SerializeToString()

@@ -46,7 +46,7 @@ from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.types import Receive, Scope, Send  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from ..base.config import flat_keys, load_preset, preset_names  # noqa: E402
+from ..base.config import closest_preset  # noqa: E402
 from ..data.images import read_image  # noqa: E402
 from .batching import Batcher  # noqa: E402
 from .runtime import OnnxModel, check_device, is_onnx, load_onnx  # noqa: E402
@@ -79,19 +79,6 @@ class ServeOptions:
 
 
 # --------------------------------------------------------------------------- what the model is
-
-
-def closest_preset(config: dict) -> tuple[str | None, dict]:
-    """The packaged preset a checkpoint's config differs from in the fewest keys, and those keys with the
-    checkpoint's values (a checkpoint does not record the preset it was trained from)."""
-    mine = flat_keys(config)
-    best: tuple[str | None, dict] = (None, mine)
-    for name in preset_names():
-        theirs = flat_keys(load_preset(name).to_dict())
-        changed = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
-        if best[0] is None or len(changed) < len(best[1]):
-            best = (name, changed)
-    return best
 
 
 def _digest(path: Path) -> str:
@@ -146,10 +133,9 @@ def describe_onnx(model: OnnxModel) -> tuple[dict, dict]:
     """`describe_model` for an exported file, from its metadata (the accuracies its `--int8` check measured
     when it has them)."""
     meta = model.meta
-    config = json.loads(meta.get("config", "{}"))
-    preset, overrides = closest_preset(config) if config else (None, {})
     identity = {"run": Path(meta.get("source_checkpoint", "")).parent.name, "checkpoint": model.path.name,
-                "digest": _digest(model.path), "preset": preset, "preset_overrides": overrides,
+                "digest": _digest(model.path), "preset": meta.get("preset") or None,
+                "preset_overrides": json.loads(meta.get("preset_overrides", "{}")),
                 "tta": model.tta, "precision": model.weights}
     check = json.loads(meta.get("int8_check", "{}"))
     measured = check.get("side") == "test" and check.get("tta") == model.tta  # by `export --int8`
