@@ -241,7 +241,7 @@ def written(path: Path, data: bytes) -> Path:
     ("wrong input shape", "cifarcnn runs one float input (batch, 3, 32, 32)"),
     ("not onnx", "not an ONNX model ONNX Runtime can load"),
     ("other preprocessing", "preprocessing version 99"),
-])
+], ids=["no_metadata", "wrong_input", "not_onnx", "other_preprocessing"])
 def test_a_file_that_is_not_a_cifarcnn_export_gets_one_line(exported, pngs, tmp_path, case, words):
     float_path = exported[0]
     target = {
