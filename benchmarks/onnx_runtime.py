@@ -107,7 +107,7 @@ def measure_run(run: Path, args: argparse.Namespace, bodies: list[bytes], scratc
     exported = export(copy, args.data_dir, work)
     models = exported.pop("models")
     checkpoint_tta = int({p.key: p.value for p in onnx.load(str(models["float"])).metadata_props}["tta"])
-    levels = sorted({0, checkpoint_tta})
+    levels = sorted({0, checkpoint_tta} if args.at_checkpoint_tta else {0})
     runs: dict = {f"tta{t}": {name: [] for name in models} for t in levels}
     for t in levels:  # A, B, C, A, B, C at each level
         for _ in range(args.rounds if t == 0 else args.rounds_tta):
@@ -135,6 +135,8 @@ def main() -> int:
     parser.add_argument("--data-dir", required=True, help="the CIFAR-10 copy (export's checks)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds at tta 0 and for serve")
     parser.add_argument("--rounds-tta", type=int, default=1, help="rounds at the checkpoint's tta")
+    parser.add_argument("--no-checkpoint-tta", dest="at_checkpoint_tta", action="store_false",
+                        help="predict at --tta 0 only (the accuracy at the checkpoint's level is then export's)")
     parser.add_argument("--requests", type=int, default=2000, help="serve: single-image requests per round")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
