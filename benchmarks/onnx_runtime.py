@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds at tta 0 and for serve")
     parser.add_argument("--rounds-tta", type=int, default=1, help="rounds at the checkpoint's tta")
     parser.add_argument("--no-checkpoint-tta", dest="at_checkpoint_tta", action="store_false",
-                        help="predict at --tta 0 only (the accuracy at the checkpoint's level is then export's)")
+                        help="predict at --tta 0 only (then the export check gives the accuracy)")
     parser.add_argument("--requests", type=int, default=2000, help="serve: single-image requests per round")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
