@@ -266,3 +266,30 @@ def test_onnx_usage_errors(exported, pngs, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "missing.onnx"), str(pngs)]) == 2
     assert "no such ONNX file" in capsys.readouterr().err
     assert main(["predict", str(float_path), str(pngs), "--tta", "3"]) == 2
+
+
+def test_the_split_check_travels_in_the_file(run_dir, pngs, tmp_path, capsys):
+    """A folder run's training side (paths and pixels) is in the metadata: `predict --labels-from-folders` on
+    the file leaves out the same trained-on images as on the checkpoint."""
+    from cifarcnn.data.images import load_image
+    from cifarcnn.data.pixels import SCHEME, path_ids, pixel_ids
+    from cifarcnn.training.checkpoint import load_checkpoint
+
+    files = sorted(pngs.rglob("*.png"))
+    by_path, by_pixels = files[:3], files[10:15]  # trained on under their names, and copies of trained images
+    pixels = pixel_ids(np.stack([load_image(f) for f in by_pixels]).transpose(0, 3, 1, 2))
+    record = {"scheme": SCHEME, "train": {
+        "ids": torch.from_numpy(path_ids([f.relative_to(pngs).as_posix() for f in by_path])),
+        "pixels": torch.from_numpy(pixels)}}
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    config = {**checkpoint["config"], "data": {**checkpoint["config"]["data"], "path": str(pngs.resolve())}}
+    torch.save({**checkpoint, "split": record, "config": config}, tmp_path / "folder.pt")
+    assert main(["export", str(tmp_path / "folder.pt"), "--no-check"]) == 0
+    assert json.loads(metadata(tmp_path / "folder.onnx")["split"])["root"] == str(pngs.resolve())
+    for target in (tmp_path / "folder.pt", tmp_path / "folder.onnx"):
+        capsys.readouterr()
+        assert main(["predict", str(target), str(pngs), "--labels-from-folders", "--quiet", "--device",
+                     "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert "split: 8 of these files are images the model trained on" in out
+        assert "on 192 labelled images (8 file(s) left out" in out
