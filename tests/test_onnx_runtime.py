@@ -293,3 +293,19 @@ def test_the_split_check_travels_in_the_file(run_dir, pngs, tmp_path, capsys):
         out = capsys.readouterr().out
         assert "split: 8 of these files are images the model trained on" in out
         assert "on 192 labelled images (8 file(s) left out" in out
+
+
+def test_the_deployment_benchmark_runs_end_to_end(run_dir, pngs, cifar_root, tmp_path):
+    out = tmp_path / "bench.json"
+    script = ROOT / "benchmarks" / "onnx_runtime.py"
+    done = subprocess.run([sys.executable, str(script), str(run_dir), "--pngs", str(pngs), "--data-dir",
+                           str(cifar_root), "--rounds", "1", "--no-checkpoint-tta", "--requests", "20",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (result,) = json.loads(out.read_text())["runs"]
+    assert set(result["predict"]["tta0"]) == {"checkpoint", "float", "int8"}
+    assert all(r[0]["images"] == 200 for r in result["predict"]["tta0"].values())
+    served = result["serve"]
+    assert served["int8"][0]["errors"] == served["checkpoint"][0]["errors"] == 0
+    assert served["checkpoint"][0]["torch_loaded"] and not served["int8"][0]["torch_loaded"]
+    assert result["bytes"]["int8"] < result["bytes"]["float"]
