@@ -344,5 +344,18 @@ def flat_keys(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def closest_preset(config: dict) -> tuple[str | None, dict]:
+    """The packaged preset a checkpoint's config differs from in the fewest keys, and those keys with the
+    checkpoint's values (a checkpoint does not record the preset it was trained from)."""
+    mine = flat_keys(config)
+    best: tuple[str | None, dict] = (None, mine)
+    for name in preset_names():
+        theirs = flat_keys(load_preset(name).to_dict())
+        changed = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if best[0] is None or len(changed) < len(best[1]):
+            best = (name, changed)
+    return best
+
+
 def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

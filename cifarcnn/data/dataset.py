@@ -10,9 +10,7 @@ import numpy as np
 import torch
 
 from ..base.errors import UserError
-
-MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's training-set mean and std per channel
-STD = (0.2470, 0.2435, 0.2616)
+from .pixels import MEAN, STD
 
 
 class DataError(UserError):

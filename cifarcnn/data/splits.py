@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from .dataset import DataError, Dataset
-
-SCHEME = "blake2b-path-v1"
+from .pixels import SCHEME, path_ids, pixel_ids
 
 
 def _unit(key: str, seed: int, side: bytes) -> float:
@@ -48,21 +47,6 @@ def hash_held_out(keys: list[str] | tuple[str, ...], labels: np.ndarray, fractio
         if held[members].all():
             held[members[np.argmax(u[members])]] = False
     return held
-
-
-def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
-    """An int64 identity per relative path."""
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, person=b"id").digest(), "big",
-                                    signed=True) for k in keys], dtype=np.int64)
-
-
-def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """An int64 identity per image from its decoded uint8 pixels, laid out (N, 3, S, S) as a Dataset holds
-    them: the same picture under another name is recognized."""
-    array = images.numpy() if isinstance(images, torch.Tensor) else images
-    array = np.ascontiguousarray(array)
-    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big",
-                                    signed=True) for row in array], dtype=np.int64)
 
 
 def _digest(ids: np.ndarray) -> str:
