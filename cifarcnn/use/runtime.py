@@ -156,7 +156,9 @@ class OnnxModel:
     def describe(self) -> str:
         views = json.loads(self.meta.get("tta_levels", "{}")).get(str(self.tta), "")
         return (f"tta {self.tta}{f' ({views})' if views else ''}, {self.weights} ONNX model on the CPU "
-                f"(ONNX Runtime){'' if self.temperature == 1 else f', temperature {self.temperature:g}'}")
+                f"(ONNX Runtime), "
+                + (f"temperature {self.temperature:g}" if "temperature" in self.meta
+                   else "probabilities UNCALIBRATED (plain softmax)"))
 
     def split_record(self) -> tuple[dict | None, str | None]:
         """The training side the export recorded (for `results.mark_trained_on`) and its dataset folder."""

@@ -167,7 +167,9 @@ def describe_onnx(model: OnnxModel) -> tuple[dict, dict]:
                "validation_accuracy": None if val == "None" else float(val),
                "test_accuracy": check["int8_accuracy"] if measured else None,
                "inference": model.describe(), "device": "cpu (ONNX Runtime)",
-               "checkpoint_digest": meta.get("checkpoint_digest"), "temperature": model.temperature}
+               "checkpoint_digest": meta.get("checkpoint_digest"), "temperature": model.temperature,
+               # as a checkpoint's /v1/model: null when the export holds no temperature (plain softmax)
+               "calibration": {"temperature": model.temperature} if "temperature" in meta else None}
     return identity, details
 
 
@@ -520,7 +522,8 @@ def serve(target: str | Path, options: ServeOptions, *, device: str | None = Non
     print(f"serving {loaded.path} ({len(loaded.classes)} classes; {inference}) on "
           f"http://{shown}:{port}/ (API docs: /docs){'; token required' if options.token else ''}",
           flush=True)
-    print(loaded.settings.describe_probabilities(), flush=True)
+    if not isinstance(loaded, OnnxModel):  # an export's describe() names its temperature
+        print(loaded.settings.describe_probabilities(), flush=True)
     try:
         server.run(sockets=[sock])
     finally:
