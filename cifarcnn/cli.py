@@ -1,5 +1,5 @@
-"""Command line: `cifarcnn train | evaluate | bench | predict | serve | export | report | show-batch | check |
-presets`; config overrides as key=value."""
+"""Command line: `cifarcnn train | evaluate | calibrate | bench | predict | serve | export | report | audit |
+show-batch | check | presets`; config overrides as key=value."""
 
 from __future__ import annotations
 
@@ -88,8 +88,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .use.calibrate import calibrate
+
+    calibrate(args.target, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .use.predict import predict
+    from .use.runtime import is_onnx, predict_onnx
+
+    if is_onnx(args.target):  # through ONNX Runtime: torch is not imported
+        predict = predict_onnx
+    else:
+        from .use.predict import predict
 
     return predict(args.target, args.paths, device=args.device, batch_size=args.batch_size, top_k=args.top_k,
                    output=args.output, labels_from_folders=args.labels_from_folders, quiet=args.quiet,
@@ -108,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .use.export import export
 
-    export(args.target, args.format, args.output, data_dir=args.data_dir, check=args.check)
+    export(args.target, args.format, args.output, data_dir=args.data_dir, check=args.check, int8=args.int8)
     return 0
 
 
@@ -116,6 +128,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .reports.report import report
 
     report(args.run, args.out, data_dir=args.data_dir, device=args.device, evaluate_if_missing=args.evaluate)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .reports.audit import audit
+
+    if args.data is not None and "=" in args.data and not Path(args.data).exists():
+        args.overrides, args.data = [args.data, *args.overrides], None  # an override, not a folder
+    if args.data is not None:
+        args.overrides = ["data.dataset=folder", f"data.path={args.data}", *args.overrides]
+    if args.config is None and args.preset is None:
+        args.preset = "quick"
+    if args.folds < 2:
+        raise UsageError(f"--folds must be at least 2, got {args.folds}")
+    audit(config_from_args(args), data_dir=args.data_dir, device=args.device, folds=args.folds,
+          out_dir=args.out)
     return 0
 
 
@@ -216,9 +244,16 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1000)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("calibrate", help="fit the temperature that calibrates a trained model's "
+                                         "probabilities on its validation split; store it in its checkpoints")
+    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    _with_data(p)
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("predict",
                        help="classify image files (PNG, JPEG, BMP, GIF, WebP) with a trained model")
-    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("target", metavar="RUN_DIR_CHECKPOINT_OR_ONNX")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image files, folders (searched recursively) or globs")
     p.add_argument("--top-k", type=int, default=1, help="classes to report per image (default: 1)")
@@ -246,6 +281,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                                       "$CIFAR100_DIR, else ./data)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip comparing ONNX Runtime with PyTorch on the test set")
+    p.add_argument("--int8", action="store_true",
+                   help="write the int8 model instead (static quantization calibrated on training images; "
+                        "refused when it scores over 1 point below the float model on the test images)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a run")
@@ -256,11 +294,32 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="fail instead of evaluating a run that has no eval/test_metrics.json")
     p.set_defaults(func=cmd_report)
 
+    _add_audit_command(sub)
+
+
+def _add_audit_command(sub: argparse._SubParsersAction) -> None:
+    text = ("find what is wrong with a dataset: class counts, unreadable files, duplicates, likely wrong "
+            "labels and outliers (wrong labels and outliers need the audit extra: pip install "
+            "'cifarcnn[audit]')")
+    p = sub.add_parser("audit", help=text, description=text)
+    p.add_argument("data", nargs="?", metavar="DATA",
+                   help="an image folder (DIR/train/<class>/..., optionally DIR/test/<class>/...); without "
+                        "it, the dataset the config names (CIFAR-10 by default, with --data-dir)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for the cross-validated models, e.g. epochs=3")
+    p.add_argument("--config", type=Path, help="YAML config of the cross-validated models")
+    p.add_argument("--preset", help="the recipe the cross-validated models train with (default: quick)")
+    _with_data(p)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default: 5)")
+    p.add_argument("--out", type=Path, default=Path("audit"),
+                   help="output folder for audit.csv and audit.html (default: ./audit)")
+    p.set_defaults(func=cmd_audit)
+
 
 def _add_serve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained model over HTTP: a JSON API (/v1/predict) and a page "
                                      "at / (needs the serve extra: pip install 'cifarcnn[serve]')")
-    p.add_argument("target", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("target", metavar="RUN_DIR_CHECKPOINT_OR_ONNX")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; any other needs a token)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -324,7 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _own_process_memory(args: argparse.Namespace) -> None:
     """The commands that run a model (those with --device) own this process: on a CPU, malloc keeps freed
     memory for reuse (`base.device.keep_freed_memory`; CIFARCNN_KEEP_FREED_MEMORY=0 turns it off)."""
-    if hasattr(args, "device"):
+    from .use.runtime import is_onnx
+
+    if hasattr(args, "device") and not is_onnx(getattr(args, "target", "")):  # ONNX Runtime: no torch
         from .base.device import keep_freed_memory, select_device
 
         keep_freed_memory(select_device(args.device))

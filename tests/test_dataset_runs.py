@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from cifarcnn.base.config import data_config
-from cifarcnn.base.inference import Settings, checkpoint_settings, infer, predict_logits
+from cifarcnn.base.inference import Settings, checkpoint_settings, infer, predict_logits, probabilities
 from cifarcnn.base.plots import save_confusion_matrix
 from cifarcnn.cli import main
 from cifarcnn.data import splits
@@ -230,10 +230,11 @@ def test_predict_on_the_command_line_uses_the_runs_size_mean_and_std(folder_run,
     x = torch.from_numpy(np.stack([load_image(f, 16) for f in files])).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(info["mean"])[:, None, None]) / torch.tensor(info["std"])[:, None, None]
     settings = checkpoint_settings(checkpoint, torch.device("cpu"), 0)  # as predict runs it
-    expected = infer(model, x.contiguous(memory_format=torch.channels_last), settings).softmax(1)
-    for row, probabilities in zip(json.loads(out.read_text())["results"], expected):
+    assert settings.temperature is not None  # the run calibrated itself: predict divides by its temperature
+    logits = infer(model, x.contiguous(memory_format=torch.channels_last), settings)
+    for row, expected in zip(json.loads(out.read_text())["results"], probabilities(logits, settings)):
         got = {p["class"]: p["probability"] for p in row["predictions"]}
-        assert [got[c] for c in FOLDER_CLASSES] == pytest.approx(probabilities.tolist(), abs=1e-5)
+        assert [got[c] for c in FOLDER_CLASSES] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_a_run_without_mirroring_never_uses_mirrored_views(tmp_path, capsys):

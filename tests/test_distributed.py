@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifarcnn.base.calibration import fit_temperature
 from cifarcnn.base.config import DataConfig, make_config
 from cifarcnn.base.errors import ConfigError
-from cifarcnn.base.inference import settings_for
+from cifarcnn.base.inference import predict_logits, settings_for
 from cifarcnn.base.metrics import classification_metrics
 from cifarcnn.data.cifar import load_cifar10
 from cifarcnn.data.loader import Loader, training_split
@@ -96,6 +97,14 @@ def test_two_processes_train_on_disjoint_shards_and_evaluate_each_image_once(ddp
     assert history[-1]["val_balanced_acc"] == classification_metrics(matrix)["balanced_accuracy"]
     # The loss too: the model gets every validation image right, so only the loss tells the shards apart.
     assert history[-1]["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+    # The temperature was fitted on every validation image once, gathered from both ranks' shards: the one a
+    # single process fits on the whole set.
+    best = load_checkpoint(run_dir / "best.pt")
+    record = best["calibration"]
+    assert record["images"] == 100 and record["tta"] == 0
+    best_model = model_from_checkpoint(best).to(memory_format=torch.channels_last)
+    fitted = fit_temperature(*predict_logits(best_model, loader, settings))
+    assert record["temperature"] == pytest.approx(fitted, rel=1e-3)
 
     # The configured batch is the global one: as many optimizer steps per epoch as a single process takes.
     single = train(make_config({}, [*RECIPE, "epochs=1"]), tmp_path / "single", data_dir=cifar_root,

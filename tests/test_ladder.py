@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarcnn.base.config import load_preset
-from cifarcnn.base.inference import Settings, infer
+from cifarcnn.base.inference import Settings, infer, probabilities
 from cifarcnn.cli import main
 from cifarcnn.data.images import to_model_input
 from cifarcnn.models.registry import build_model, count_parameters
@@ -181,15 +181,17 @@ def test_quick_preset_never_changes_the_whitening_bias():
     assert not torch.equal(model.blocks[0].norm1.bias, start["blocks.0.norm1.bias"])
 
 
-def per_image_probabilities(state: dict, checkpoint: dict, images: torch.Tensor,
-                            precision: str) -> torch.Tensor:
+def per_image_probabilities(state: dict, checkpoint: dict, images: torch.Tensor, precision: str,
+                            temperature: float) -> torch.Tensor:
     """Class probabilities of the quicknet weights `state` for uint8 images (N, 3, H, W), with the
-    checkpoint's TTA, computed here rather than through the checkpoint loader predict uses."""
+    checkpoint's TTA and `temperature`, computed here rather than through the checkpoint loader predict
+    uses."""
     model = build_model(checkpoint["model"], checkpoint["num_classes"])
     model.load_state_dict(state)
     x = to_model_input(images.permute(0, 2, 3, 1), "cpu", tuple(checkpoint["mean"]), tuple(checkpoint["std"]))
-    return infer(model.eval(), x.contiguous(memory_format=torch.channels_last),
-                 Settings(2, precision)).softmax(1)
+    settings = Settings(2, precision, temperature=temperature)
+    logits = infer(model.eval(), x.contiguous(memory_format=torch.channels_last), settings)
+    return probabilities(logits, settings)
 
 
 def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp_path, capsys):
@@ -225,12 +227,13 @@ def test_quick_preset_checkpoint_predicts_as_evaluate_and_exports(tiny_root, tmp
         for p in record["predictions"]:
             predicted[int(record["path"].rsplit("/", 1)[1][:-4]),
                       classes.index(p["class"])] = p["probability"]
-    precision = predictions["precision"]
-    expected = per_image_probabilities(average, checkpoint, data.test_images, precision)
+    precision, temperature = predictions["precision"], predictions["temperature"]
+    assert temperature == load_checkpoint(run / "best.pt")["calibration"]["temperature"]
+    expected = per_image_probabilities(average, checkpoint, data.test_images, precision, temperature)
     assert torch.allclose(predicted, expected, atol=1e-5)
     # the trained weights would predict measurably different probabilities, so the check above can tell them
     # apart
-    other = per_image_probabilities(trained, checkpoint, data.test_images, precision)
+    other = per_image_probabilities(trained, checkpoint, data.test_images, precision, temperature)
     assert (predicted - other).abs().max() > 1e-3
 
     assert main(["export", str(run), "--output", str(tmp_path / "quick.onnx"), "--data-dir",

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cifarcnn.base.config import make_config
-from cifarcnn.base.inference import predict_logits, settings_for
+from cifarcnn.base.inference import checkpoint_settings, predict_logits, probabilities
 from cifarcnn.cli import main
 from cifarcnn.data.cifar import CLASSES, load_cifar10
 from cifarcnn.data.loader import Loader
@@ -37,13 +37,13 @@ def png_test_set(cifar_root, tmp_path_factory):
 
 def loader_probabilities(run_dir, data, tta: int) -> torch.Tensor:
     """Probabilities of the run's best checkpoint for each test image, through the test loader and the run's
-    own precision, as evaluate computes them."""
+    own precision and temperature, as evaluate computes them."""
     checkpoint = load_checkpoint(run_dir / "best.pt")
-    settings = settings_for({"precision": checkpoint["config"]["precision"], "tta": tta}, torch.device("cpu"))
+    settings = checkpoint_settings(checkpoint, torch.device("cpu"), tta)
     model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
     loader = Loader(data.test_images, data.test_labels, 50, device="cpu", memory_format=torch.channels_last)
     logits, _ = predict_logits(model, loader, settings)
-    return logits.softmax(1)
+    return probabilities(logits, settings)
 
 
 def assert_records_match(records: list[dict], data, probabilities: torch.Tensor) -> None:

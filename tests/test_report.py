@@ -42,7 +42,8 @@ def test_the_page_is_self_contained_with_every_section(page, evaluated_run):
     for key in SECTION_IDS:
         assert f'<section id="{key}">' in text
     images = re.findall(r'<img src="([^"]*)"', text)
-    assert len(images) == 6 and all(src.startswith("data:image/png;base64,") for src in images)  # 4 curves
+    # 4 curves, the confusion matrix, the misclassified grid, the reliability diagram
+    assert len(images) == 7 and all(src.startswith("data:image/png;base64,") for src in images)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)  # nothing fetched from a network
     assert "<script" not in text and "<link" not in text
     assert 'name="viewport"' in text
@@ -62,6 +63,17 @@ def test_the_page_shows_the_run(page, evaluated_run):
     assert "over 2 epoch(s)" in text and f"{sum(seconds) / 2:.1f} s per epoch" in text
     hardware = text.split('<section id="hardware">')[1]
     assert "training from epoch 1" in hardware and "CPU" in hardware and "torch 2." in hardware
+
+
+def test_the_page_shows_calibration_before_and_after(page, evaluated_run):
+    _, text = page
+    scores = json.loads((evaluated_run / "eval" / "test_metrics.json").read_text())["calibration"]
+    section = text.split('<section id="calibration">')[1].split("</section>")[0]
+    assert scores["calibrated"] and 'alt="reliability diagram"' in section
+    for when in ("before", "after"):
+        assert (f'<td class="num">{scores[f"ece_{when}"]:.2%}</td><td class="num">{scores[f"nll_{when}"]:.4f}'
+                f'</td>') in section
+    assert f"temperature {scores['temperature']:.3f}" in section
 
 
 def test_training_records_the_hardware_of_each_session(cifar_root, tmp_path):
@@ -150,7 +162,7 @@ def test_headless_chromium_renders_every_section_and_image(chromium, page, tmp_p
         assert found, f"no probe output from Chromium (exit {done.returncode}): {done.stderr[-2000:]}"
         result = json.loads(html.unescape(found.group(1)))
         assert result["sections"] == SECTION_IDS and result["visible"] == len(SECTION_IDS)
-        assert result["images"] == 6 and result["loaded"] == 6, result
+        assert result["images"] == 7 and result["loaded"] == 7, result
         assert result["pageWidth"] <= result["viewportWidth"], f"page scrolls sideways at {width}px: {result}"
 
     # Screenshots of the report itself, kept in this test's temp folder as build artifacts.

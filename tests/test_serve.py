@@ -157,7 +157,8 @@ def test_closest_preset_names_the_overrides():
     from cifarcnn.base.config import load_preset
 
     config = load_preset("quick", ["epochs=1", "data.val_size=100"]).to_dict()
-    assert serve.closest_preset(config) == ("quick", {"epochs": 1, "data.val_size": 100})
+    # epochs set by hand switch the preset's step budget off (config.make_config)
+    assert serve.closest_preset(config) == ("quick", {"epochs": 1, "min_steps": 0, "data.val_size": 100})
     assert serve.closest_preset(load_preset("fast").to_dict()) == ("fast", {})
 
 

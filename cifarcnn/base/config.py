@@ -20,6 +20,7 @@ CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
 DATASETS = ("cifar10", "cifar100", "folder")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("auto", "accuracy", "balanced_accuracy")  # auto: balanced_accuracy when training is imbalanced
+BALANCE = ("none", "weighted_loss", "sampling", "logit_adjust")  # training.balance says what each does
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -44,6 +45,9 @@ class DataConfig:
     val_size: int | float | str = _field("auto", special="val_size")  # auto: a tenth (CIFAR 5,000); 0: none
     split_seed: int = _field(
         0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
+    balance: str = _field(
+        "none", choices=BALANCE)  # imbalanced classes: class-weighted loss, balanced draws, logit adjustment
+    exclude: str | None = None  # a file of images to leave out: paths one a line, or an audit.csv
 
 
 @dataclass
@@ -89,6 +93,8 @@ class Config:
     model: str = "simple_cnn"  # the architecture, by its name in the model registry (cifarcnn check shows it)
     seed: int = _field(0, lo=0)  # weights, batch order and augmentation: the same seed gives the same run
     epochs: int = _field(50, lo=1)  # passes over the training images (early stopping may end the run sooner)
+    min_steps: int = _field(
+        0, lo=0)  # step budget: fewer steps raise epochs (presets: CIFAR's steps); epochs=N sets 0
     batch_size: int = _field(128, lo=1)  # images per optimizer step (the global batch under torchrun)
     eval_batch_size: int = _field(1000, lo=1)  # images per forward pass in validation and test (memory only)
     patience: int = _field(10, lo=0)  # early stopping on the monitored validation metric; 0 switches it off
@@ -99,6 +105,7 @@ class Config:
         0.0, lo=0, hi=1, hi_open=True)  # share of the target spread over all classes
     tta: int = _field(
         0, lo=0, hi=2)  # test-time augmentation for validation and test: 0 none, 1 flip, 2 flip+shift
+    calibrate: bool = True  # fit a temperature on the validation split after training (calibration)
     compile: bool = False  # torch.compile the model (warm-up is done before training starts)
     precision: str = _field("auto", choices=PRECISIONS)  # auto: bf16 on CUDA and bf16 CPUs, else fp32
     ema_decay: float = _field(
@@ -280,7 +287,11 @@ def make_config(values: dict | None = None, overrides: list[str] = ()) -> Config
     """Build a validated Config from a (possibly partial) nested dict plus overrides."""
     from ..models.registry import MODELS
 
-    cfg = _build(Config, apply_overrides(values or {}, list(overrides)))
+    overrides = list(overrides)
+    named = {item.partition("=")[0] for item in overrides}
+    if "epochs" in named and "min_steps" not in named:  # epochs set by hand are trained as set
+        overrides.append("min_steps=0")
+    cfg = _build(Config, apply_overrides(values or {}, overrides))
     if cfg.model not in MODELS:
         raise ConfigError(f"config key 'model' must be one of {', '.join(sorted(MODELS))}; got {cfg.model!r}")
     _check_data(cfg.data)
@@ -331,6 +342,19 @@ def flat_keys(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def closest_preset(config: dict) -> tuple[str | None, dict]:
+    """The packaged preset a checkpoint's config differs from in the fewest keys, and those keys with the
+    checkpoint's values (a checkpoint does not record the preset it was trained from)."""
+    mine = flat_keys(config)
+    best: tuple[str | None, dict] = (None, mine)
+    for name in preset_names():
+        theirs = flat_keys(load_preset(name).to_dict())
+        changed = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if best[0] is None or len(changed) < len(best[1]):
+            best = (name, changed)
+    return best
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -4,10 +4,14 @@ check all turn a batch of normalized images into logits here.
 A checkpoint is run with its config's test-time augmentation (`tta`) and the precision its config resolves to
 on this machine (bf16 autocast or fp32, `precision.choose`). Each TTA view's logits are cast to fp32 before
 the views are averaged, so the average is the same whatever precision the views were computed in.
+
+Probabilities, wherever a command shows or returns them, come from `probabilities`: softmax(logits / T) with
+the temperature T the checkpoint's `calibration` records (`base.calibration`), the plain softmax without one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,16 +46,36 @@ TTA_RECIPE_NO_MIRROR = (
 @dataclass(frozen=True)
 class Settings:
     """How a checkpoint is run: its TTA level, whether its views include mirrors (only when the training
-    mirrored images), and precision ("fp32" or "bf16", and why)."""
+    mirrored images), precision ("fp32" or "bf16", and why), and the temperature its probabilities are
+    divided by (None: uncalibrated) with the TTA level it was fitted with."""
 
     tta: int = 0
     precision: str = "fp32"
     precision_reason: str = "set by the caller"
     mirror: bool = True
+    temperature: float | None = None
+    temperature_tta: int | None = None
 
     def describe(self) -> str:
         arithmetic = "bf16 autocast" if self.precision == "bf16" else "fp32"
         return f"tta {self.tta} ({tta_views(self.tta, self.mirror)}), {arithmetic} ({self.precision_reason})"
+
+    def describe_probabilities(self) -> str:
+        """One line: what the probabilities shown are (calibrated or not)."""
+        if self.temperature is None:
+            return ("probabilities: UNCALIBRATED (plain softmax: this checkpoint holds no temperature; "
+                    "`cifarcnn calibrate RUN` fits one)")
+        line = f"probabilities: calibrated, softmax(logits / {self.temperature:.4f}) (fitted on validation"
+        if self.temperature_tta is not None and self.temperature_tta != self.tta:
+            return line + f" with tta {self.temperature_tta}, not the tta {self.tta} here: less exact)"
+        return line + ")"
+
+
+def probabilities(logits: torch.Tensor, settings: Settings) -> torch.Tensor:
+    """Float32 class probabilities of (N, C) logits: softmax(logits / T), T the settings' temperature (1 when
+    the checkpoint is uncalibrated). The argmax is the logits'."""
+    temperature = settings.temperature or 1.0
+    return (logits.float() / temperature).softmax(1)
 
 
 def tta_views(level: int, mirror: bool) -> str:
@@ -78,9 +102,16 @@ def settings_for(config: dict, device: torch.device, tta: int | None = None, *, 
 
 
 def checkpoint_settings(checkpoint: dict, device: torch.device, tta: int | None = None) -> Settings:
-    """`settings_for` a checkpoint: mirrored TTA views as it recorded (`tta_mirror`); checkpoints from before
-    it was recorded keep their mirrored views, as they always ran."""
-    return settings_for(checkpoint["config"], device, tta, mirror=bool(checkpoint.get("tta_mirror", True)))
+    """`settings_for` a checkpoint: mirrored TTA views as it recorded (`tta_mirror`), checkpoints from before
+    it was recorded keeping their mirrored views, as they always ran; its `calibration`'s temperature, if
+    any."""
+    mirror = bool(checkpoint.get("tta_mirror", True))
+    settings = settings_for(checkpoint["config"], device, tta, mirror=mirror)
+    calibration = checkpoint.get("calibration")
+    if not calibration:
+        return settings
+    return dataclasses.replace(settings, temperature=float(calibration["temperature"]),
+                               temperature_tta=calibration.get("tta"))
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int, mirror: bool = True) -> torch.Tensor:

@@ -111,3 +111,25 @@ def training_curve_pngs(history: Sequence[dict]) -> list[tuple[str, bytes]]:
             ax.legend(fontsize=9)
         figures.append((title, png_bytes(fig)))
     return figures
+
+
+def save_reliability_diagram(panels: Sequence[tuple[str, dict, float]], path: Path) -> None:
+    """One reliability diagram per (title, `calibration.reliability` table, ECE) side by side: per confidence
+    bin the share of right answers (bars) against the mean confidence (the red marks; on the diagonal when the
+    probabilities mean what they say), and below the number of images per bin."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 5.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, layout="constrained")
+    for (title, table, ece), ax, hist in zip(panels, axes[0], axes[1]):
+        edges = np.array(table["edges"])
+        width, centers = np.diff(edges), (edges[:-1] + edges[1:]) / 2
+        filled = [i for i, n in enumerate(table["count"]) if n]
+        ax.bar(centers[filled], [table["accuracy"][i] for i in filled], width=width[filled],
+               edgecolor="white", color="#2563eb", label="accuracy")
+        ax.scatter(centers[filled], [table["confidence"][i] for i in filled], marker="_", s=120,
+                   color="#dc2626", label="mean confidence", zorder=3)
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}: ECE {ece:.2%}")
+        ax.legend(fontsize=8, loc="upper left")
+        hist.bar(centers, table["count"], width=width, color="#64748b", edgecolor="white")
+        hist.set(xlim=(0, 1), xlabel="top-1 confidence", ylabel="images")
+    _save(fig, path)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..base.errors import UserError
-
-MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's training-set mean and std per channel
-STD = (0.2470, 0.2435, 0.2616)
+from .pixels import MEAN, STD
 
 
 class DataError(UserError):
@@ -34,10 +33,36 @@ class Dataset:
     # folder datasets: each image's path relative to the dataset root (its key in the split); None for CIFAR
     train_ids: tuple[str, ...] | None = None
     test_ids: tuple[str, ...] | None = None
+    excluded: Exclusion | None = None  # what data.exclude left out (exclude.py)
 
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
+
+
+@dataclass
+class Exclusion:
+    """What `data.exclude` left out of a dataset: the file, how many of its names matched each side, how
+    many matched nothing, and the kept images' original positions (CIFAR names them by position)."""
+
+    file: str
+    listed: int
+    train: int
+    test: int
+    unknown: int
+    digest: str  # of the sorted names left out: the same file on the same data gives the same digest
+    kept_train: np.ndarray
+    kept_test: np.ndarray
+
+    def record(self) -> dict:
+        """What the checkpoint's split record keeps."""
+        return {"file": self.file, "listed": self.listed, "train": self.train, "test": self.test,
+                "unknown": self.unknown, "digest": self.digest}
+
+    def describe(self) -> str:
+        unknown = f"; {self.unknown} listed name(s) match no image" if self.unknown else ""
+        return (f"data.exclude {self.file}: left out {self.train + self.test} image(s) ({self.train} "
+                f"training, {self.test} test){unknown}")
 
 
 def normalize_(x: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:

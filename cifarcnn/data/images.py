@@ -4,7 +4,8 @@ Preprocessing (the same for every file, in `predict` and for folder datasets): d
 the EXIF orientation, flatten transparency onto white, convert to 8-bit RGB (16-bit channels scaled down, not
 clipped), crop the largest centred square, resize it to the model's image size (32x32 for CIFAR) with Pillow's
 antialiased bicubic filter. Then `to_model_input` scales to [0, 1] and normalizes with the dataset's mean/std
-exactly as the training and test loaders do.
+exactly as the training and test loaders do; `pixels.normalized` does the same on numpy arrays. This module
+does not import torch (the ONNX runtime reads images without it); only `to_model_input` does.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..base.errors import UsageError
-from .dataset import MEAN, STD, normalize_
+from .pixels import MEAN, STD
 
 SIZE = 32
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".gif", ".webp")
@@ -174,9 +174,13 @@ def read_image(source: str | Path | bytes, size: int = SIZE,
         return f"cannot read the image ({type(e).__name__}: {e})"
 
 
-def to_model_input(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
-                   mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 normalized with `mean` and `std` (the checkpoint's
-    dataset's; default CIFAR-10's), the same arithmetic as `data.Loader`."""
+def to_model_input(images, device="cpu", mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
+    """(N, H, W, 3) uint8 (numpy or tensor) -> (N, 3, H, W) float32 tensor on `device` (a torch device or its
+    name) normalized with `mean` and `std` (the checkpoint's dataset's; default CIFAR-10's), the same
+    arithmetic as `data.Loader`."""
+    import torch
+
+    from .dataset import normalize_
+
     x = torch.as_tensor(images).to(device).permute(0, 3, 1, 2).contiguous()
     return normalize_(x.float().div_(255), mean, std)

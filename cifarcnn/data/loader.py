@@ -166,12 +166,16 @@ class Loader:
     Under torchrun (`world_size` > 1) `batch_size` is the global batch: every rank walks the same permutation
     and takes every `world_size`-th image of each batch from position `rank`, so the ranks' shards are
     disjoint and together cover each batch exactly once.
+
+    `balanced` (with `shuffle`; `data.balance: sampling`): each epoch is as many images drawn with
+    replacement, every class equally likely and every image equally likely within its class.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  device: torch.device | str, augment: AugmentConfig | None = None, shuffle: bool = False,
                  seed: int = 0, memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0,
-                 world_size: int = 1, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD):
+                 world_size: int = 1, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD,
+                 balanced: bool = False):
         self.device = torch.device(device)
         self.mean, self.std = tuple(mean), tuple(std)
         self.rank, self.world_size = rank, world_size
@@ -181,6 +185,9 @@ class Loader:
         self.augment = augment
         self.shuffle = shuffle
         self.seed = seed
+        self._draw_weights = None  # balanced: each image's chance, 1 / its class's count
+        if balanced:
+            self._draw_weights = 1 / torch.bincount(self.labels)[self.labels].double()
         self.memory_format = memory_format
         self._generator = torch.Generator(device=self.device)
         self._first_flips = torch.rand(len(images), device=self.device, generator=self._keyed(-2)) < 0.5
@@ -202,6 +209,9 @@ class Loader:
         n = len(self.images)
         if not self.shuffle:
             return torch.arange(n, device=self.device)
+        if self._draw_weights is not None:
+            return torch.multinomial(self._draw_weights, n, replacement=True,
+                                     generator=self._keyed(epoch, -1))
         return torch.randperm(n, device=self.device, generator=self._keyed(epoch, -1))
 
     def epoch(self, epoch: int, start_step: int = 0,

@@ -11,18 +11,25 @@ import torch
 from ..base.config import DataConfig, data_config
 from .cifar import CLASSES, load_cifar10, load_cifar100
 from .dataset import MEAN, STD, DataError, Dataset
+from .exclude import exclude, exclusion_note, read_names
 from .folders import load_folder, scan_folder
 
 
 def load_dataset(cfg: DataConfig, data_dir: str | Path | None = None, *, device: torch.device | None = None,
                  download: bool = True) -> Dataset:
     """The configured dataset; `data_dir` is the CIFAR data root (--data-dir), `device` the training device a
-    folder dataset must fit on."""
+    folder dataset must fit on; `data.exclude` is applied (exclude.py)."""
+    if cfg.exclude:
+        read_names(cfg.exclude)  # a missing file stops before any image is read
     if cfg.dataset == "cifar100":
-        return load_cifar100(data_dir, labels=cfg.labels, download=download)
-    if cfg.dataset == "folder":
-        return load_folder(cfg, device)
-    return load_cifar10(data_dir, download=download)
+        data = load_cifar100(data_dir, labels=cfg.labels, download=download)
+    elif cfg.dataset == "folder":
+        data = load_folder(cfg, device)
+    else:
+        data = load_cifar10(data_dir, download=download)
+    if cfg.exclude:
+        data = exclude(data, cfg.exclude, str(Path(cfg.path).expanduser().resolve()) if cfg.path else None)
+    return data
 
 
 def dataset_shape(cfg: DataConfig) -> tuple[int, int]:
@@ -53,6 +60,9 @@ def dataset_of_checkpoint(checkpoint: dict, data_dir: str | Path | None = None) 
                         f"{len(checkpoint['classes'])} this model was trained on "
                         f"({_few(checkpoint['classes'])}): the dataset changed since training, or --data-dir "
                         f"points at another one")
+    note = exclusion_note(checkpoint.get("split"), data)
+    if note:
+        print(note)
     return data
 
 

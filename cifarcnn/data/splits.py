@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from .dataset import DataError, Dataset
-
-SCHEME = "blake2b-path-v1"
+from .pixels import SCHEME, path_ids, pixel_ids
 
 
 def _unit(key: str, seed: int, side: bytes) -> float:
@@ -50,21 +49,6 @@ def hash_held_out(keys: list[str] | tuple[str, ...], labels: np.ndarray, fractio
     return held
 
 
-def path_ids(keys: list[str] | tuple[str, ...]) -> np.ndarray:
-    """An int64 identity per relative path."""
-    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, person=b"id").digest(), "big",
-                                    signed=True) for k in keys], dtype=np.int64)
-
-
-def pixel_ids(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """An int64 identity per image from its decoded uint8 pixels, laid out (N, 3, S, S) as a Dataset holds
-    them: the same picture under another name is recognized."""
-    array = images.numpy() if isinstance(images, torch.Tensor) else images
-    array = np.ascontiguousarray(array)
-    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "big",
-                                    signed=True) for row in array], dtype=np.int64)
-
-
 def _digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(ids).tobytes()).hexdigest()[:16]
 
@@ -84,10 +68,18 @@ def _side(ids: np.ndarray, pixels: np.ndarray | None) -> dict:
 
 def split_record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor,
                  val_mask: torch.Tensor | None, test_keys: tuple[str, ...] | None,
-                 test_images: torch.Tensor) -> dict:
+                 test_images: torch.Tensor, excluded: dict | None = None) -> dict:
     """What a checkpoint records of its split: per side (train, val, test) the count and a digest of the
     images' keys; for a folder dataset also each image's path and pixel identity (to tell later what
-    moved)."""
+    moved); and what data.exclude left out (`excluded`, `Exclusion.record()`), when it did."""
+    record = _record(train_keys, train_images, val_mask, test_keys, test_images)
+    if excluded is not None:
+        record["exclude"] = excluded
+    return record
+
+
+def _record(train_keys: tuple[str, ...] | None, train_images: torch.Tensor, val_mask: torch.Tensor | None,
+            test_keys: tuple[str, ...] | None, test_images: torch.Tensor) -> dict:
     mask = val_mask.numpy() if val_mask is not None else np.zeros(len(train_images), dtype=bool)
     if train_keys is None:  # CIFAR: the keys are positions in the official files
         positions = np.arange(len(train_images), dtype=np.int64)

@@ -22,6 +22,7 @@ from ..use.evaluate import confusion_count, evaluate, top_confusions
 
 SECTIONS = (("summary", "Summary"), ("curves", "Training curves"), ("per-class", "Per-class accuracy"),
             ("confusion", "Confusion matrix"), ("misclassified", "Misclassified examples"),
+            ("calibration", "Calibration"),
             ("config", "Config"), ("hardware", "Hardware and time"))
 
 CSS = """
@@ -233,6 +234,30 @@ def _test_caption(metrics: dict) -> str:
     return f"test accuracy ({metrics.get('num_images', '?')} images)"
 
 
+def _calibration(metrics: dict, eval_dir: Path) -> str:
+    """The test set's calibration figures (before and after the temperature) and the reliability diagram."""
+    scores = metrics.get("calibration")
+    if not scores:
+        return ('<p class="note">These test results predate calibration figures: run <code>cifarcnn evaluate'
+                '</code> again.</p>')
+    rows = [("plain softmax", "before")] + ([(f"temperature {scores['temperature']:.3f}", "after")]
+                                           if scores.get("calibrated") else [])
+    table = "".join(f'<tr><td>{_e(name)}</td><td class="num">{scores[f"ece_{when}"]:.2%}</td>'
+                    f'<td class="num">{scores[f"nll_{when}"]:.4f}</td>'
+                    f'<td class="num">{scores[f"mean_confidence_{when}"]:.2%}</td></tr>'
+                    for name, when in rows)
+    note = ("" if scores.get("calibrated") else
+            '<p class="note">This checkpoint is uncalibrated: its probabilities are the plain softmax. '
+            "<code>cifarcnn calibrate RUN</code> fits a temperature on the validation split.</p>")
+    caption = (f"Test images binned by top-1 probability ({scores['bins']} bins): the bars are the share "
+               "right, the red marks the mean probability; on the diagonal a probability of 80% is right 80% "
+               "of the time.")
+    return (note + '<div class="scroll"><table><thead><tr><th>probabilities</th><th class="num">ECE</th>'
+            '<th class="num">NLL</th><th class="num">mean top-1</th></tr></thead>'
+            f"<tbody>{table}</tbody></table></div>"
+            + _figure(eval_dir / "reliability.png", "reliability diagram", caption))
+
+
 def _origin(run_dir: Path) -> str:
     """For a fine-tuned run (`init_from`), the model it started from: path, weights digest, what was
     loaded."""
@@ -302,6 +327,7 @@ def build_html(run_dir: Path, history: list[dict], metrics: dict, config_text: s
         "misclassified": _figure(eval_dir / "misclassified.png", "misclassified test images",
                                  f"The most confident mistakes among the "
                                  f"{metrics.get('num_misclassified', '?')} misclassified test images."),
+        "calibration": _calibration(metrics, eval_dir),
         "config": f"<pre>{_e(config_text)}</pre>",
         "hardware": _hardware(run_dir, history),
     }

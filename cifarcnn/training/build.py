@@ -23,7 +23,7 @@ def train_loader(cfg: Config, images: torch.Tensor, labels: torch.Tensor, data: 
                  dist: Dist | None = None) -> Loader:
     """Shuffled, augmented training batches of `cfg.batch_size` (under torchrun: this rank's share)."""
     return Loader(images, labels, cfg.batch_size, augment=cfg.augment, shuffle=True, seed=cfg.seed,
-                  **_placement(data, device, dist))
+                  balanced=cfg.data.balance == "sampling", **_placement(data, device, dist))
 
 
 def eval_loader(cfg: Config, images: torch.Tensor, labels: torch.Tensor, data: Dataset, device: torch.device,
@@ -51,8 +51,11 @@ def make_model(cfg: Config, num_classes: int, train_images: torch.Tensor, device
 
 
 def make_step(cfg: Config, model: nn.Module, device: torch.device, precision: str, dist: Dist | None = None,
-              train_mode: Callable[[nn.Module], object] = nn.Module.train) -> TrainStep:
+              train_mode: Callable[[nn.Module], object] = nn.Module.train,
+              class_counts: torch.Tensor | None = None) -> TrainStep:
     """The training step of `model` with its optimizer, over the parameters that require a gradient now; under
-    torchrun the step runs the model wrapped in DistributedDataParallel (sharing its parameters)."""
+    torchrun the step runs the model wrapped in DistributedDataParallel (sharing its parameters).
+    `class_counts`: the training images per class, for `data.balance`."""
     trained = (dist or Dist()).wrap(model, cfg.sync_batchnorm)
-    return TrainStep(trained, build_optimizer(cfg, model, device), cfg, device, precision, train_mode)
+    return TrainStep(trained, build_optimizer(cfg, model, device), cfg, device, precision, train_mode,
+                     class_counts)

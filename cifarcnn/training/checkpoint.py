@@ -24,6 +24,13 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(Path(path), lambda f: torch.save(state, f))
 
 
+def store_calibration(path: Path, record: dict) -> None:
+    """Rewrite the checkpoint at `path` (atomically) with `record` as its `calibration`."""
+    checkpoint = load_checkpoint(path)
+    checkpoint["calibration"] = record
+    save_checkpoint(path, checkpoint)
+
+
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     """RUN/metrics.jsonl: one JSON object a line (each epoch's metrics, then with --test the test result)."""
     atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))

@@ -15,6 +15,7 @@ from ..base.config import Config
 from ..base.inference import Settings, infer
 from ..base.precision import autocast
 from ..data.loader import Loader
+from .balance import loss_terms
 from .optimizers import frozen_at
 
 
@@ -50,13 +51,21 @@ class TrainStep:
     captured once as a CUDA graph and replayed (docs/speed.md says why); the outputs of a replayed step are
     overwritten by the next one, and learning rates live in device tensors: set them with `set_lr`.
     `train_mode(model)` puts the modules in the modes they train in (`finetune.train_mode`; default: all).
+    `class_counts` (training images per class) set the loss's class weights or log prior under `data.balance`
+    (balance.py), kept on the device.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
-                 precision: str, train_mode: Callable[[nn.Module], object] = nn.Module.train):
+                 precision: str, train_mode: Callable[[nn.Module], object] = nn.Module.train,
+                 class_counts: torch.Tensor | None = None):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.forward = torch.compile(model) if cfg.compile else model
         self.label_smoothing = cfg.label_smoothing
+        weight, log_prior = None, None
+        if class_counts is not None:
+            weight, log_prior = loss_terms(cfg.data.balance, class_counts)
+        self.class_weight = None if weight is None else weight.to(device)
+        self.log_prior = None if log_prior is None else log_prior.to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.use_graphs = device.type == "cuda" and not self.distributed
@@ -89,13 +98,20 @@ class TrainStep:
     def _step(self, x: torch.Tensor, y: torch.Tensor, cache: bool = True):
         with autocast(self.device, self.precision, cache):
             logits = self.forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        loss = self.loss(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # measured on this step's gradients, before the optimizer step
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         self.optimizer.step()
         return loss.detach(), logits.detach(), grad_norm
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: cross-entropy with label smoothing, under `data.balance` weighted by class or on
+        the logits plus the log prior (a weighted mean divides by the batch's summed weights)."""
+        if self.log_prior is not None:
+            logits = logits + self.log_prior
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.use_graphs:

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..base.calibration import calibration_record
+from ..base.calibration import describe as describe_calibration
 from ..base.config import Config, flat_keys, make_config
 from ..base.errors import ConfigError, UserError
 from ..base.inference import Settings, predict_logits, settings_for
@@ -28,8 +30,9 @@ from ..data.loader import Loader, split_by_mask, validation_mask
 from ..data.sources import load_dataset
 from ..data.splits import compare_split, split_record, untrained_test
 from .averages import Averages
+from .budget import fit_schedule, stretch_limited_epochs
 from .build import eval_loader, make_model, make_step, train_loader
-from .checkpoint import FORMAT, CheckpointWriter, load_checkpoint, to_cpu
+from .checkpoint import FORMAT, CheckpointWriter, load_checkpoint, store_calibration, to_cpu
 from .distributed import Dist
 from .distributed import setup as setup_distributed
 from .epochstate import EpochStart, EpochTotals, restore_rng, rng_state
@@ -88,6 +91,9 @@ def train(cfg: Config, run_dir: Path, *, data_dir: str | Path | None = None, dev
     if cfg.data.path:  # the run folder records where the images are, whatever the current folder later
         path = str(Path(cfg.data.path).expanduser().resolve())
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=path))
+    if cfg.data.exclude:  # likewise the exclusion list, which evaluate reads again
+        exclude = str(Path(cfg.data.exclude).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, exclude=exclude))
     if cfg.init_from and not resume:  # likewise the model it started from
         cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
     dist, torch_device = setup_distributed(device, cfg.sync_batchnorm)
@@ -137,18 +143,24 @@ class Trainer:
         self.classes = list(self.data.classes)
         (train_x, train_y), held_out = split_by_mask(self.data, val_mask)
         self.train_loader, self.val_loader, self.test_loader = self._loaders(train_x, train_y, held_out, test)
+        self.steps_per_epoch = len(self.train_loader)
+        # the schedule trained (min_steps may raise the epochs); config.yaml and checkpoints keep `configured`
+        self.configured = cfg
+        self.cfg, self.budget = fit_schedule(cfg, self.steps_per_epoch)
+        cfg = self.cfg
         self.model = make_model(cfg, len(self.classes), train_x, device, mean=self.data.mean,
                                 std=self.data.std)
         self.origin = self._start_from_source()  # what a fine-tuning run started from, else None
-        self.step = make_step(cfg, self.model, device, self.settings.precision, dist,
-                              functools.partial(train_mode, cfg=cfg))
         self.class_counts = {"train": class_counts(train_y, len(self.classes))}
         if held_out:
             self.class_counts["val"] = class_counts(held_out[1], len(self.classes))
         if len(self.data.test_labels):
             self.class_counts["test"] = class_counts(self.data.test_labels, len(self.classes))
         self.monitor, self.monitor_why = choose_monitor(cfg.monitor, self.class_counts["train"])
-        self.steps_per_epoch = len(self.train_loader)
+        self.step = make_step(cfg, self.model, device, self.settings.precision, dist,
+                              functools.partial(train_mode, cfg=cfg),
+                              torch.tensor(self.class_counts["train"]))
+        stretch_limited_epochs(self.step.optimizer, self.budget)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.averages = Averages(self.model, cfg, self.total_steps)
         self.state = {
@@ -158,7 +170,7 @@ class Trainer:
             "epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "epochs_since_best": 0, "stopped_early": False,
             "history": [], "train_seconds": 0.0, "precision": self.settings.precision,
             "init_from": self.origin, "tta_mirror": self.settings.mirror, "split": self.split,
-            "class_counts": self.class_counts, "monitor": self.monitor,
+            "class_counts": self.class_counts, "monitor": self.monitor, "schedule": self.budget.record(),
         }
         self.start = EpochStart()
         self.last_good = "no checkpoint was saved yet"
@@ -192,7 +204,8 @@ class Trainer:
     def _split_record(self, val_mask: torch.Tensor | None) -> dict:
         """The split record (counts and digests per side), with a fine-tuning run's source images."""
         data = self.data
-        split = split_record(data.train_ids, data.train_images, val_mask, data.test_ids, data.test_images)
+        split = split_record(data.train_ids, data.train_images, val_mask, data.test_ids, data.test_images,
+                             data.excluded.record() if data.excluded is not None else None)
         if self.cfg.init_from:  # and the images the source model trained on (finetune.py)
             split = with_source_images(split, self.resumed_from or self.source.checkpoint,
                                        resumed=self.resumed_from is not None)
@@ -237,7 +250,7 @@ class Trainer:
                               f"or start a new run with init_from={self.run_dir}")
         # the saved state under this config's hyperparameters
         load_optimizer_state(self.step.optimizer, checkpoint["optimizer_state"])
-        self.changed = changed_settings(checkpoint["config"], self.cfg.to_dict())
+        self.changed = changed_settings(checkpoint["config"], self.configured.to_dict())
         restore_rng(checkpoint, self.device, self.dist)
         self.state.update({k: checkpoint[k] for k in RESUMED_KEYS})
         self.state["init_from"] = checkpoint.get("init_from")
@@ -260,7 +273,8 @@ class Trainer:
         self._warm_up()
         # On resume, drop events an interrupted run logged after its last checkpoint.
         purge_step = self.state["epoch"] * self.steps_per_epoch + self.start.step if self.resume else None
-        self.folder.open_outputs(self.cfg, self.device, self.settings, self.state["epoch"] + 1, purge_step)
+        self.folder.open_outputs(self.configured, self.device, self.settings, self.state["epoch"] + 1,
+                                 purge_step)
         self._announce()
         sync(self.device)
         self.session_started, self.seconds_before = time.perf_counter(), self.state["train_seconds"]
@@ -276,6 +290,7 @@ class Trainer:
                         break
             if self.test_loader is not None:
                 self._test_best()
+            self._calibrate()
         finally:
             self.folder.writer.close()
             self.checkpoint_writer.close()
@@ -301,6 +316,9 @@ class Trainer:
     def _announce(self) -> None:
         self.folder.announce(self.cfg, self.device, self.settings, self.data.name, self.train_loader,
                              self.val_loader, self.split, self.split_change)
+        raised = self.budget.banner(len(self.train_loader.images))
+        if raised and self.dist.is_main:
+            print(raised)
         if self.dist.is_main:
             balance = getattr(self.cfg.data, "balance", "none")  # data.balance: the balance helper's key
             for line in class_lines(self.classes, self.class_counts, self.monitor, self.monitor_why, balance,
@@ -334,6 +352,37 @@ class Trainer:
                   "class_counts": {**self.class_counts, "test": scores["support"]}}  # test: those counted
         self.state["test"] = result
         self.folder.record_test(result, self.state["history"], self.state["epoch"] * self.steps_per_epoch)
+
+    def _calibrate(self) -> None:
+        """With `calibrate`, once the run ends: the temperature of the model the run keeps (best.pt), fitted
+        on the validation split with the run's TTA (`base.calibration`), stored in best.pt and in last.pt when
+        it holds the same model. Each rank runs its validation shard; rank 0 fits and writes."""
+        if not self.cfg.calibrate:
+            return
+        if self.val_loader is None:
+            if self.dist.is_main:
+                print("calibration: none: the run has no validation split (data.val_size=0) to fit a "
+                      "temperature on, so its probabilities stay uncalibrated (plain softmax)")
+            return
+        self.checkpoint_writer.wait()
+        self.dist.barrier()  # rank 0 has written best.pt before any rank reads it
+        weights = self.best_weights or load_checkpoint(self.run_dir / "best.pt")["model_state"]
+        current = to_cpu(self.model.state_dict())
+        self.model.load_state_dict(weights)
+        self.dist.share_buffers(self.model)
+        logits, labels = predict_logits(self.step.forward, self.val_loader, self.settings,
+                                        "calibration" if self.dist.is_main else None)
+        self.model.load_state_dict(current)
+        shards = self.dist.gather((logits.cpu(), labels.cpu()))
+        if not self.dist.is_main:
+            return
+        record = calibration_record(torch.cat([s[0] for s in shards]), torch.cat([s[1] for s in shards]),
+                                    self.settings.tta)
+        store_calibration(self.run_dir / "best.pt", record)
+        if self.state["best_epoch"] == self.state["epoch"]:  # last.pt holds the same model
+            store_calibration(self.run_dir / "last.pt", record)
+        self.state["calibration"] = record
+        print(describe_calibration(record))
 
     # -- checking in during an epoch -------------------------------------------------------------------------
 
@@ -464,7 +513,7 @@ class Trainer:
         state = self.state
         state["train_seconds"] = self.seconds_before + time.perf_counter() - self.session_started
         state.update(self.averages.saved())
-        state.update(config=self.cfg.to_dict(),
+        state.update(config=self.configured.to_dict(),
                      optimizer_state=self.step.optimizer.state_dict(), rng=rng[0],
                      rng_ranks=rng if self.dist.active else [],
                      lookahead=self.averages.saved_lookahead(),

@@ -1,5 +1,6 @@
 """Test-set evaluation of a checkpoint: accuracy, balanced accuracy and macro-F1, the class counts, a
-per-class table (precision, recall, F1, support), confusion matrix, misclassified examples."""
+per-class table (precision, recall, F1, support), confusion matrix, misclassified examples, and how well its
+probabilities are calibrated (ECE and NLL before and after its temperature, and a reliability diagram)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..base import calibration
 from ..base.device import select_device
-from ..base.inference import Settings, checkpoint_settings, predict_logits
+from ..base.inference import Settings, checkpoint_settings, predict_logits, probabilities
 from ..base.metrics import classification_metrics, confusion_matrix, describe_counts, per_class_rows
-from ..base.plots import save_confusion_matrix, save_image_grid
+from ..base.plots import save_confusion_matrix, save_image_grid, save_reliability_diagram
 from ..base.storage import atomic_write_json
 from ..data.dataset import Dataset
 from ..data.loader import Loader
@@ -73,8 +75,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     settings = checkpoint_settings(checkpoint, device)
     logits, labels = predict_logits(model.to(device, memory_format=torch.channels_last), loader, settings,
                                     desc="test")
-    probabilities = logits.softmax(1)
-    confidence, predictions = probabilities.max(1)
+    confidence, predictions = probabilities(logits, settings).max(1)
     matrix = confusion_matrix(labels, predictions, len(classes)).cpu().numpy()
     scores = classification_metrics(matrix)
     accuracy = scores["accuracy"]
@@ -82,6 +83,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     _print_header(path, checkpoint, settings, accuracy, int(matrix.sum()), info["dataset"], change)
     _print_scores(scores, classes, counts)
     _print_results(matrix, scores, classes)
+    calibrated = _calibration(logits, labels, settings, out_dir / "reliability.png")
 
     save_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{info['dataset']} test confusion matrix (accuracy {accuracy:.2%})")
@@ -103,7 +105,7 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
         "per_class": per_class_rows(classes, scores), "class_counts": counts,
         "monitor": checkpoint.get("monitor", "accuracy"), "best_epoch": checkpoint.get("best_epoch"),
         "confusion_matrix": matrix.tolist(), "classes": classes, "dataset": info["dataset"],
-        "image_size": info["image_size"], "mirror_views": settings.mirror,
+        "image_size": info["image_size"], "mirror_views": settings.mirror, "calibration": calibrated,
         "split": None if change is None else {
             "description": change.describe(), "changed_sides": change.moved,
             "trained_on_left_out": int(change.trained_on.sum()), "were_validation": change.was_val,
@@ -112,8 +114,32 @@ def evaluate(target: str | Path, *, data_dir: str | Path | None = None, device: 
     }
     atomic_write_json(out_dir / "test_metrics.json", results)
     print(f"\nwrote {out_dir / 'confusion_matrix.png'}, {out_dir / 'misclassified.png'}, "
-          f"{out_dir / 'test_metrics.json'}")
+          f"{out_dir / 'reliability.png'}, {out_dir / 'test_metrics.json'}")
     return results
+
+
+def _calibration(logits: torch.Tensor, labels: torch.Tensor, settings: Settings, diagram: Path) -> dict:
+    """Print and return how calibrated the test probabilities are: ECE (15 bins), NLL and mean top-1
+    probability of the plain softmax and, when the checkpoint holds a temperature, of the calibrated one; draw
+    their reliability diagrams."""
+    scores = calibration.summary(logits, labels, settings.temperature or 1.0)
+    panels = [("plain softmax", scores["reliability_before"], scores["ece_before"])]
+    head = f"\ncalibration on the {len(labels)} test images ({scores['bins']} bins): "
+    if settings.temperature is None:
+        scores = {k: v for k, v in scores.items() if not k.endswith("_after")}
+        scores["temperature"] = None
+        print(head + f"ECE {scores['ece_before']:.2%}, NLL {scores['nll_before']:.4f}, mean top-1 "
+              f"probability {scores['mean_confidence_before']:.2%}")
+    else:
+        panels.append((f"temperature {settings.temperature:.3f}", scores["reliability_after"],
+                       scores["ece_after"]))
+        print(head + f"ECE {scores['ece_before']:.2%} -> {scores['ece_after']:.2%}, NLL "
+              f"{scores['nll_before']:.4f} -> {scores['nll_after']:.4f}, mean top-1 probability "
+              f"{scores['mean_confidence_before']:.2%} -> {scores['mean_confidence_after']:.2%} "
+              f"(plain softmax -> calibrated)")
+    print(settings.describe_probabilities())
+    save_reliability_diagram(panels, diagram)
+    return {"calibrated": settings.temperature is not None, "fitted_tta": settings.temperature_tta, **scores}
 
 
 def split_change(checkpoint: dict, data: Dataset) -> SplitChange | None:

@@ -15,12 +15,17 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from ..base.config import closest_preset, data_config
 from ..base.errors import UserError
-from ..base.inference import TTA_RECIPE, TTA_RECIPE_NO_MIRROR, Settings, infer, tta_views
+from ..base.inference import TTA_LEVELS, TTA_RECIPE, TTA_RECIPE_NO_MIRROR, Settings, infer, tta_views
 from ..base.storage import atomic_write
-from ..data.dataset import MEAN, STD, DataError, normalize_
+from ..data.dataset import MEAN, STD, DataError, Dataset, normalize_
+from ..data.loader import training_split
+from ..data.pixels import SCHEME
 from ..data.sources import checkpoint_dataset, dataset_of_checkpoint
+from ..data.splits import compare_split, untrained_test
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from .runtime import PREPROCESSING_VERSION, file_digest, pack_ids
 
 INSTALL_HINT = "pip install 'cifarcnn[export]' (onnx, onnxscript and onnxruntime)"
 TOLERANCE = 1e-4
@@ -54,6 +59,7 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
     size = info["image_size"]
     tta = int(checkpoint["config"].get("tta", 0))
     mirror = bool(checkpoint.get("tta_mirror", True))
+    preset, overrides = closest_preset(checkpoint["config"])
     return {
         "classes": json.dumps(info["classes"]),
         "mean": json.dumps(list(info["mean"])),
@@ -74,7 +80,38 @@ def metadata(checkpoint: dict, path: Path) -> dict[str, str]:
         "best_val_acc": str(checkpoint.get("best_val_acc")),
         "source_checkpoint": str(path),
         "exported_by": f"cifarcnn {__version__}, torch {torch.__version__}",
+        # what `cifarcnn predict` and `serve` read to run the file as they run the checkpoint (use/runtime.py)
+        "preprocessing_version": str(PREPROCESSING_VERSION),
+        "checkpoint_digest": file_digest(path),
+        "tta": str(tta),
+        "tta_mirror": "true" if mirror else "false",
+        "tta_levels": json.dumps({str(level): tta_views(level, mirror) for level in TTA_LEVELS}),
+        "config": json.dumps(checkpoint["config"], default=str),
+        "preset": preset or "",
+        "preset_overrides": json.dumps(overrides, default=str),
+        "weights": "fp32",
+        **_calibration(checkpoint),
+        **_split(checkpoint),
     }
+
+
+def _calibration(checkpoint: dict) -> dict[str, str]:
+    """The temperature the probabilities are divided by, when the run was calibrated (none: 1)."""
+    temperature = (checkpoint.get("calibration") or {}).get("temperature")
+    return {} if temperature is None else {"temperature": repr(float(temperature))}
+
+
+def _split(checkpoint: dict) -> dict[str, str]:
+    """A folder dataset's training side (paths and pixels, `splits.split_record`), for predict's split check
+    on the file; nothing for CIFAR and for runs that did not record their split."""
+    record = checkpoint.get("split") or {}
+    if record.get("scheme") != SCHEME:
+        return {}
+    source = record.get("source_train")
+    return {"split": json.dumps({
+        "scheme": SCHEME, "root": str(checkpoint["config"]["data"]["path"]),
+        "train_ids": pack_ids(record["train"]["ids"]), "train_pixels": pack_ids(record["train"]["pixels"]),
+        "source_pixels": pack_ids(source["pixels"]) if source else ""})}
 
 
 def to_onnx_bytes(model: nn.Module, meta: dict[str, str]) -> bytes:
@@ -150,16 +187,71 @@ def check_export(onnx_bytes: bytes, model: nn.Module, test_images: torch.Tensor,
             "passed": max_diff <= tolerance and disagree == 0}
 
 
+def _accuracy_side(checkpoint: dict, data: Dataset) -> tuple[str, np.ndarray, np.ndarray]:
+    """The images `--int8` scores both models on: the test side less the images the model trained on (the
+    rule of `train --test` and `evaluate`), or, for a folder without test images, the validation side."""
+    if len(data.test_images):
+        images, labels = untrained_test(data, compare_split(checkpoint.get("split"), data))
+        return "test", images.numpy(), labels.numpy()
+    _, val = training_split(data, data_config(checkpoint["config"].get("data") or {}))
+    if val is None or not len(val[0]):
+        raise ExportError(f"--int8 checks the int8 model's accuracy, but {data.name} has no test or "
+                          f"validation images to check it on")
+    return "validation", val[0].numpy(), val[1].numpy()
+
+
+def int8_model(float_model: bytes, checkpoint: dict, data_dir: str | Path | None, output: Path,
+               result: dict) -> bytes:
+    """The int8 quantization of `float_model` (`quantize`), its metadata saying so, once its accuracy is
+    within `quantize.MAX_DROP` of the float model's on the same images; an ExportError otherwise."""
+    from . import quantize
+
+    onnx = _onnx_modules()
+    try:
+        data = dataset_of_checkpoint(checkpoint, data_dir)
+    except DataError as e:
+        raise ExportError(f"--int8 calibrates on the training images and checks on the test images: {e}") \
+            from None
+    (train_images, _), _ = training_split(data, data_config(checkpoint["config"].get("data") or {}))
+    side, images, labels = _accuracy_side(checkpoint, data)
+    calibration = quantize.calibration_images(train_images.numpy())
+    meta = {p.key: p.value for p in onnx.load_from_string(float_model).metadata_props}
+    try:
+        int8 = quantize.quantize(float_model, calibration, {**meta, "weights": "int8"})
+    except Exception as e:  # onnxruntime.quantization raises plain exceptions of many types
+        raise ExportError(f"int8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    float_accuracy, int8_accuracy = quantize.compare(float_model, int8, images, labels)
+    drop = float_accuracy - int8_accuracy
+    report = {"calibration_images": len(calibration), "calibration_seed": quantize.CALIBRATION_SEED,
+              "side": side, "images": len(images), "tta": int(meta["tta"]), "float_accuracy": float_accuracy,
+              "int8_accuracy": int8_accuracy, "max_drop": quantize.MAX_DROP,
+              "passed": drop <= quantize.MAX_DROP}
+    result["int8"] = report
+    print(f"int8: calibrated on {len(calibration)} training images (seed {quantize.CALIBRATION_SEED}); "
+          f"accuracy on {len(images)} {side} images at tta {meta['tta']}: int8 {int8_accuracy:.2%}, float "
+          f"{float_accuracy:.2%} ({(int8_accuracy - float_accuracy) * 100:+.2f} points; the limit is "
+          f"-{quantize.MAX_DROP * 100:g})")
+    if not report["passed"]:
+        raise ExportError(f"the int8 model scores {drop * 100:.2f} points below the float model on the "
+                          f"{side} images, more than the {quantize.MAX_DROP * 100:g}-point limit; {output} "
+                          f"was not written")
+    model = onnx.load_from_string(int8)
+    onnx.helper.set_model_props(model, {**meta, "weights": "int8", "int8_check": json.dumps(report)})
+    model.doc_string = onnx.load_from_string(float_model).doc_string
+    return model.SerializeToString()
+
+
 def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = None, *,
-           data_dir: str | Path | None = None, check: bool = True) -> dict:
-    """The `export` command: write the ONNX file (after checking it, when onnxruntime is installed)."""
+           data_dir: str | Path | None = None, check: bool = True, int8: bool = False) -> dict:
+    """The `export` command: write the ONNX file (after checking it, when onnxruntime is installed); with
+    `int8`, its int8 quantization instead, once its accuracy is checked."""
     if fmt != "onnx":
         raise ExportError(f"--format {fmt}: only onnx is supported")
     _onnx_modules()
     path = resolve_checkpoint(target)
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, path)
-    output = Path(output) if output else path.with_suffix(".onnx")
+    output = Path(output) if output else path.with_suffix(".int8.onnx" if int8 else ".onnx")
     if not output.parent.is_dir():
         raise ExportError(f"--output {output}: folder {output.parent} does not exist")
 
@@ -189,6 +281,8 @@ def export(target: str | Path, fmt: str = "onnx", output: str | Path | None = No
                 raise ExportError(f"the ONNX model does not match PyTorch (max difference "
                                   f"{report['max_abs_diff']:.2e}, {report['top1_disagree']} top-1 "
                                   f"disagreements); {output} was not written")
+    if int8:
+        onnx_bytes = int8_model(onnx_bytes, checkpoint, data_dir, output, result)
     atomic_write(output, lambda f: f.write(onnx_bytes))
     size = checkpoint_dataset(checkpoint)["image_size"]
     print(f"wrote {output} ({len(onnx_bytes) / 1e6:.1f} MB; input 'input' float32 (batch, 3, {size}, {size}) "

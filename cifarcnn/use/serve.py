@@ -3,7 +3,8 @@
 Answers are `cifarcnn predict`'s: the model is loaded by `predict.load_model`, uploads are decoded by
 `images.read_image` (the same function predict uses on files, on a thread pool) and classified by
 `LoadedModel.classify` (the one inference path), in batches gathered from concurrent requests (`batching`).
-Requests carry image bytes only: nothing in a request names a file on the server.
+Requests carry image bytes only: nothing in a request names a file on the server. An `.onnx` file
+(`cifarcnn export`) is served the same way through ONNX Runtime (`runtime.load_onnx`), without torch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 from ..base.errors import UsageError, UserError
@@ -35,7 +36,6 @@ if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvic
     raise UserError("cifarcnn serve needs the `serve` extra (FastAPI, uvicorn, python-multipart): "
                     "pip install 'cifarcnn[serve]'")
 
-import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI, HTTPException, Query, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
@@ -46,10 +46,13 @@ from starlette.datastructures import UploadFile  # noqa: E402
 from starlette.types import Receive, Scope, Send  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from ..base.config import flat_keys, load_preset, preset_names  # noqa: E402
+from ..base.config import closest_preset  # noqa: E402
 from ..data.images import read_image  # noqa: E402
 from .batching import Batcher  # noqa: E402
-from .predict import LoadedModel, load_model  # noqa: E402
+from .runtime import OnnxModel, check_device, is_onnx, load_onnx  # noqa: E402
+
+if TYPE_CHECKING:  # serving an .onnx file never imports torch, which .predict imports
+    from .predict import LoadedModel
 
 MAX_BODY_MB = 20
 MAX_UPLOADS = 32  # request bodies in memory at once; more get 503
@@ -76,19 +79,6 @@ class ServeOptions:
 
 
 # --------------------------------------------------------------------------- what the model is
-
-
-def closest_preset(config: dict) -> tuple[str | None, dict]:
-    """The packaged preset a checkpoint's config differs from in the fewest keys, and those keys with the
-    checkpoint's values (a checkpoint does not record the preset it was trained from)."""
-    mine = flat_keys(config)
-    best: tuple[str | None, dict] = (None, mine)
-    for name in preset_names():
-        theirs = flat_keys(load_preset(name).to_dict())
-        changed = {k: v for k, v in mine.items() if k in theirs and theirs[k] != v}
-        if best[0] is None or len(changed) < len(best[1]):
-            best = (name, changed)
-    return best
 
 
 def _digest(path: Path) -> str:
@@ -152,7 +142,34 @@ def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
                "dataset": loaded.checkpoint.get("dataset", "CIFAR-10"), "classes": loaded.classes,
                "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
                "validation_accuracy": val, "test_accuracy": test, **_class_figures(loaded),
-               "inference": loaded.settings.describe(), "device": str(loaded.device)}
+               "inference": loaded.settings.describe(), "device": str(loaded.device),
+               # null: uncalibrated (plain softmax); else the temperature the probabilities are divided by
+               "calibration": loaded.checkpoint.get("calibration"),
+               "probabilities": loaded.settings.describe_probabilities()}
+    return identity, details
+
+
+def describe_onnx(model: OnnxModel) -> tuple[dict, dict]:
+    """`describe_model` for an exported file, from its metadata (the accuracies its `--int8` check measured
+    when it has them)."""
+    meta = model.meta
+    identity = {"run": Path(meta.get("source_checkpoint", "")).parent.name, "checkpoint": model.path.name,
+                "digest": _digest(model.path), "preset": meta.get("preset") or None,
+                "preset_overrides": json.loads(meta.get("preset_overrides", "{}")),
+                "tta": model.tta, "precision": model.weights}
+    check = json.loads(meta.get("int8_check", "{}"))
+    measured = check.get("side") == "test" and check.get("tta") == model.tta  # by `export --int8`
+    val = meta.get("best_val_acc", "None")
+    details = {**identity, "architecture": meta.get("architecture"),
+               "epoch": int(meta["epoch"]) if meta.get("epoch", "None").isdigit() else None,
+               "dataset": meta.get("dataset"), "classes": model.classes, "image_size": model.image_size,
+               "mean": list(model.mean), "std": list(model.std),
+               "validation_accuracy": None if val == "None" else float(val),
+               "test_accuracy": check["int8_accuracy"] if measured else None,
+               "inference": model.describe(), "device": "cpu (ONNX Runtime)",
+               "checkpoint_digest": meta.get("checkpoint_digest"), "temperature": model.temperature,
+               # as a checkpoint's /v1/model: null when the export holds no temperature (plain softmax)
+               "calibration": {"temperature": model.temperature} if "temperature" in meta else None}
     return identity, details
 
 
@@ -341,10 +358,10 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
                         status_code=400)
 
 
-def create_app(loaded: LoadedModel, options: ServeOptions) -> FastAPI:
+def create_app(loaded: LoadedModel | OnnxModel, options: ServeOptions) -> FastAPI:
     """The FastAPI app for one loaded model; its lifespan starts and stops the batcher and the decoding pool.
     `app.state.batcher` is the Batcher (its `batch_sizes` show how requests were batched)."""
-    identity, details = describe_model(loaded)
+    identity, details = describe_onnx(loaded) if isinstance(loaded, OnnxModel) else describe_model(loaded)
     batcher = Batcher(lambda images: loaded.classify(images, len(loaded.classes)), options.max_batch,
                       options.max_wait_ms / 1000)
     decoders = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="cifarcnn-decode")
@@ -466,7 +483,8 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(loaded: LoadedModel, options: ServeOptions) -> tuple[uvicorn.Server, socket.socket, FastAPI]:
+def make_server(loaded: LoadedModel | OnnxModel, options: ServeOptions
+                ) -> tuple[uvicorn.Server, socket.socket, FastAPI]:
     """A uvicorn server for the model behind the Guard, its listening socket (`server.run(sockets=[sock])`)
     and the app."""
     app = create_app(loaded, options)
@@ -483,17 +501,29 @@ def serve(target: str | Path, options: ServeOptions, *, device: str | None = Non
     options = ServeOptions(**{**options.__dict__,
                               "token": options.token or os.environ.get(TOKEN_ENV) or None})
     check_options(options)
-    loaded = load_model(target, device, tta)
-    if loaded.device.type == "cpu":
-        # The forward pass shares the CPU with the event loop and the decoders; with every core in torch's
-        # pool they contend (docs/serve.md).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    # The forward pass shares the CPU with the event loop and the decoders; with every core in the model's
+    # thread pool they contend (docs/serve.md).
+    threads = max(1, (os.cpu_count() or 1) - 1)
+    if is_onnx(target):
+        check_device(device)
+        loaded = load_onnx(target, tta, threads)
+    else:
+        import torch
+
+        from .predict import load_model
+
+        loaded = load_model(target, device, tta)
+        if loaded.device.type == "cpu":
+            torch.set_num_threads(threads)
     server, sock, _ = make_server(loaded, options)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {loaded.path} ({len(loaded.classes)} classes; {loaded.settings.describe()}) on "
+    inference = loaded.describe() if isinstance(loaded, OnnxModel) else loaded.settings.describe()
+    print(f"serving {loaded.path} ({len(loaded.classes)} classes; {inference}) on "
           f"http://{shown}:{port}/ (API docs: /docs){'; token required' if options.token else ''}",
           flush=True)
+    if not isinstance(loaded, OnnxModel):  # an export's describe() names its temperature
+        print(loaded.settings.describe_probabilities(), flush=True)
     try:
         server.run(sockets=[sock])
     finally:
