@@ -79,7 +79,6 @@ def session(model: bytes | str | Path, threads: int = 0) -> Any:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = False  # the arena would keep every batch's peak resident (serve's memory)
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                     providers=["CPUExecutionProvider"])
