@@ -90,7 +90,18 @@ def near_pairs(images: torch.Tensor, threshold: float = NEAR_RMS) -> list[tuple[
 
 
 def find_duplicates(images: torch.Tensor, threshold: float = NEAR_RMS) -> list[Group]:
-    """Groups of exact and near copies among uint8 (N, 3, S, S) images, each group's members in order."""
+    """Groups of exact and near copies among uint8 (N, 3, S, S) images, each group's members in order. Runs
+    on one thread: its many small element-wise steps took 10x the CPU time on two threads of a busy 2-core
+    machine (the threads waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _groups(images, threshold)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _groups(images: torch.Tensor, threshold: float) -> list[Group]:
     parent = list(range(len(images)))
 
     def root(i: int) -> int:
