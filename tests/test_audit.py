@@ -182,3 +182,25 @@ def test_exclusion_through_training_evaluate_and_split_check(tmp_path, capsys):
     listed.unlink()
     assert main(["train", "--preset", "quick", "--runs-dir", str(tmp_path), "--name", "again", *small]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_weak_fold_models_are_named_and_a_long_wrong_label_list_is_called_their_mistakes(capsys):
+    """The fold models' out-of-sample accuracy is printed; when more than a fifth of the training images are
+    flagged, a note says the list mostly holds the models' own mistakes (a small folder's weak models)."""
+    from cifarcnn.reports.audit import _judge_folds
+    from cifarcnn.reports.findings import Audit
+
+    labels = np.repeat(np.arange(2), 50)
+    probs = np.full((100, 2), 0.2, dtype=np.float32)
+    probs[np.arange(100), labels] = 0.8
+    probs[:10] = probs[:10, ::-1]  # 10 of 100 wrong: 90% out of sample
+    result = Audit("folder", ["a", "b"], {"train": [50, 50], "test": [0, 0]}, labels.tolist())
+    _judge_folds(result, probs, labels, np.arange(10))
+    assert "fold models: 90.00% out-of-sample accuracy on the training images (balanced 90.00%)" in (
+        capsys.readouterr().out)
+    assert result.notes == []
+    _judge_folds(result, probs, labels, np.arange(30))  # 30 of 100 training images flagged
+    assert len(result.notes) == 1 and result.notes[0].startswith("30% of the training images are flagged")
+    with_test = Audit("f", ["a", "b"], {"train": [50, 50], "test": [15, 15]}, labels.tolist())
+    _judge_folds(with_test, probs, labels, np.arange(100, 130))  # 30 test images: not training images
+    assert with_test.notes == []

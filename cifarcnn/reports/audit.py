@@ -24,6 +24,7 @@ import torch
 
 from ..base.config import Config
 from ..base.device import select_device
+from ..base.metrics import classification_metrics, confusion_matrix
 from ..base.storage import atomic_write_text, ensure_writable_dir
 from ..data.dataset import Dataset
 from ..data.exclude import image_names
@@ -125,6 +126,7 @@ def _model_findings(result: Audit, cfg: Config, data: Dataset, folds: int, devic
     result.cross_validated = True
     probs = np.concatenate([cv.train_probs, cv.test_probs])
     flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    _judge_folds(result, cv.train_probs, data.train_labels.numpy(), flagged)
     classes = result.classes
     for i in flagged.tolist():
         others = probs[i].copy()
@@ -138,6 +140,23 @@ def _model_findings(result: Audit, cfg: Config, data: Dataset, folds: int, devic
         result.findings.append(Finding(i, names[i], "outlier", round(float(outlier[i]), 4),
                                        classes[labels[i]], classes[int(probs[i].argmax())],
                                        f"distance to nearest training images {outlier[i]:.3f}"))
+
+
+def _judge_folds(result: Audit, train_probs: np.ndarray, train_labels: np.ndarray, flagged: np.ndarray
+                 ) -> None:
+    """Print how well the fold models classify the training images they did not train on; a wrong-label
+    list from weak models is mostly their own mistakes, so say so when it holds over a fifth of them."""
+    matrix = confusion_matrix(torch.from_numpy(train_labels), torch.from_numpy(train_probs.argmax(1)),
+                              len(result.classes)).numpy()
+    scores = classification_metrics(matrix)
+    print(f"fold models: {scores['accuracy']:.2%} out-of-sample accuracy on the training images (balanced "
+          f"{scores['balanced_accuracy']:.2%})", flush=True)
+    share = float((flagged < len(train_labels)).sum()) / max(len(train_labels), 1)
+    if share > 0.2:
+        result.notes.append(
+            f"{share:.0%} of the training images are flagged as wrong labels: at this accuracy the list "
+            "mostly holds the fold models' own mistakes; train them longer (e.g. epochs=20) or audit a "
+            "larger folder")
 
 
 def _outliers(score: np.ndarray) -> list[int]:
