@@ -15,21 +15,20 @@ import torch
 import torch.nn as nn
 
 from ..base.device import select_device
-from ..base.errors import UsageError
 from ..base.inference import Settings, checkpoint_settings, infer, probabilities
 from ..data.dataset import MEAN, STD
-from ..data.images import SIZE, find_images, to_model_input
+from ..data.images import SIZE, to_model_input
 from ..data.sources import checkpoint_dataset
 from ..training.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from .results import (
     FileResult,
     check_output,
+    check_top_k,
     classify_files,
+    finish,
     folder_label,
+    image_files,
     mark_trained_on,
-    print_table,
-    report_accuracy,
-    write_results,
 )
 
 
@@ -104,52 +103,25 @@ def predict(target: str | Path, paths: Sequence[str], *, device: str | None = No
     """The `predict` command; returns the exit code (1 when any file could not be read). `tta` overrides the
     checkpoint's test-time augmentation level."""
     check_output(output)
-    files, skipped = find_images(paths)
-    if not files:
-        raise UsageError(f"no image files found in {' '.join(map(str, paths))} "
-                         f"(looked for {', '.join(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'))})")
+    files, skipped = image_files(paths)
     loaded = load_model(target, device, tta)
-    ckpt_path, classes, torch_device, settings = loaded.path, loaded.classes, loaded.device, loaded.settings
-    if not 1 <= top_k <= len(classes):
-        raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
+    classes, settings = loaded.classes, loaded.settings
+    check_top_k(top_k, classes)
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
-    results = predict_files(loaded.model, files, classes, device=torch_device, batch_size=batch_size,
+    results = predict_files(loaded.model, files, classes, device=loaded.device, batch_size=batch_size,
                             top_k=top_k, workers=workers, progress=not quiet and sys.stderr.isatty(),
                             settings=settings, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std)
     seconds = time.perf_counter() - started
+    trained, root = None, loaded.checkpoint["config"]["data"].get("path")
     if labels_from_folders:
         for r in results:
             r.label = folder_label(r.path, classes)
-        trained = mark_trained_on(results, loaded.checkpoint.get("split"),
-                                  loaded.checkpoint["config"]["data"].get("path"))
-
-    if not quiet:
-        print_table(results, top_k)
-    failed = [r for r in results if r.error is not None]
-    for r in failed:
-        print(f"error: {r.path}: {r.error}", file=sys.stderr)
-    print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ckpt_path} on "
-          f"{torch_device} in {seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
-    print(f"inference: {settings.describe()}")
-    print(settings.describe_probabilities())
-    if skipped:
-        print(f"skipped {skipped} file(s) in the folders without an image extension")
-
-    summary: dict = {"checkpoint": str(ckpt_path), "classes": classes, "top_k": top_k, "tta": settings.tta,
-                     "precision": settings.precision, "temperature": settings.temperature,
-                     "num_files": len(results), "num_failed": len(failed)}
-    if labels_from_folders:
-        if trained:
-            print(f"split: {trained} of these files are images the model trained on (by their path in "
-                  f"{loaded.checkpoint['config']['data']['path']} or their pixels): LEFT OUT of the accuracy "
-                  f"below")
-            summary["trained_on_left_out"] = trained
-        scores = report_accuracy(results, classes)
-        if scores is not None:
-            summary["accuracy"] = scores
-    if output is not None:
-        write_results(output, results, top_k, summary)
-        print(f"wrote {output}")
-    return 1 if failed else 0
+        trained = mark_trained_on(results, loaded.checkpoint.get("split"), root)
+    summary = {"checkpoint": str(loaded.path), "classes": classes, "top_k": top_k, "tta": settings.tta,
+               "precision": settings.precision, "temperature": settings.temperature}
+    return finish(results, classes, top_k=top_k, quiet=quiet,
+                  ran=f"{loaded.path} on {loaded.device} in {seconds:.1f}s",
+                  inference=[f"inference: {settings.describe()}", settings.describe_probabilities()],
+                  skipped=skipped, summary=summary, trained=trained, root=root, output=output)

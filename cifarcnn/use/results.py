@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from ..base.errors import UsageError
 from ..base.progress import bar_disabled
 from ..base.storage import atomic_write_json, atomic_write_text
-from ..data.images import SIZE, read_image
+from ..data.images import SIZE, find_images, read_image
 from ..data.pixels import SCHEME, path_ids, pixel_ids
 
 OUTPUT_FORMATS = (".csv", ".json")
@@ -194,3 +195,50 @@ def report_accuracy(results: Sequence[FileResult], classes: Sequence[str]) -> di
         acc = f"{row['accuracy']:.2%}" if row["accuracy"] is not None else "-"
         print(f"{name:<12}{acc:>10}{row['correct']:>10}{row['total']:>8}")
     return scores
+
+
+def image_files(paths: Sequence[str]) -> tuple[list[Path], int]:
+    """The image files `paths` name (files, or folders searched), and how many files were skipped for their
+    extension; a UsageError when there are none."""
+    files, skipped = find_images(paths)
+    if not files:
+        raise UsageError(f"no image files found in {' '.join(map(str, paths))} "
+                         f"(looked for {', '.join(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'))})")
+    return files, skipped
+
+
+def check_top_k(top_k: int, classes: Sequence[str]) -> None:
+    if not 1 <= top_k <= len(classes):
+        raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
+
+
+def finish(results: Sequence[FileResult], classes: Sequence[str], *, top_k: int, quiet: bool, ran: str,
+           inference: Sequence[str], skipped: int, summary: dict, trained: int | None, root: object,
+           output: Path | None) -> int:
+    """What `predict` prints and writes once its files are classified, for a checkpoint and an .onnx file
+    alike: the table, the unreadable files, what ran (`ran`: "MODEL on DEVICE in Ns"; `inference`: its lines),
+    with --labels-from-folders (`trained` not None) the accuracy, and the output file. The exit code."""
+    if not quiet:
+        print_table(results, top_k)
+    failed = [r for r in results if r.error is not None]
+    for r in failed:
+        print(f"error: {r.path}: {r.error}", file=sys.stderr)
+    print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {ran}"
+          + (f"; {len(failed)} could not be read" if failed else ""))
+    for line in inference:
+        print(line)
+    if skipped:
+        print(f"skipped {skipped} file(s) in the folders without an image extension")
+    summary = {**summary, "num_files": len(results), "num_failed": len(failed)}
+    if trained is not None:
+        if trained:
+            print(f"split: {trained} of these files are images the model trained on (by their path in "
+                  f"{root} or their pixels): LEFT OUT of the accuracy below")
+            summary["trained_on_left_out"] = trained
+        scores = report_accuracy(results, classes)
+        if scores is not None:
+            summary["accuracy"] = scores
+    if output is not None:
+        write_results(output, results, top_k, summary)
+        print(f"wrote {output}")
+    return 1 if failed else 0

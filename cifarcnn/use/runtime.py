@@ -24,16 +24,15 @@ from typing import Any
 import numpy as np
 
 from ..base.errors import UsageError, UserError
-from ..data.images import find_images
 from ..data.pixels import normalized
 from .results import (
     check_output,
+    check_top_k,
     classify_files,
+    finish,
     folder_label,
+    image_files,
     mark_trained_on,
-    print_table,
-    report_accuracy,
-    write_results,
 )
 
 # Bumped whenever the steps from an image file to the input array change (decoding, crop, resize,
@@ -238,14 +237,10 @@ def predict_onnx(target: str | Path, paths: Sequence[str], *, device: str | None
     """`predict` with an .onnx file: the checkpoint's command (`predict.predict`), its output, exit code."""
     check_output(output)
     check_device(device)
-    files, skipped = find_images(paths)
-    if not files:
-        raise UsageError(f"no image files found in {' '.join(map(str, paths))} "
-                         f"(looked for {', '.join(('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp'))})")
+    files, skipped = image_files(paths)
     model = load_onnx(target, tta)
     classes = model.classes
-    if not 1 <= top_k <= len(classes):
-        raise UsageError(f"--top-k must be between 1 and {len(classes)} (the number of classes), got {top_k}")
+    check_top_k(top_k, classes)
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
     started = time.perf_counter()
@@ -253,34 +248,14 @@ def predict_onnx(target: str | Path, paths: Sequence[str], *, device: str | None
                              workers=workers, progress=not quiet and sys.stderr.isatty(),
                              image_size=model.image_size)
     seconds = time.perf_counter() - started
+    trained, root = None, None
     if labels_from_folders:
         for r in results:
             r.label = folder_label(r.path, classes)
         record, root = model.split_record()
         trained = mark_trained_on(results, record, root)
-
-    if not quiet:
-        print_table(results, top_k)
-    failed = [r for r in results if r.error is not None]
-    for r in failed:
-        print(f"error: {r.path}: {r.error}", file=sys.stderr)
-    print(f"\npredicted {len(results) - len(failed)} of {len(results)} files with {model.path} on cpu in "
-          f"{seconds:.1f}s" + (f"; {len(failed)} could not be read" if failed else ""))
-    print(f"inference: {model.describe()}")
-    if skipped:
-        print(f"skipped {skipped} file(s) in the folders without an image extension")
-
-    summary: dict = {"checkpoint": str(model.path), "classes": classes, "top_k": top_k, "tta": model.tta,
-                     "precision": model.weights, "num_files": len(results), "num_failed": len(failed)}
-    if labels_from_folders:
-        if trained:
-            print(f"split: {trained} of these files are images the model trained on (by their path in "
-                  f"{root} or their pixels): LEFT OUT of the accuracy below")
-            summary["trained_on_left_out"] = trained
-        scores = report_accuracy(results, classes)
-        if scores is not None:
-            summary["accuracy"] = scores
-    if output is not None:
-        write_results(output, results, top_k, summary)
-        print(f"wrote {output}")
-    return 1 if failed else 0
+    summary = {"checkpoint": str(model.path), "classes": classes, "top_k": top_k, "tta": model.tta,
+               "precision": model.weights}
+    return finish(results, classes, top_k=top_k, quiet=quiet, ran=f"{model.path} on cpu in {seconds:.1f}s",
+                  inference=[f"inference: {model.describe()}"], skipped=skipped, summary=summary,
+                  trained=trained, root=root, output=output)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import importlib.util
 import ipaddress
@@ -49,7 +48,7 @@ from .. import __version__  # noqa: E402
 from ..base.config import closest_preset  # noqa: E402
 from ..data.images import read_image  # noqa: E402
 from .batching import Batcher  # noqa: E402
-from .runtime import OnnxModel, check_device, is_onnx, load_onnx  # noqa: E402
+from .runtime import OnnxModel, check_device, file_digest, is_onnx, load_onnx  # noqa: E402
 
 if TYPE_CHECKING:  # serving an .onnx file never imports torch, which .predict imports
     from .predict import LoadedModel
@@ -79,14 +78,6 @@ class ServeOptions:
 
 
 # --------------------------------------------------------------------------- what the model is
-
-
-def _digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return f"sha256:{sha.hexdigest()}"
 
 
 def _saved_test_accuracy(loaded: LoadedModel, path: Path, checkpoint_in: Path, key: str) -> float | None:
@@ -134,7 +125,7 @@ def describe_model(loaded: LoadedModel) -> tuple[dict, dict]:
     """(identity, details): what every prediction names, and what GET /v1/model answers."""
     preset, overrides = closest_preset(loaded.checkpoint["config"])
     identity = {"run": loaded.path.parent.name, "checkpoint": loaded.path.name,
-                "digest": _digest(loaded.path), "preset": preset, "preset_overrides": overrides,
+                "digest": file_digest(loaded.path), "preset": preset, "preset_overrides": overrides,
                 "tta": loaded.settings.tta, "precision": loaded.settings.precision}
     val, test = _accuracies(loaded)
     details = {**identity, "architecture": loaded.checkpoint["model"],
@@ -154,7 +145,7 @@ def describe_onnx(model: OnnxModel) -> tuple[dict, dict]:
     when it has them)."""
     meta = model.meta
     identity = {"run": Path(meta.get("source_checkpoint", "")).parent.name, "checkpoint": model.path.name,
-                "digest": _digest(model.path), "preset": meta.get("preset") or None,
+                "digest": file_digest(model.path), "preset": meta.get("preset") or None,
                 "preset_overrides": json.loads(meta.get("preset_overrides", "{}")),
                 "tta": model.tta, "precision": model.weights}
     check = json.loads(meta.get("int8_check", "{}"))
