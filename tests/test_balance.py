@@ -58,18 +58,37 @@ def test_weighted_loss_is_the_inverse_frequency_weighted_mean_computed_by_hand()
     assert step_for("none").loss(logits, y).item() == pytest.approx(nll.mean(), rel=1e-5)
 
 
-def test_logit_adjustment_is_cross_entropy_on_the_logits_plus_the_log_prior_with_label_smoothing():
+def test_logit_adjustment_is_cross_entropy_on_the_logits_plus_the_log_prior_smoothed_by_the_prior():
     logits, y = batch()
     prior = (COUNTS / COUNTS.sum()).double().numpy()
     logp = log_softmax(logits.double().numpy() + np.log(prior))
     smoothing = 0.2
-    target = np.full((8, 3), smoothing / 3)
+    target = np.tile(smoothing * prior, (8, 1))
     target[np.arange(8), y.numpy()] += 1 - smoothing
     by_hand = -(target * logp).sum(1).mean()
     assert step_for("logit_adjust", smoothing).loss(logits, y).item() == pytest.approx(by_hand, rel=1e-5)
     plain = F.cross_entropy(logits, y, label_smoothing=smoothing).item()
     assert step_for("none", smoothing).loss(logits, y).item() == pytest.approx(plain, rel=1e-6)
     assert abs(by_hand - plain) > 0.01  # the prior matters on these counts
+
+
+def test_logit_adjusted_logits_learned_with_label_smoothing_favour_no_class():
+    # The optimum of the adjusted loss for a model that sees nothing (bias only) on 100:1 labels: the balanced
+    # world's logits are equal. With the smoothing spread evenly they would rank the rarest class first.
+    counts = torch.tensor([1000.0, 100.0, 10.0])
+    y = torch.repeat_interleave(torch.arange(3), counts.long())
+    step = step_for("logit_adjust", 0.2, counts)
+    bias = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = step.loss(bias.expand(len(y), 3), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert (bias.max() - bias.min()).item() < 1e-3, bias
 
 
 @pytest.mark.parametrize("balance", ["weighted_loss", "logit_adjust"])

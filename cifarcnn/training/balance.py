@@ -2,8 +2,10 @@
 `weighted_loss` weighs each image's cross-entropy by its class's inverse frequency (normalized to mean 1 over
 the classes); `logit_adjust` adds the log of the class prior to the logits in the training loss only (balanced
 softmax: Ren et al. 2020; logit-adjusted loss with tau = 1: Menon et al. 2021), so the model
-learns the logits of a balanced world and predicts as it is; `sampling` draws each epoch's images with every
-class equally likely (the Loader, data/loader.py). On classes of equal size each is exactly `none`."""
+learns the logits of a balanced world and predicts as it is (label smoothing then spreads its share by the
+prior: spread evenly, the adjusted loss's optimum would rank a 1%-prior class first for any image);
+`sampling` draws each epoch's images with every class equally likely (the Loader, data/loader.py). On classes
+of equal size each is exactly `none`."""
 
 from __future__ import annotations
 

@@ -107,11 +107,16 @@ class TrainStep:
         return loss.detach(), logits.detach(), grad_norm
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss: cross-entropy with label smoothing, under `data.balance` weighted by class or on
-        the logits plus the log prior (a weighted mean divides by the batch's summed weights)."""
-        if self.log_prior is not None:
-            logits = logits + self.log_prior
-        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
+        """The training loss: cross-entropy with label smoothing, under `data.balance` weighted by class (a
+        weighted mean divides by the batch's summed weights) or on the logits plus the log prior. Under the
+        log prior the smoothing mass goes to the classes in proportion to the prior, not evenly: an even share
+        would make the logits' optimum favour the rarest classes for every image (balance.py)."""
+        if self.log_prior is None:
+            return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
+        logp = F.log_softmax(logits + self.log_prior, dim=1)
+        nll = -logp.gather(1, y[:, None]).squeeze(1)
+        spread = -(logp * self.log_prior.exp()).sum(1)
+        return ((1 - self.label_smoothing) * nll + self.label_smoothing * spread).mean()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
