@@ -11,7 +11,13 @@ import shutil
 import pytest
 import torch
 
-from cifarcnn.base.calibration import expected_calibration_error, fit_temperature, nll, reliability
+from cifarcnn.base.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+    reliability,
+    top1_log_loss,
+)
 from cifarcnn.base.inference import checkpoint_settings, predict_logits, probabilities
 from cifarcnn.cli import main
 from cifarcnn.data.cifar import load_cifar10
@@ -51,6 +57,24 @@ def test_the_temperature_undoes_over_and_under_confidence(scale):
     assert nll((distorted / t).softmax(1), labels) < nll(distorted.softmax(1), labels)
     # deterministic: the same logits give the same temperature
     assert fit_temperature(distorted, labels) == t
+
+
+def test_the_temperature_fits_the_top1_probability_where_the_nll_fit_does_not():
+    """Calibrated logits whose runner-up classes are squashed toward zero (a shape one T cannot undo): the fit
+    minimizes the top-1 probability's log loss (checked on a grid by hand), and its ECE is about half the NLL
+    fit's (2.6% against 4.9% here)."""
+    logits, labels = calibrated_logits(20000, seed=2)
+    top = logits.argmax(1, keepdim=True)
+    bent = logits.scatter(1, top, 0.0) * 0.3 + logits.gather(1, top) * torch.nn.functional.one_hot(
+        top.squeeze(1), 10)
+    t = fit_temperature(bent, labels)
+    grid = torch.linspace(0.2, 3.0, 561).tolist()
+    by_hand = min(grid, key=lambda g: top1_log_loss(bent.double(), labels, g))
+    assert t == pytest.approx(by_hand, abs=0.01)
+    nll_t = min(grid, key=lambda g: nll((bent.double() / g).softmax(1), labels))
+    assert abs(nll_t - t) > 0.05
+    ece = expected_calibration_error((bent / t).softmax(1), labels)
+    assert ece < 0.6 * expected_calibration_error((bent / nll_t).softmax(1), labels)
 
 
 def test_a_calibrated_model_keeps_a_temperature_near_1():
@@ -99,7 +123,6 @@ def test_training_stores_the_temperature_fitted_on_the_validation_split(trained_
     record = best["calibration"]
     assert set(record) == RECORD_KEYS and record["fitted_on"] == "validation" and record["images"] == 100
     assert record["tta"] == best["config"]["tta"]
-    assert record["nll_after"] <= record["nll_before"]
     logits, labels = validation_logits(trained_run_dir, cifar_root)
     assert record["temperature"] == pytest.approx(fit_temperature(logits, labels), rel=1e-3)
     last = load_checkpoint(trained_run_dir / "last.pt")
