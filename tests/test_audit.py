@@ -144,6 +144,15 @@ def test_moved_labels_found(tmp_path, capsys):
     flagged = {Path(r["path"]).name: (r["given_class"], r["suggested_class"])
                for r in read_csv(tmp_path / "out" / "audit.csv") if r["issue"] == "label_issue"}
     assert flagged == {f"moved{i}.png": (wrong, given) for given, i, wrong in moves}, out
+    saved = np.load(tmp_path / "out" / "out_of_sample.npz")
+    names = [Path(n).name for n in saved["names"]]
+    assert saved["probabilities"].shape == (len(names), 4) and len(saved["outlier"]) == len(names)
+    assert np.allclose(saved["probabilities"].sum(1), 1, atol=1e-4)
+    for given, i, wrong in moves:  # the moved image's given label is the wrong one, its probability low
+        at = names.index(f"moved{i}.png")
+        classes = sorted(COLOURS)  # a folder's classes: its class folders in sorted order
+        assert saved["labels"][at] == classes.index(wrong)
+        assert saved["probabilities"][at].argmax() == classes.index(given)
 
 
 def test_clean_folder_flags_no_label(tmp_path, capsys):

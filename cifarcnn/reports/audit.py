@@ -7,7 +7,9 @@ out-of-sample probabilities from k-fold training (crossval.py), each with the cl
 outliers, the images farthest from their nearest training images in the fold models' feature space.
 
 Results: a summary on the console, and in the output folder `audit.csv` (one row per flagged image: path,
-issue, score, given and suggested class, detail) and `audit.html` (audit_page.py), both written atomically.
+issue, score, given and suggested class, detail), `audit.html` (audit_page.py) and, when the k-fold models
+ran, `out_of_sample.npz` (per image: `names`, given `labels`, out-of-sample `probabilities` and `outlier`
+scores, for ranking them another way without training again), all written atomically.
 Images are named as `data.exclude` reads them (exclude.py). Finding problems is a result, not an error.
 """
 
@@ -25,7 +27,7 @@ import torch
 from ..base.config import Config
 from ..base.device import select_device
 from ..base.metrics import classification_metrics, confusion_matrix
-from ..base.storage import atomic_write_text, ensure_writable_dir
+from ..base.storage import atomic_write, atomic_write_text, ensure_writable_dir
 from ..data.dataset import Dataset
 from ..data.exclude import image_names
 from ..data.folders import decode_files, scan_folder
@@ -60,7 +62,7 @@ def audit(cfg: Config, *, data_dir: str | Path | None, device: str | None, folds
         result.findings += _unreadable(root, cfg.data.image_size)
     images = torch.cat([data.train_images, data.test_images])
     _duplicates(result, images, names, labels, len(train_names))
-    _model_findings(result, cfg, data, folds, torch_device, names, labels)
+    _model_findings(result, cfg, data, folds, torch_device, names, labels, out_dir)
     _write(result, names, images, out_dir)
     _print_summary(result, out_dir, time.process_time() - started)
     return result
@@ -104,7 +106,7 @@ def _duplicates(result: Audit, images: torch.Tensor, names: list[str], labels: n
 
 
 def _model_findings(result: Audit, cfg: Config, data: Dataset, folds: int, device: torch.device,
-                    names: list[str], labels: np.ndarray) -> None:
+                    names: list[str], labels: np.ndarray, out_dir: Path) -> None:
     """Likely wrong labels and outliers, from k-fold training; only a note when cleanlab is missing."""
     try:
         from cleanlab.filter import find_label_issues
@@ -125,6 +127,9 @@ def _model_findings(result: Audit, cfg: Config, data: Dataset, folds: int, devic
     cv = cross_validate(cfg, data, folds, device)
     result.cross_validated = True
     probs = np.concatenate([cv.train_probs, cv.test_probs])
+    outlier = np.concatenate([cv.train_outlier, cv.test_outlier])
+    atomic_write(out_dir / "out_of_sample.npz", lambda f: np.savez(f, names=np.array(names), labels=labels,
+                                                                   probabilities=probs, outlier=outlier))
     flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     _judge_folds(result, cv.train_probs, data.train_labels.numpy(), flagged)
     classes = result.classes
@@ -135,7 +140,6 @@ def _model_findings(result: Audit, cfg: Config, data: Dataset, folds: int, devic
         result.findings.append(Finding(i, names[i], "label_issue", round(1 - given, 4), classes[labels[i]],
                                        classes[int(others.argmax())],
                                        f"p(given) {given:.2f}, p(suggested) {others.max():.2f}"))
-    outlier = np.concatenate([cv.train_outlier, cv.test_outlier])
     for i in _outliers(outlier):
         result.findings.append(Finding(i, names[i], "outlier", round(float(outlier[i]), 4),
                                        classes[labels[i]], classes[int(probs[i].argmax())],

@@ -133,11 +133,13 @@ class OnnxModel:
     weights: str  # "fp32" or "int8"
 
     def logits(self, x: np.ndarray, tta: int | None = None) -> np.ndarray:
-        """Float32 logits for normalized (N, 3, S, S) images, averaged over the TTA views (all in one run)."""
+        """Float32 logits for normalized (N, 3, S, S) images, averaged over the TTA views: a run per view, so
+        that ONNX Runtime's buffers (which it keeps at their largest) hold one view's batch, not six."""
         level = self.tta if tta is None else tta
-        views = tta_views(x, level, self.mirror)
-        out = self.session.run(None, {self.session.get_inputs()[0].name: np.concatenate(views)})[0]
-        return average_views(np.split(out.astype(np.float32, copy=False), len(views)), level, self.mirror)
+        name = self.session.get_inputs()[0].name
+        out = [self.session.run(None, {name: np.ascontiguousarray(view)})[0].astype(np.float32, copy=False)
+               for view in tta_views(x, level, self.mirror)]
+        return average_views(out, level, self.mirror)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """softmax(logits / temperature) for (N, H, W, 3) uint8 images."""
