@@ -100,3 +100,50 @@ def test_gpu_suite_parses_and_runs_every_recipe_within_its_budget():
     assert all(c in text for c in commands)
     assert sorted(commands, key=text.index) == commands  # best before the optional steps, resnet18 last
     assert text.count('timeout "$(limit ') == 9  # every step has its own timeout, cut to the time left
+
+
+def benchmark_module(name: str):
+    """A benchmark script imported as a module (benchmarks/ on the path, as when it runs)."""
+    import importlib
+
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+def test_cifar10_lt_keeps_cao_et_al_counts_and_the_first_images_of_each_class(cifar_root, tmp_path):
+    lt = benchmark_module("cifar10_lt")
+    assert lt.lt_counts() == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(lt.lt_counts()) == 12406
+    folder_runs = benchmark_module("folder_runs")
+    counts = lt.lt_counts(largest=40, factor=10)  # 40 down to 4 images of a class
+    folder = folder_runs.write_folder(tmp_path / "lt", counts, str(cifar_root))
+    from cifarcnn.data.cifar import load_cifar10
+
+    labels = load_cifar10(str(cifar_root), download=False).train_labels.numpy()
+    classes = sorted(p.name for p in (folder / "train").iterdir())
+    for c, name in enumerate(load_cifar10(str(cifar_root), download=False).classes):
+        kept = sorted(int(p.stem) for p in (folder / "train" / name).iterdir())
+        assert kept == [int(i) for i in (labels == c).nonzero()[0][:counts[c]]], name
+    assert len(classes) == 10 and sum(1 for _ in (folder / "test").rglob("*.png")) == 200
+
+
+def test_label_noise_moves_the_stated_share_each_to_another_class(cifar_root, tmp_path):
+    import pickle
+
+    import numpy as np
+
+    noise = benchmark_module("label_noise")
+    moved = noise.write_noisy(cifar_root / "cifar-10-batches-py", tmp_path / "noisy", 0.1, seed=0)
+    source = cifar_root / "cifar-10-batches-py"
+
+    def labels(folder: Path, names: list[str]) -> np.ndarray:
+        return np.concatenate([pickle.loads((folder / n).read_bytes(), encoding="latin1")["labels"]
+                               for n in names])
+
+    old = labels(source, noise.BATCHES)
+    new = labels(tmp_path / "noisy" / "cifar-10-batches-py", noise.BATCHES)
+    assert len(moved) == round(0.1 * len(old)) == int((old != new).sum())
+    assert all(m["old"] == old[m["position"]] != m["new"] == new[m["position"]] for m in moved)
+    test = ["test_batch"]
+    assert (labels(source, test) == labels(tmp_path / "noisy" / "cifar-10-batches-py", test)).all()
