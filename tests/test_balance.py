@@ -18,6 +18,7 @@ from cifarcnn.cli import main
 from cifarcnn.data.loader import Loader
 from cifarcnn.models.registry import build_model
 from cifarcnn.training import build
+from cifarcnn.training.balance import resolve
 from cifarcnn.training.budget import fit_schedule, stretch_limited_epochs
 from cifarcnn.training.checkpoint import load_checkpoint
 from cifarcnn.training.optimizers import build_optimizer
@@ -89,6 +90,17 @@ def test_logit_adjusted_logits_learned_with_label_smoothing_favour_no_class():
 
     optimizer.step(closure)
     assert (bias.max() - bias.min()).item() < 1e-3, bias
+
+
+def test_auto_adjusts_the_logits_above_3_to_1_and_leaves_cifar_as_it_was():
+    assert make_config({}, []).data.balance == "auto"  # the default
+    assert resolve("auto", [60, 30, 10]) == "logit_adjust" and resolve("auto", [31, 10]) == "logit_adjust"
+    assert resolve("auto", [30, 10]) == "none"  # 3:1 is not above 3:1
+    cifar_split = [4502, 4489, 4517, 4480, 4493, 4521, 4507, 4498, 4511, 4482]  # a random 45k/5k split
+    assert resolve("auto", cifar_split) == "none"
+    assert step_for("auto", 0.2, torch.tensor(cifar_split, dtype=torch.float)).log_prior is None
+    assert torch.equal(step_for("auto", 0.2).log_prior, step_for("logit_adjust", 0.2).log_prior)
+    assert all(resolve(b, [60, 30, 10]) == b for b in ("none", "weighted_loss", "sampling", "logit_adjust"))
 
 
 @pytest.mark.parametrize("balance", ["weighted_loss", "logit_adjust"])

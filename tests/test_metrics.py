@@ -151,7 +151,7 @@ def test_the_banner_counts_the_classes_and_warns_above_3_to_1(imbalanced_run):
     train = describe_counts(["cat", "dog", "fox"], counts["train"])
     assert f"class counts: train {train}; val " in out and "; test 8 each" in out
     warning = next(line for line in out.splitlines() if line.startswith("WARNING: imbalanced classes"))
-    assert "data.balance=weighted_loss | sampling | logit_adjust" in warning
+    assert "data.balance=auto trains through it with logit adjustment" in warning  # the default
     assert "monitor: validation balanced accuracy (auto: the training classes are" in out
 
 

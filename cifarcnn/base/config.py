@@ -20,7 +20,7 @@ CIFAR_TRAIN_SIZE = 50_000  # CIFAR-10 and CIFAR-100 alike
 DATASETS = ("cifar10", "cifar100", "folder")
 PRECISIONS = ("auto", "fp32", "bf16")
 MONITORS = ("auto", "accuracy", "balanced_accuracy")  # auto: balanced_accuracy when training is imbalanced
-BALANCE = ("none", "weighted_loss", "sampling", "logit_adjust")  # training.balance says what each does
+BALANCE = ("auto", "none", "weighted_loss", "sampling", "logit_adjust")  # training/balance.py: what each does
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
@@ -46,7 +46,7 @@ class DataConfig:
     split_seed: int = _field(
         0, lo=0)  # keys the validation split (and a folder's test split): change it to draw again
     balance: str = _field(
-        "none", choices=BALANCE)  # imbalanced classes: class-weighted loss, balanced draws, logit adjustment
+        "auto", choices=BALANCE)  # imbalanced classes; auto: logit adjustment above 3:1, else none
     exclude: str | None = None  # a file of images to leave out: paths one a line, or an audit.csv
 
 
