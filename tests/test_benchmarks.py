@@ -120,9 +120,10 @@ def test_cifar10_lt_keeps_cao_et_al_counts_and_the_first_images_of_each_class(ci
     folder = folder_runs.write_folder(tmp_path / "lt", counts, str(cifar_root))
     from cifarcnn.data.cifar import load_cifar10
 
-    labels = load_cifar10(str(cifar_root), download=False).train_labels.numpy()
+    data = load_cifar10(str(cifar_root), download=False)
+    labels = data.train_labels.numpy()
     classes = sorted(p.name for p in (folder / "train").iterdir())
-    for c, name in enumerate(load_cifar10(str(cifar_root), download=False).classes):
+    for c, name in enumerate(data.classes):
         kept = sorted(int(p.stem) for p in (folder / "train" / name).iterdir())
         assert kept == [int(i) for i in (labels == c).nonzero()[0][:counts[c]]], name
     assert len(classes) == 10 and sum(1 for _ in (folder / "test").rglob("*.png")) == 200

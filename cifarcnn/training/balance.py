@@ -27,7 +27,7 @@ def loss_terms(balance: str, counts: torch.Tensor) -> tuple[torch.Tensor | None,
     """(class weights for the cross-entropy, log prior added to the logits): None where `balance` leaves
     that part of the loss as it is, or the classes are all the same size. An empty class counts as one
     image."""
-    balance = resolve(balance, torch.as_tensor(counts).tolist())
+    balance = resolve(balance, counts)
     counts = torch.as_tensor(counts).float().clamp(min=1)
     if bool((counts == counts[0]).all()):
         return None, None

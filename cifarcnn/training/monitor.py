@@ -68,9 +68,13 @@ def class_lines(classes: Sequence[str], counts: dict[str, list[int]], monitor: s
     if is_imbalanced(train):
         smallest = min((n, name) for name, n in zip(classes, train) if n)
         largest = max((n, name) for name, n in zip(classes, train))
-        advice = ("data.balance=auto trains through it with logit adjustment (data.balance=none to leave it)"
-                  if balance == "auto" else f"data.balance={balance} trains through it" if balance != "none"
-                  else f"to train through it, set data.balance=auto | {BALANCE_OPTIONS}")
+        if balance == "none":
+            advice = f"to train through it, set data.balance=auto | {BALANCE_OPTIONS}"
+        elif balance == "auto":  # above 3:1, auto is logit adjustment (balance.resolve)
+            advice = ("data.balance=auto trains through it with logit adjustment (data.balance=none to leave "
+                      "it)")
+        else:
+            advice = f"data.balance={balance} trains through it"
         lines.append(f"WARNING: imbalanced classes: {largest[1]} has {largest[0]:,} training images, "
                      f"{smallest[1]} {smallest[0]:,} ({imbalance_ratio(train):.1f}:1, above "
                      f"{IMBALANCED:.0f}:1); plain accuracy hides the small classes; {advice}")
