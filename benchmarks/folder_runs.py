@@ -25,10 +25,15 @@ def first_per_class(labels: np.ndarray, counts: list[int]) -> np.ndarray:
 
 def write_folder(out: Path, counts: list[int], data_dir: str | None) -> Path:
     """out/train/<class>/<n>.png: the first counts[c] training images of class c; out/test/: all 10,000 test
-    images. A folder written before (its DONE file lists the same counts) is reused."""
+    images. A folder written before (its DONE file lists the same counts) is reused; one written with other
+    counts is an error, since its extra images would stay."""
     marker = out / DONE
-    if marker.exists() and json.loads(marker.read_text())["counts"] == list(counts):
-        return out
+    if marker.exists():
+        written = json.loads(marker.read_text())["counts"]
+        if written == list(counts):
+            return out
+        raise SystemExit(f"error: {out} holds a folder with other class counts ({written}); "
+                         "pick another --folder or delete it")
     data = load_cifar10(data_dir, download=False)
     train_labels = data.train_labels.numpy()
     sides = [("train", data.train_images.numpy(), train_labels, first_per_class(train_labels, counts)),

@@ -129,6 +129,21 @@ def test_cifar10_lt_keeps_cao_et_al_counts_and_the_first_images_of_each_class(ci
     assert len(classes) == 10 and sum(1 for _ in (folder / "test").rglob("*.png")) == 200
 
 
+def test_cifar10_lt_refuses_a_folder_or_results_file_made_for_other_counts(cifar_root, tmp_path):
+    lt = benchmark_module("cifar10_lt")
+    folder_runs = benchmark_module("folder_runs")
+    folder = folder_runs.write_folder(tmp_path / "lt", lt.lt_counts(largest=20, factor=10), str(cifar_root))
+    assert folder_runs.write_folder(folder, lt.lt_counts(largest=20, factor=10), str(cifar_root)) == folder
+    with pytest.raises(SystemExit, match="other class counts"):  # its extra images would stay in the folder
+        folder_runs.write_folder(folder, lt.lt_counts(largest=20, factor=4), str(cifar_root))
+    out = tmp_path / "lt.json"
+    assert lt.earlier_runs(out, lt.lt_counts(factor=4)) == []
+    out.write_text(json.dumps({"train_counts": lt.lt_counts(), "runs": [{"preset": "quick"}]}))
+    assert lt.earlier_runs(out, lt.lt_counts()) == [{"preset": "quick"}]
+    with pytest.raises(SystemExit, match="pick another --out"):
+        lt.earlier_runs(out, lt.lt_counts(factor=4))
+
+
 def test_label_noise_moves_the_stated_share_each_to_another_class(cifar_root, tmp_path):
     import pickle
 
