@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..base.config import BALANCE
 from ..base.metrics import IMBALANCED, describe_counts, imbalance_ratio, is_imbalanced
 
 HISTORY_KEYS = {"accuracy": "val_acc", "balanced_accuracy": "val_balanced_acc"}  # monitor -> history key
 NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy"}
-BALANCE_OPTIONS = "weighted_loss | sampling | logit_adjust"  # the values of data.balance that act
+BALANCE_OPTIONS = " | ".join(b for b in BALANCE if b != "none")  # the values of data.balance that act
 
 
 def choose_monitor(monitor: str, train_counts: Sequence[int]) -> tuple[str, str]:
@@ -69,7 +70,7 @@ def class_lines(classes: Sequence[str], counts: dict[str, list[int]], monitor: s
         smallest = min((n, name) for name, n in zip(classes, train) if n)
         largest = max((n, name) for name, n in zip(classes, train))
         if balance == "none":
-            advice = f"to train through it, set data.balance=auto | {BALANCE_OPTIONS}"
+            advice = f"to train through it, set data.balance={BALANCE_OPTIONS}"
         elif balance == "auto":  # above 3:1, auto is logit adjustment (balance.resolve)
             advice = ("data.balance=auto trains through it with logit adjustment (data.balance=none to leave "
                       "it)")

@@ -320,9 +320,8 @@ class Trainer:
         if raised and self.dist.is_main:
             print(raised)
         if self.dist.is_main:
-            balance = getattr(self.cfg.data, "balance", "none")  # data.balance: the balance helper's key
-            for line in class_lines(self.classes, self.class_counts, self.monitor, self.monitor_why, balance,
-                                    self.val_loader is not None):
+            for line in class_lines(self.classes, self.class_counts, self.monitor, self.monitor_why,
+                                    self.cfg.data.balance, self.val_loader is not None):
                 print(line)
         if self.resumed_from is not None and self.dist.is_main:
             where = _position(self.state["epoch"], self.start.step)
